@@ -1,0 +1,84 @@
+"""HDF5-framed LZ4 and bitshuffle+LZ4 ("bslz4") byte strings, as DECTRIS detectors send them.
+
+Framing (the bitshuffle HDF5 filter / HDF5 LZ4 filter format, used by CBOR tag 56500 and the
+Stream V1 ``bs*-lz4<`` encodings)::
+
+    uint64 big-endian   total uncompressed size in bytes
+    uint32 big-endian   block size in bytes
+    per block: uint32 big-endian compressed size, then the LZ4 block (bslz4: of the bit-transposed
+               block; lz4: a block whose compressed size equals its raw size is stored raw)
+
+Decompression goes through ``dectris.compression.decompress``; the declared size is checked
+against a limit first so a hostile 12-byte header cannot make us allocate terabytes.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import bitshuffle
+import lz4.block
+import numpy as np
+from dectris.compression import decompress as _dectris_decompress
+
+from streamer.errors import StreamDecodeError
+
+#: Largest decompressed payload accepted by default (bytes): a 16M-pixel 32-bit frame is 64 MiB.
+DEFAULT_MAX_BYTES = 1 << 30
+
+_HEADER = struct.Struct(">QI")
+SUPPORTED_ALGORITHMS = ("bslz4", "lz4")
+
+
+def bslz4_block_elements(elem_size: int) -> int:
+    """Bitshuffle block size in elements: 8 KiB worth of elements, a multiple of 8 (min 128)."""
+    return max(128, (8192 // elem_size) // 8 * 8)
+
+
+def compress_bslz4(array: np.ndarray) -> bytes:
+    """Bitshuffle + LZ4 with HDF5 framing (12-byte header) of a C-contiguous array's bytes."""
+    array = np.ascontiguousarray(array)
+    elem_size = array.dtype.itemsize
+    block = bslz4_block_elements(elem_size)
+    body = bitshuffle.compress_lz4(array.reshape(-1), block)
+    return _HEADER.pack(array.nbytes, block * elem_size) + body.tobytes()
+
+
+def compress_lz4(data: bytes | memoryview | np.ndarray, block_bytes: int = 1 << 20) -> bytes:
+    """LZ4 with HDF5 framing: blocks of ``block_bytes``; incompressible blocks stored raw."""
+    raw = memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else memoryview(data).cast("B")
+    parts = [_HEADER.pack(raw.nbytes, block_bytes)]
+    for offset in range(0, raw.nbytes, block_bytes):
+        block = raw[offset : offset + block_bytes]
+        packed = lz4.block.compress(block, store_size=False)
+        if len(packed) >= block.nbytes:
+            packed = bytes(block)
+        parts.append(struct.pack(">I", len(packed)))
+        parts.append(packed)
+    return b"".join(parts)
+
+
+def declared_size(data: bytes | memoryview) -> int:
+    """Uncompressed size in bytes declared by an HDF5-framed buffer's header."""
+    if len(data) < _HEADER.size:
+        raise StreamDecodeError(f"compressed buffer of {len(data)} bytes is shorter than its 12-byte header")
+    total, _block = _HEADER.unpack_from(data, 0)
+    return total
+
+
+def decompress(data: bytes | memoryview, algorithm: str, elem_size: int, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """Decompress an HDF5-framed "bslz4" or "lz4" buffer; raises StreamDecodeError."""
+    if algorithm not in SUPPORTED_ALGORITHMS:
+        raise StreamDecodeError(f"unsupported compression algorithm {algorithm!r}", "unsupported_compression")
+    if algorithm == "bslz4" and elem_size not in (1, 2, 4, 8):
+        raise StreamDecodeError(f"bslz4 element size {elem_size!r} is not 1, 2, 4 or 8")
+    total = declared_size(data)
+    if total > max_bytes:
+        raise StreamDecodeError(f"compressed buffer declares {total} bytes, more than the limit {max_bytes}")
+    try:
+        out = _dectris_decompress(bytes(data), algorithm, elem_size=elem_size if algorithm == "bslz4" else 1)
+    except (RuntimeError, ValueError) as exc:
+        raise StreamDecodeError(f"{algorithm} decompression failed: {exc}") from exc
+    if len(out) != total:
+        raise StreamDecodeError(f"{algorithm} buffer declared {total} bytes but decompressed to {len(out)}")
+    return out

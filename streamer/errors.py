@@ -1,0 +1,17 @@
+"""The one error type the streamer's decoders raise: :class:`StreamDecodeError`.
+
+Decoders (Stream V2 CBOR, Stream V1 JSON multipart, file readers) raise only this type for bad
+input. Its ``counter`` names the error counter a source increments for it (``"malformed"``,
+``"unknown_tag"``, ``"shape_mismatch"``, ``"unsupported_compression"``, ...), so a source can
+log it, count it and carry on without ever letting bad input escape ``messages()``.
+"""
+
+from __future__ import annotations
+
+
+class StreamDecodeError(ValueError):
+    """Input that cannot be decoded; the text says what was wrong, ``counter`` which kind."""
+
+    def __init__(self, text: str, counter: str = "malformed") -> None:
+        super().__init__(text)
+        self.counter = counter

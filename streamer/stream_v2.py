@@ -1,0 +1,516 @@
+"""DECTRIS Stream V2 decoder: CBOR messages (start / image / end) -> the normalised beamkin series.
+
+Public specification: github.com/dectris/documentation, stream_v2/README.md and
+cbor/dectris-compression-tag.md. Each ZeroMQ message is one CBOR map (normally wrapped in the
+self-describe tag 55799) whose first key is ``type``. What this module understands:
+
+* RFC 8746 typed arrays, tags 64-87: unsigned/signed integers of 8-64 bits and IEEE floats of
+  16-128 bits, big and little endian (tag = 0b010_f_s_e_ll: f float, s signed, e little endian,
+  ll log2 of the element size minus the float offset). Big-endian arrays are converted to native
+  byte order; binary128 floats (83, 87) are converted to float64 exactly where representable.
+* RFC 8746 multi-dimensional arrays: tag 40 (row-major) and tag 1040 (column-major), content a
+  typed array or a plain array; ``[dims, data]`` with ``prod(dims) == len(data)``.
+* Tag 56500 (DECTRIS compression): ``[algorithm, elem_size, bytes]`` with "bslz4" or "lz4" in
+  HDF5 framing, equivalent to the decompressed byte string wherever a byte string may appear.
+* Tag 55799 (self-described CBOR) around the message.
+* Rational times ``[numerator, denominator]`` -> seconds; image time is mid-exposure
+  ``(start_time + stop_time) / 2`` relative to ``series_date``.
+* Geometry from the start message: ``beam_center_x/y`` (pixels), ``detector_distance`` or the z
+  component of ``detector_translation`` (metres), ``pixel_size_x/y`` (metres),
+  ``incident_wavelength`` (angstrom) or ``incident_energy`` (eV; lambda = 12398.42 / E).
+* Several channels (thresholds): the one reduced is the ``channel`` option (a name or an index
+  into ``channels``), default the first. ``pixel_mask`` and ``flatfield`` of that channel become
+  the start message's arrays ``pixel_mask`` (uint32, nonzero = bad) and ``flatfield`` (float32).
+* ``gas_time_s`` from the start message's ``user_data`` (the SIMPLON ``header_appendix``).
+
+:func:`decode_message` raises only :class:`streamer.errors.StreamDecodeError`;
+:class:`StreamV2Decoder` turns messages into beamkin messages and never raises for bad input;
+:class:`StreamV2Source` PULLs from a detector endpoint.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import threading
+from collections import Counter
+from fractions import Fraction
+from typing import Any, Iterator, Mapping
+
+import cbor2
+import numpy as np
+import zmq
+
+from beamkin.protocol import Message
+from streamer import compression
+from streamer.errors import StreamDecodeError
+from streamer.series import SeriesAssembler, gas_time_from, make_detector, make_geometry, wavelength_from_energy
+
+log = logging.getLogger(__name__)
+
+TAG_SELF_DESCRIBE = 55799
+TAG_MULTI_DIM_ROW_MAJOR = 40
+TAG_HOMOGENEOUS_ARRAY = 41
+TAG_MULTI_DIM_COLUMN_MAJOR = 1040
+TAG_DECTRIS_COMPRESSION = 56500
+TAG_DATETIME = 0
+
+
+def _typed_array_dtypes() -> dict[int, np.dtype]:
+    """RFC 8746 section 2.1: tag 64 + 0b_f_s_e_ll -> numpy dtype (no entry for reserved tag 76)."""
+    table: dict[int, np.dtype] = {}
+    for ll in range(4):
+        for endian, code in ((0, ">"), (1, "<")):
+            size = 1 << ll
+            table[64 + 4 * endian + ll] = np.dtype(f"{code}u{size}")  # unsigned (68: uint8 clamped)
+            if not (ll == 0 and endian == 1):  # 76 would be a little-endian sint8: reserved
+                table[72 + 4 * endian + ll] = np.dtype(f"{code}i{size}")
+            if ll < 3:
+                table[80 + 4 * endian + ll] = np.dtype(f"{code}f{2 * size}")  # binary16/32/64
+    return table
+
+
+TYPED_ARRAY_DTYPES = _typed_array_dtypes()
+#: binary128 typed arrays: big-endian 83, little-endian 87 (converted to float64)
+BINARY128_TAGS = {83: ">", 87: "<"}
+#: numpy dtype string ("<u2", "|u1", ...) -> its typed array tag, used by encoders (64, not 68, for uint8)
+TAG_FOR_DTYPE = {TYPED_ARRAY_DTYPES[tag].str: tag for tag in sorted(TYPED_ARRAY_DTYPES, reverse=True) if tag != 68}
+
+
+def binary128_to_float64(raw: bytes, byteorder: str) -> np.ndarray:
+    """IEEE 754 binary128 values -> float64 (rounded toward zero, overflow to inf, tiny to 0).
+
+    value = (-1)^s * 2^(e - 16383) * (1 + m / 2^112); subnormals have e = 0 and no implicit 1.
+    """
+    words = np.frombuffer(raw, dtype=f"{byteorder}u8").reshape(-1, 2)
+    high, low = (words[:, 0], words[:, 1]) if byteorder == ">" else (words[:, 1], words[:, 0])
+    high = high.astype(np.uint64)
+    sign = np.where((high >> np.uint64(63)) != 0, -1.0, 1.0)
+    exponent = ((high >> np.uint64(48)) & np.uint64(0x7FFF)).astype(np.int64)
+    mantissa_high = (high & np.uint64(0xFFFFFFFFFFFF)).astype(np.float64)  # top 48 of 112 bits
+    mantissa_low = low.astype(np.uint64) >> np.uint64(12)  # next 52 bits
+    fraction = (mantissa_high + np.ldexp(mantissa_low.astype(np.float64), -52)) * 2.0**-48
+    is_normal = exponent != 0
+    significand = np.where(is_normal, 1.0 + fraction, fraction)
+    with np.errstate(over="ignore", invalid="ignore"):
+        value = sign * np.ldexp(significand, np.clip(np.where(is_normal, exponent, 1) - 16383, -1100, 1100).astype(np.int32))
+    special = exponent == 0x7FFF
+    value = np.where(special & (fraction == 0), sign * np.inf, value)
+    value = np.where(special & (fraction != 0), np.nan, value)
+    return value
+
+
+class _TagDecoder:
+    """cbor2 tag hook (both the cbor2 5 ``(decoder, tag)`` and 6 ``(tag, immutable)`` call forms)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.unknown_tags: Counter = Counter()
+
+    def __call__(self, first: Any, second: Any) -> Any:
+        tag = first if isinstance(first, cbor2.CBORTag) else second
+        number, value = tag.tag, tag.value
+        if number in TYPED_ARRAY_DTYPES:
+            return self._typed_array(number, value)
+        if number in BINARY128_TAGS:
+            raw = self._byte_string(number, value, 16)
+            return binary128_to_float64(raw, BINARY128_TAGS[number])
+        if number in (TAG_MULTI_DIM_ROW_MAJOR, TAG_MULTI_DIM_COLUMN_MAJOR):
+            return self._multi_dim(number, value)
+        if number == TAG_DECTRIS_COMPRESSION:
+            return self._decompress(value)
+        if number == TAG_HOMOGENEOUS_ARRAY:
+            if not isinstance(value, (list, tuple)):
+                raise StreamDecodeError("tag 41 (homogeneous array) does not hold an array")
+            return list(value)
+        if number == TAG_SELF_DESCRIBE:
+            return value
+        self.unknown_tags[number] += 1
+        return tag
+
+    @staticmethod
+    def _byte_string(number: int, value: Any, itemsize: int) -> bytes:
+        if not isinstance(value, (bytes, bytearray)):
+            raise StreamDecodeError(f"typed array tag {number} holds {type(value).__name__}, not a byte string")
+        if len(value) % itemsize:
+            raise StreamDecodeError(
+                f"typed array tag {number} holds {len(value)} bytes, not a multiple of its element size {itemsize}",
+                "shape_mismatch",
+            )
+        return value
+
+    def _typed_array(self, number: int, value: Any) -> np.ndarray:
+        dtype = TYPED_ARRAY_DTYPES[number]
+        array = np.frombuffer(self._byte_string(number, value, dtype.itemsize), dtype=dtype)
+        if dtype.byteorder == ">" and dtype.itemsize > 1:
+            array = array.astype(dtype.newbyteorder("="))
+        return array
+
+    @staticmethod
+    def _multi_dim(number: int, value: Any) -> np.ndarray:
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise StreamDecodeError(f"tag {number} (multi-dimensional array) is not [dimensions, data]")
+        dims, data = value
+        if (
+            not isinstance(dims, (list, tuple))
+            or not dims
+            or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 40 for n in dims)
+        ):
+            raise StreamDecodeError(f"tag {number} dimensions {dims!r:.60} are not non-negative integers")
+        if isinstance(data, np.ndarray):
+            flat = data
+        elif isinstance(data, (list, tuple)):
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in data):
+                raise StreamDecodeError(f"tag {number} plain-array data holds non-numbers")
+            try:
+                flat = np.asarray(data) if data else np.zeros(0)
+            except (OverflowError, ValueError) as exc:
+                raise StreamDecodeError(f"tag {number} plain-array data: {exc}") from exc
+            if flat.dtype == object:
+                raise StreamDecodeError(f"tag {number} plain-array data has integers beyond 64 bits")
+        else:
+            raise StreamDecodeError(f"tag {number} data is {type(data).__name__}, not a typed or plain array")
+        expected = 1
+        for n in dims:
+            expected *= n
+        if flat.size != expected:
+            raise StreamDecodeError(
+                f"tag {number} declares dimensions {list(dims)} ({expected} elements) but holds {flat.size}",
+                "shape_mismatch",
+            )
+        order = "F" if number == TAG_MULTI_DIM_COLUMN_MAJOR else "C"
+        return flat.reshape(tuple(dims), order=order)
+
+    def _decompress(self, value: Any) -> bytes:
+        if not isinstance(value, (list, tuple)) or len(value) != 3:
+            raise StreamDecodeError("tag 56500 (compression) is not [algorithm, elem_size, data]")
+        algorithm, elem_size, data = value
+        if not isinstance(algorithm, str):
+            raise StreamDecodeError(f"tag 56500 algorithm is {type(algorithm).__name__}, not text")
+        if not isinstance(elem_size, int) or isinstance(elem_size, bool):
+            raise StreamDecodeError(f"tag 56500 element size is {type(elem_size).__name__}, not an integer")
+        if not isinstance(data, (bytes, bytearray)):
+            raise StreamDecodeError(f"tag 56500 data is {type(data).__name__}, not a byte string")
+        return compression.decompress(data, algorithm, elem_size, max_bytes=self.max_bytes)
+
+
+def decode_message(data: bytes | memoryview, *, max_bytes: int = compression.DEFAULT_MAX_BYTES) -> tuple[dict, Counter]:
+    """Decode one Stream V2 message into (map with arrays as numpy, unknown tag numbers -> count).
+
+    Raises StreamDecodeError (only) when the bytes are not a CBOR map with a text ``type``.
+    """
+    hook = _TagDecoder(max_bytes)
+    try:
+        value = cbor2.loads(data, tag_hook=hook)
+    except StreamDecodeError:
+        raise
+    except cbor2.CBORDecodeError as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, StreamDecodeError):
+            raise cause from None
+        raise StreamDecodeError(f"invalid CBOR: {exc}{f' ({cause})' if cause else ''}") from exc
+    except (ValueError, TypeError, OverflowError, MemoryError, RecursionError, EOFError, IndexError, KeyError) as exc:
+        raise StreamDecodeError(f"invalid CBOR: {type(exc).__name__}: {exc}") from exc
+    if isinstance(value, cbor2.CBORTag) and value.tag == TAG_SELF_DESCRIBE:
+        value = value.value
+    if not isinstance(value, Mapping):
+        raise StreamDecodeError(f"message is a CBOR {type(value).__name__}, not a map")
+    message_type = value.get("type")
+    if not isinstance(message_type, str):
+        raise StreamDecodeError("message has no text 'type' field")
+    return dict(value), hook.unknown_tags
+
+
+def rational_seconds(value: Any, name: str) -> float:
+    """A Stream V2 rational ``[numerator, denominator]`` in seconds; raises StreamDecodeError."""
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or not all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+    ):
+        raise StreamDecodeError(f"{name} {value!r:.60} is not a rational [numerator, denominator]")
+    numerator, denominator = value
+    if denominator <= 0:
+        raise StreamDecodeError(f"{name} has denominator {denominator}")
+    return float(Fraction(numerator, denominator))
+
+
+def json_safe(value: Any, *, max_list: int = 4096, depth: int = 0) -> Any:
+    """User data made JSON-safe: datetimes -> ISO text, small arrays -> lists, bytes/tags described."""
+    if depth > 32:
+        return "<nested too deep>"
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value if -(1 << 63) <= value < (1 << 64) else str(value)
+    if isinstance(value, float):
+        return value if np.isfinite(value) else str(value)
+    if isinstance(value, (_dt.datetime, _dt.date)):
+        return value.isoformat()
+    if isinstance(value, np.ndarray):
+        if value.size <= max_list and value.dtype.kind in "biuf":
+            return json_safe(value.tolist(), max_list=max_list, depth=depth + 1)
+        return f"<array {value.dtype} {list(value.shape)}>"
+    if isinstance(value, np.generic):
+        return json_safe(value.item(), depth=depth + 1)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v, max_list=max_list, depth=depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [json_safe(v, max_list=max_list, depth=depth + 1) for v in list(value)[:max_list]]
+    if isinstance(value, cbor2.CBORTag):
+        return {"cbor_tag": value.tag, "value": json_safe(value.value, max_list=max_list, depth=depth + 1)}
+    return str(value)
+
+
+def user_data_dict(value: Any) -> dict:
+    """``user_data`` as a JSON-safe dict (a JSON text object is parsed; anything else is wrapped)."""
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        value = parsed
+    value = json_safe(value)
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def _number(raw: Mapping, key: str) -> float | None:
+    value = raw.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
+        return float(value)
+    if value is not None:
+        log.warning("ignoring start field %s = %r: not a finite number", key, value)
+    return None
+
+
+def _integer(raw: Mapping, key: str) -> int | None:
+    value = raw.get(key)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if value is not None:
+        log.warning("ignoring start field %s = %r: not an integer", key, value)
+    return None
+
+
+class StreamV2Decoder:
+    """Stateful Stream V2 -> beamkin message normaliser; :meth:`feed` never raises for bad input.
+
+    ``channel``: the channel (threshold) to reduce, a name or an index into the start message's
+    ``channels``; None takes the first.
+    """
+
+    def __init__(
+        self,
+        source: str = "dectris2:",
+        channel: str | int | None = None,
+        *,
+        max_bytes: int = compression.DEFAULT_MAX_BYTES,
+        counters: Counter | None = None,
+    ) -> None:
+        self.counters: Counter = counters if counters is not None else Counter()
+        self.series = SeriesAssembler(source, self.counters)
+        self.channel_option = channel
+        self.max_bytes = max_bytes
+        self.channel: str | None = None
+
+    def feed(self, data: bytes | memoryview) -> list[Message]:
+        """Decode one ZeroMQ message; returns the beamkin messages it yields (maybe none)."""
+        try:
+            raw, unknown = decode_message(data, max_bytes=self.max_bytes)
+        except StreamDecodeError as exc:
+            self.counters[exc.counter] += 1
+            log.warning("dropping undecodable Stream V2 message (%s): %s", exc.counter, exc,
+                        extra={"series_id": self.series.series_id})
+            return []
+        if unknown:
+            self.counters["unknown_tag"] += sum(unknown.values())
+            log.warning("Stream V2 %s message carries unknown CBOR tags %s", raw["type"], dict(unknown),
+                        extra={"series_id": self.series.series_id})
+        handler = {"start": self._start, "image": self._image, "end": self._end}.get(raw["type"])
+        if handler is None:
+            self.counters["unknown_type"] += 1
+            log.warning("dropping Stream V2 message of unknown type %r", raw["type"])
+            return []
+        try:
+            return handler(raw)
+        except StreamDecodeError as exc:
+            self.counters[exc.counter] += 1
+            log.warning("dropping Stream V2 %s message (%s): %s", raw["type"], exc.counter, exc,
+                        extra={"series_id": self.series.series_id, "frame_index": raw.get("image_id")})
+            return []
+
+    def close(self) -> list[Message]:
+        """Messages to emit when the stream stops (an aborted end for an open series)."""
+        return self.series.close()
+
+    @staticmethod
+    def series_key(raw: Mapping) -> str | None:
+        """The beamkin series id of a Stream V2 message: series_unique_id, else str(series_id)."""
+        unique = raw.get("series_unique_id")
+        if isinstance(unique, str) and unique:
+            return unique
+        number = raw.get("series_id")
+        if isinstance(number, int) and not isinstance(number, bool):
+            return str(number)
+        return None
+
+    def _select_channel(self, channels: list[str]) -> str | None:
+        option = self.channel_option
+        if option is None:
+            return channels[0] if channels else None
+        if isinstance(option, int) or (isinstance(option, str) and option.isdigit() and option not in channels):
+            index = int(option)
+            if not 0 <= index < len(channels):
+                raise StreamDecodeError(f"channel index {index} is out of range for channels {channels}", "unknown_channel")
+            return channels[index]
+        if channels and option not in channels:
+            raise StreamDecodeError(f"channel {option!r} is not among the active channels {channels}", "unknown_channel")
+        return option
+
+    def _channel_array(self, mapping: Any, name: str, expected_shape: tuple[int, int] | None) -> np.ndarray | None:
+        if mapping is None:
+            return None
+        if not isinstance(mapping, Mapping):
+            raise StreamDecodeError(f"start field {name} is not a map of channel -> array")
+        array = mapping.get(self.channel)
+        if array is None:
+            return None
+        if not isinstance(array, np.ndarray) or array.ndim != 2:
+            raise StreamDecodeError(f"start field {name}[{self.channel!r}] is not a 2D array")
+        if expected_shape is not None and array.shape != expected_shape:
+            raise StreamDecodeError(f"{name} shape {array.shape} differs from the image size {expected_shape}", "shape_mismatch")
+        return array
+
+    def _start(self, raw: Mapping) -> list[Message]:
+        series_id = self.series_key(raw)
+        if series_id is None:
+            raise StreamDecodeError("start message has neither series_unique_id nor series_id")
+        channels = raw.get("channels")
+        if channels is None:
+            channels = []
+        if not isinstance(channels, (list, tuple)) or not all(isinstance(c, str) for c in channels):
+            raise StreamDecodeError("start field channels is not an array of text")
+        self.channel = self._select_channel(list(channels))
+        nx, ny = _integer(raw, "image_size_x"), _integer(raw, "image_size_y")
+        if nx is None or ny is None or nx <= 0 or ny <= 0:
+            raise StreamDecodeError("start message lacks positive image_size_x / image_size_y")
+        shape = (ny, nx)
+        px, py = _number(raw, "pixel_size_x"), _number(raw, "pixel_size_y")
+        distance = _number(raw, "detector_distance")
+        translation = raw.get("detector_translation")
+        if distance is None and isinstance(translation, (list, tuple, np.ndarray)) and len(translation) == 3:
+            z = translation[2]
+            if isinstance(z, (int, float, np.floating)) and not isinstance(z, bool) and np.isfinite(z):
+                distance = float(z)
+        bx, by = _number(raw, "beam_center_x"), _number(raw, "beam_center_y")
+        wavelength = _number(raw, "incident_wavelength")
+        if wavelength is None or wavelength <= 0:
+            wavelength = wavelength_from_energy(_number(raw, "incident_energy"))
+        count_time = _number(raw, "count_time")
+        frame_time = _number(raw, "frame_time")
+        if frame_time is None and count_time is None:
+            log.warning("start message has neither frame_time nor count_time; frame times need start/stop times",
+                        extra={"series_id": series_id})
+        frame_time = frame_time if frame_time is not None else (count_time or 0.0)
+        count_time = count_time if count_time is not None else frame_time
+        user_data = user_data_dict(raw.get("user_data")) if raw.get("user_data") is not None else {}
+        description = raw.get("detector_description")
+        fields = {
+            "series_id": series_id,
+            "kind": "image",
+            "detector": make_detector(
+                description if isinstance(description, str) else "DECTRIS Stream V2 detector",
+                shape,
+                None if px is None or py is None else (py, px),
+                saturation=_integer(raw, "saturation_value"),
+                bit_depth=_integer(raw, "bit_depth_image"),
+            ),
+            "geometry": make_geometry(distance, None if bx is None or by is None else (bx, by), wavelength),
+            "frame_time_s": frame_time,
+            "exposure_s": count_time,
+            "n_frames": _integer(raw, "number_of_images"),
+            "gas_time_s": gas_time_from(user_data),
+            "user_data": {**user_data, "stream_v2": {"series_id": raw.get("series_id"), "channel": self.channel,
+                                                     "channels": list(channels)}},
+        }
+        arrays = {}
+        mask = self._channel_array(raw.get("pixel_mask"), "pixel_mask", shape)
+        if mask is not None:
+            arrays["pixel_mask"] = np.ascontiguousarray(mask, dtype=np.uint32)
+        flat = self._channel_array(raw.get("flatfield"), "flatfield", shape)
+        if flat is not None:
+            arrays["flatfield"] = np.ascontiguousarray(flat, dtype=np.float32)
+        return self.series.start(fields, arrays)
+
+    def _image(self, raw: Mapping) -> list[Message]:
+        image_id = raw.get("image_id")
+        if not isinstance(image_id, int) or isinstance(image_id, bool) or image_id < 0:
+            raise StreamDecodeError(f"image message has invalid image_id {image_id!r:.40}")
+        data = raw.get("data")
+        if not isinstance(data, Mapping) or not data:
+            raise StreamDecodeError("image message has no data map")
+        channel = self.channel if self.channel is not None else next(iter(data))
+        image = data.get(channel)
+        if image is None:
+            raise StreamDecodeError(f"image {image_id} has no data for channel {channel!r}", "missing_channel")
+        if not isinstance(image, np.ndarray) or image.ndim != 2:
+            raise StreamDecodeError(f"image {image_id} channel {channel!r} is not a 2D array", "shape_mismatch")
+        image = np.ascontiguousarray(image)
+        time_s = exposure_s = None
+        if "start_time" in raw and "stop_time" in raw:
+            start = rational_seconds(raw["start_time"], "start_time")
+            stop = rational_seconds(raw["stop_time"], "stop_time")
+            time_s = (start + stop) / 2
+            exposure_s = stop - start
+        if "real_time" in raw:
+            exposure_s = rational_seconds(raw["real_time"], "real_time")
+        return self.series.frame(self.series_key(raw), image_id, {"image": image}, time_s, exposure_s)
+
+    def _end(self, raw: Mapping) -> list[Message]:
+        return self.series.end(self.series_key(raw))
+
+
+class StreamV2Source:
+    """``dectris2:tcp://HOST:PORT``: CONNECTs a PULL socket to a Stream V2 detector endpoint.
+
+    Options: ``channel`` (name or index), ``max_bytes`` (largest decompressed array accepted),
+    ``poll_ms`` (how often the stop event is checked, default 100 ms).
+    """
+
+    def __init__(self, endpoint: str, options: Mapping[str, Any] | None = None, *, spec: str | None = None) -> None:
+        options = dict(options or {})
+        self.endpoint = endpoint
+        self.spec = spec or f"dectris2:{endpoint}"
+        self.poll_ms = int(options.get("poll_ms", 100))
+        self.decoder = StreamV2Decoder(self.spec, options.get("channel"),
+                                       max_bytes=int(options.get("max_bytes", compression.DEFAULT_MAX_BYTES)))
+
+    @property
+    def counters(self) -> Counter:
+        return self.decoder.counters
+
+    def messages(self, stop_event: threading.Event) -> Iterator[Message]:
+        context = zmq.Context.instance()
+        socket = context.socket(zmq.PULL)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.RCVHWM, 1000)
+        socket.connect(self.endpoint)
+        log.info("PULL %s (Stream V2)", self.endpoint)
+        poller = zmq.Poller()
+        poller.register(socket, zmq.POLLIN)
+        try:
+            while not stop_event.is_set():
+                if not poller.poll(self.poll_ms):
+                    continue
+                frames = socket.recv_multipart(copy=False)
+                if len(frames) != 1:
+                    self.counters["malformed"] += 1
+                    log.warning("dropping Stream V2 message of %d parts (expected one)", len(frames))
+                    continue
+                yield from self.decoder.feed(frames[0].buffer)
+            yield from self.decoder.close()
+        finally:
+            socket.close(linger=0)
