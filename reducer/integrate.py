@@ -1,0 +1,340 @@
+"""Azimuthal integration of detector frames: the one place beamkin calls pyFAI.
+
+An :class:`Integrator` is built once per series from the ``start`` message (or a PONI file)
+and reused for every frame: pyFAI builds its sparse (CSR) integration matrix on the first
+call, which is the slow part; later calls are a sparse matrix-vector product.
+
+Geometry convention of the start message (Fit2D-like, no tilt unless rot1..3 are given):
+``beam_center_px = [x, y]`` with x the fast (column) and y the slow (row) pixel coordinate,
+pixel i spanning [i, i + 1); pyFAI's PONI is then poni1 = y * pixel_size_y,
+poni2 = x * pixel_size_x (metres), dist = distance_m, wavelength = wavelength_A * 1e-10 m.
+
+Masks (all combined into one static mask, nonzero = excluded):
+
+* detector module gaps, when the detector name is one pyFAI knows and the shape matches;
+* ``pixel_mask`` from the start message (DECTRIS convention: nonzero = bad);
+* a user mask file (any format fabio reads) or array;
+* per frame, dynamically: pixels equal to the all-ones value of the integer pixel type
+  (EIGER/PILATUS mark gaps and dead pixels that way), pixels above the saturation value of the
+  metadata, and for floating-point frames NaN, infinite or negative values.
+
+Output intensity is pyFAI's mean corrected intensity per bin (counts per pixel after dark,
+flat, solid-angle and polarisation correction) with the Poisson error model
+(variance = raw counts, propagated through the same normalisation).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numba
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ReductionError",
+    "Pattern",
+    "Integrator",
+    "DEFAULT_METHOD",
+    "azimuthal_integrator_from_metadata",
+    "all_ones_value",
+]
+
+DEFAULT_METHOD = ("no", "csr", "cython")
+"""Fastest accurate CPU method measured in bench/bench_reducer.py (see docs/benchmarks.md)."""
+
+_UNITS = {"2th_deg": "2th_deg", "q_nm^-1": "q_nm^-1"}
+
+
+class ReductionError(ValueError):
+    """A frame or a configuration that the reducer cannot process (message names the problem)."""
+
+
+@dataclasses.dataclass
+class Pattern:
+    """A 1D powder pattern.
+
+    radial: bin centres, degrees 2theta (unit "2th_deg") or 1/nm (unit "q_nm^-1");
+    intensity: corrected mean counts per pixel (2D detectors) or counts per step (strip detectors);
+    sigma: one-standard-deviation Poisson uncertainty of intensity, 0 for empty bins;
+    count: number of (fractional) pixels contributing to each bin, None when not known;
+    status: "ok" or "flagged"; reason: why it was flagged ("" when ok).
+    """
+
+    radial: np.ndarray
+    intensity: np.ndarray
+    sigma: np.ndarray
+    unit: str = "2th_deg"
+    count: np.ndarray | None = None
+    status: str = "ok"
+    reason: str = ""
+
+    @property
+    def valid(self) -> np.ndarray:
+        """Bins usable for fitting: finite intensity and strictly positive finite sigma."""
+        return np.isfinite(self.intensity) & np.isfinite(self.sigma) & (self.sigma > 0)
+
+    @classmethod
+    def from_profile(cls, two_theta_deg, counts, sigma=None) -> "Pattern":
+        """Pattern from a strip-detector profile (MYTHEN): counts per 2theta step, degrees.
+
+        sigma defaults to sqrt(max(counts, 1)) (Poisson; the floor keeps empty steps usable).
+        Non-finite or negative counts make the step invalid (sigma = 0, intensity = 0).
+        """
+        tth = np.asarray(two_theta_deg, dtype=np.float64)
+        y = np.asarray(counts, dtype=np.float64)
+        if tth.ndim != 1 or y.shape != tth.shape:
+            raise ReductionError(f"profile arrays must be 1D and equal length, got {tth.shape} and {y.shape}")
+        if sigma is None:
+            s = np.sqrt(np.maximum(y, 1.0))
+        else:
+            s = np.asarray(sigma, dtype=np.float64)
+            if s.shape != tth.shape:
+                raise ReductionError(f"profile sigma shape {s.shape} differs from counts shape {y.shape}")
+        bad = ~np.isfinite(y) | (y < 0) | ~np.isfinite(s) | ~np.isfinite(tth)
+        if bad.any():
+            y = np.where(bad, 0.0, y)
+            s = np.where(bad, 0.0, s)
+        status, reason = "ok", ""
+        if bad.all():
+            status, reason = "flagged", "all profile steps invalid (NaN or negative counts)"
+        return cls(radial=tth, intensity=y, sigma=s, unit="2th_deg", count=None, status=status, reason=reason)
+
+
+def all_ones_value(dtype) -> int | None:
+    """The all-ones bit pattern of an integer pixel type as a number (uint16 -> 65535, int32 -> -1);
+    None for floating-point types."""
+    dt = np.dtype(dtype)
+    if dt.kind == "u":
+        return int(np.iinfo(dt).max)
+    if dt.kind == "i":
+        return -1
+    return None
+
+
+def _require(mapping: Mapping, key: str, where: str):
+    if key not in mapping or mapping[key] is None:
+        raise ReductionError(f"start message {where} lacks {key!r}")
+    return mapping[key]
+
+
+def azimuthal_integrator_from_metadata(metadata: Mapping[str, Any]):
+    """Build a pyFAI AzimuthalIntegrator from a start-message dict (see module docstring).
+
+    A ``geometry.poni_file`` takes precedence over the explicit geometry fields.
+    """
+    from pyFAI.detectors import Detector
+    from pyFAI.integrator.azimuthal import AzimuthalIntegrator
+
+    det_md = _require(metadata, "detector", "")
+    geo = _require(metadata, "geometry", "")
+    shape = tuple(int(v) for v in _require(det_md, "shape", "detector"))
+    if len(shape) != 2 or min(shape) <= 0:
+        raise ReductionError(f"detector.shape must be [ny, nx] with positive sizes, got {shape}")
+    poni_file = geo.get("poni_file")
+    if poni_file:
+        import pyFAI
+
+        try:
+            ai = pyFAI.load(str(poni_file))
+        except Exception as exc:  # pyFAI raises several types for unreadable files
+            raise ReductionError(f"cannot read PONI file {poni_file!r}: {exc}") from exc
+        if ai.detector.max_shape is not None and tuple(ai.detector.max_shape) != shape:
+            raise ReductionError(f"PONI detector shape {tuple(ai.detector.max_shape)} differs from "
+                                 f"start-message detector.shape {shape}")
+        return ai
+    py, px = (float(v) for v in _require(det_md, "pixel_size_m", "detector"))
+    if not (py > 0 and px > 0):
+        raise ReductionError(f"detector.pixel_size_m must be positive, got {[py, px]}")
+    dist = float(_require(geo, "distance_m", "geometry"))
+    if not dist > 0:
+        raise ReductionError(f"geometry.distance_m must be positive, got {dist}")
+    bx, by = (float(v) for v in _require(geo, "beam_center_px", "geometry"))
+    wl = float(_require(geo, "wavelength_A", "geometry"))
+    if not wl > 0:
+        raise ReductionError(f"geometry.wavelength_A must be positive, got {wl}")
+    detector = Detector(pixel1=py, pixel2=px, max_shape=shape)
+    return AzimuthalIntegrator(dist=dist, poni1=by * py, poni2=bx * px,
+                               rot1=float(geo.get("rot1_rad") or 0.0), rot2=float(geo.get("rot2_rad") or 0.0),
+                               rot3=float(geo.get("rot3_rad") or 0.0), detector=detector,
+                               wavelength=wl * 1e-10)
+
+
+def _gap_mask(name: str | None, shape: tuple[int, int]) -> np.ndarray | None:
+    """Module-gap mask of a detector pyFAI knows by name (e.g. "Pilatus 1M"), None otherwise."""
+    if not name:
+        return None
+    import pyFAI.detectors
+
+    try:
+        det = pyFAI.detectors.detector_factory(name.replace(" ", ""))
+    except Exception:
+        logger.info("detector %r unknown to pyFAI: module gaps come from the all-ones pixel value only", name)
+        return None
+    if det.max_shape is None or tuple(det.max_shape) != tuple(shape):
+        return None
+    mask = det.calc_mask()
+    return None if mask is None else mask.astype(bool)
+
+
+def load_mask_file(path: str) -> np.ndarray:
+    """User mask from any image format fabio reads; nonzero = masked."""
+    import fabio
+
+    try:
+        return np.asarray(fabio.open(str(path)).data) != 0
+    except Exception as exc:
+        raise ReductionError(f"cannot read mask file {path!r}: {exc}") from exc
+
+
+@numba.njit(cache=True)
+def _count_saturated(flat: np.ndarray, saturation: float, all_ones: float) -> int:
+    """Number of pixels with saturation < value != all_ones (integer frames)."""
+    n = 0
+    for i in range(flat.shape[0]):
+        v = flat[i]
+        if v > saturation and v != all_ones:
+            n += 1
+    return n
+
+
+class Integrator:
+    """pyFAI azimuthal integration of one series' frames to :class:`Pattern` objects."""
+
+    def __init__(self, ai, shape: tuple[int, int], mask: np.ndarray | None, npt: int, unit: str,
+                 method=DEFAULT_METHOD, saturation: float | None = None, dark: np.ndarray | None = None,
+                 flat: np.ndarray | None = None, polarization_factor: float | None = 0.99,
+                 radial_range: tuple[float, float] | None = None, series_id: str | None = None):
+        if unit not in _UNITS:
+            raise ReductionError(f"unit must be one of {sorted(_UNITS)}, got {unit!r}")
+        if int(npt) < 2:
+            raise ReductionError(f"npt must be >= 2, got {npt}")
+        self.ai = ai
+        self.shape = tuple(int(v) for v in shape)
+        self.npt = int(npt)
+        self.unit = unit
+        self.method = tuple(method) if not isinstance(method, str) else method
+        self.saturation = None if saturation is None else float(saturation)
+        self.polarization_factor = polarization_factor
+        self.radial_range = None if radial_range is None else (float(radial_range[0]), float(radial_range[1]))
+        self.series_id = series_id
+        for label, arr in (("mask", mask), ("dark", dark), ("flat", flat)):
+            if arr is not None and tuple(arr.shape) != self.shape:
+                raise ReductionError(f"{label} shape {tuple(arr.shape)} differs from detector shape {self.shape}")
+        self.mask = None if mask is None else np.ascontiguousarray(mask, dtype=np.int8)
+        if self.mask is not None and not self.mask.any():
+            self.mask = None
+        self.dark = None if dark is None else np.ascontiguousarray(dark, dtype=np.float32)
+        if flat is not None:
+            flat = np.ascontiguousarray(flat, dtype=np.float32)
+            if not np.all(np.isfinite(flat)):
+                raise ReductionError("flatfield contains non-finite values")
+        self.flat = flat
+        self.n_unmasked = int(np.prod(self.shape) - (0 if self.mask is None else np.count_nonzero(self.mask)))
+        if self.n_unmasked == 0:
+            raise ReductionError("the static mask excludes every pixel")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any], mask=None, npt: int = 3000, unit: str = "2th_deg",
+                      method=DEFAULT_METHOD, *, mask_file: str | None = None, dark=None, flat=None,
+                      polarization_factor: float | None = 0.99,
+                      radial_range: tuple[float, float] | None = None) -> "Integrator":
+        """Integrator for the series described by a start-message dict.
+
+        ``mask``: optional user mask array (nonzero = masked); ``mask_file``: optional user mask
+        in any fabio format. The start message's optional ``pixel_mask`` and ``flatfield`` arrays
+        are used when present (``flat`` given here overrides ``flatfield``). ``dark``: optional
+        dark image (counts). ``npt``: number of radial bins; ``unit``: "2th_deg" or "q_nm^-1";
+        ``method``: pyFAI method triple; ``polarization_factor``: pyFAI convention, 0.99 for a
+        horizontally polarised synchrotron beam, None for no correction.
+        """
+        if metadata.get("kind", "image") != "image":
+            raise ReductionError(f"series kind {metadata.get('kind')!r} carries profiles: no integration needed")
+        ai = azimuthal_integrator_from_metadata(metadata)
+        det_md = metadata["detector"]
+        shape = tuple(int(v) for v in det_md["shape"])
+        combined = np.zeros(shape, dtype=bool)
+        gaps = _gap_mask(det_md.get("name"), shape)
+        if gaps is not None:
+            combined |= gaps
+        for label, extra in (("pixel_mask", metadata.get("pixel_mask")), ("mask", mask),
+                             ("mask_file", None if mask_file is None else load_mask_file(mask_file))):
+            if extra is None:
+                continue
+            extra = np.asarray(extra)
+            if extra.shape != shape:
+                raise ReductionError(f"{label} shape {extra.shape} differs from detector shape {shape}")
+            combined |= extra != 0
+        if flat is None and metadata.get("flatfield") is not None:
+            flat = np.asarray(metadata["flatfield"])
+        if flat is not None:
+            flat = np.asarray(flat, dtype=np.float32)
+            if flat.shape != shape:
+                raise ReductionError(f"flatfield shape {flat.shape} differs from detector shape {shape}")
+            bad_flat = ~np.isfinite(flat) | (flat <= 0)
+            if bad_flat.any():
+                combined |= bad_flat
+                flat = np.where(bad_flat, 1.0, flat).astype(np.float32)
+        return cls(ai, shape, combined, npt=npt, unit=unit, method=method,
+                   saturation=det_md.get("saturation"), dark=dark, flat=flat,
+                   polarization_factor=polarization_factor, radial_range=radial_range,
+                   series_id=metadata.get("series_id"))
+
+    # ------------------------------------------------------------------ per frame
+    def _prepare(self, image: np.ndarray) -> tuple[np.ndarray, float | None]:
+        """Frame ready for pyFAI and its dummy value (dynamic mask)."""
+        if not isinstance(image, np.ndarray):
+            raise ReductionError(f"frame must be a numpy array, got {type(image).__name__}")
+        if image.ndim != 2 or tuple(image.shape) != self.shape:
+            raise ReductionError(f"frame shape {tuple(image.shape)} differs from detector shape {self.shape}")
+        kind = image.dtype.kind
+        if kind in "ui":
+            dummy = float(all_ones_value(image.dtype))
+            if kind == "i":
+                neg = image < 0
+                if np.any(neg & (image != -1)):
+                    image = np.where(neg, image.dtype.type(-1), image)
+            if self.saturation is not None:
+                flat = image.reshape(-1)
+                if _count_saturated(flat, self.saturation, dummy) > 0:
+                    image = np.where(image > self.saturation, image.dtype.type(dummy), image)
+            return image, dummy
+        if kind == "f":
+            bad = ~np.isfinite(image) | (image < 0)
+            if self.saturation is not None:
+                bad |= image > self.saturation
+            if bad.any():
+                image = np.where(bad, image.dtype.type(-1.0), image)
+            return image, -1.0
+        raise ReductionError(f"unsupported frame dtype {image.dtype} (need an integer or float image)")
+
+    def integrate1d_kwargs(self) -> dict:
+        """Keyword arguments passed to pyFAI ``integrate1d`` (except data and dummy)."""
+        return dict(npt=self.npt, unit=self.unit, method=self.method, error_model="poisson",
+                    mask=self.mask, dark=self.dark, flat=self.flat, correctSolidAngle=True,
+                    polarization_factor=self.polarization_factor, radial_range=self.radial_range)
+
+    def integrate(self, image: np.ndarray, frame_index: int | None = None) -> Pattern:
+        """Integrate one frame to a Pattern (Poisson sigma). Raises ReductionError for a frame of
+        the wrong shape or type; returns a flagged Pattern when no pixel of the frame is valid."""
+        data, dummy = self._prepare(image)
+        res = self.ai.integrate1d(data, dummy=dummy, delta_dummy=0.5, **self.integrate1d_kwargs())
+        radial = np.asarray(res.radial, dtype=np.float64)
+        intensity = np.asarray(res.intensity, dtype=np.float64)
+        sigma = np.asarray(res.sigma, dtype=np.float64) if res.sigma is not None else np.zeros_like(intensity)
+        count = getattr(res, "count", None)
+        count = None if count is None else np.asarray(count, dtype=np.float64)
+        empty = ~np.isfinite(intensity) | ~np.isfinite(sigma)
+        if count is not None:
+            empty |= count <= 0
+        if empty.any():
+            intensity = np.where(empty, 0.0, intensity)
+            sigma = np.where(empty, 0.0, sigma)
+        if empty.all():
+            logger.warning("frame has no valid pixel", extra={"series_id": self.series_id, "frame_index": frame_index})
+            return Pattern(radial, intensity, sigma, self.unit, count, "flagged", "all pixels masked or invalid")
+        return Pattern(radial, intensity, sigma, self.unit, count)
