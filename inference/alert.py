@@ -1,0 +1,42 @@
+"""Onset alert rule (DESIGN section 5).
+
+The alert fires on the first frame at which the model-averaged onset probability
+P(t0 <= now) has been >= ``threshold`` for ``consecutive`` frames in a row, and never
+again in the same series.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class OnsetAlert:
+    threshold: float = 0.99
+    consecutive: int = 2
+    run_length: int = 0
+    fired_frame_index: int | None = None
+    fired_time_s: float | None = None
+
+    def __post_init__(self):
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"alert threshold must be in (0, 1], got {self.threshold}")
+        if int(self.consecutive) < 1:
+            raise ValueError(f"alert needs at least 1 consecutive frame, got {self.consecutive}")
+        self.consecutive = int(self.consecutive)
+
+    @property
+    def fired(self) -> bool:
+        return self.fired_frame_index is not None
+
+    def observe(self, frame_index: int, time_s: float, onset_probability: float) -> bool:
+        """Feed one frame's onset probability; True exactly on the frame where the alert fires."""
+        if onset_probability >= self.threshold:
+            self.run_length += 1
+        else:
+            self.run_length = 0
+        if not self.fired and self.run_length >= self.consecutive:
+            self.fired_frame_index = int(frame_index)
+            self.fired_time_s = float(time_s)
+            return True
+        return False

@@ -1,0 +1,572 @@
+"""Online Bayesian inference of the kinetic models by IBIS (Chopin 2002).
+
+One sequential Monte Carlo sampler per kinetic model; every sampler assimilates every
+frame:
+
+1. incremental log likelihood l_i = log p(y_new | theta_i) of each particle;
+2. adaptive tempering: the frame enters as p(y_new | theta)^delta in steps whose
+   exponent increment delta is chosen by bisection so that the effective sample size
+   (ESS) stays >= ``ess_threshold * N``; each step adds
+   log sum_i W_i exp(delta l_i) to the model's log evidence (W: normalised weights);
+3. whenever a step stops short of exponent 1, and after the frame when the ESS is
+   below the threshold, the particles are resampled (systematic) and rejuvenated by
+   Metropolis-Hastings moves that leave the current (tempered) posterior invariant:
+   a mixture of a random walk with the particle covariance (scaled 2.38/sqrt(d),
+   adapted) and an independent Gaussian fitted to the particles, repeated until most
+   particles have moved.
+
+Particles live in the sampling coordinates of ``priors.py``: (t0 [s], log k, log s, A,
+n).  The priors are uniform in these coordinates, so the MH ratio is the likelihood
+ratio (times the proposal ratio for independent proposals) inside the prior box.
+
+Model probabilities: softmax over models of log evidence (uniform prior over the
+models).  Onset probability: sum over models of P(model) * sum_i W_i [t0_i <= now].
+
+Random numbers: one numpy Generator per model, seeded from (seed, model index); all
+random numbers are drawn in NumPy and passed to the Numba kernels, which are
+deterministic per particle, so a given seed reproduces the result exactly.  The
+parallel kernels must be called from one Python thread at a time (Numba workqueue
+layer); ``OnlineInference`` is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Iterable
+
+import numpy as np
+
+from . import likelihood as lk
+from .alert import OnsetAlert
+from .models import MODEL_EXPONENT, MODEL_NAMES, model_code
+from .priors import PARAM_NAMES, Priors
+from .resample import systematic_indices
+
+logger = logging.getLogger(__name__)
+
+# column of each parameter in a particle row
+COL = {"t0": 0, "k": 1, "s": 2, "A": 3, "n": 4}
+QUANTILES = (0.05, 0.5, 0.95)
+
+
+# --------------------------------------------------------------------------- frame store
+
+class FrameHistory:
+    """Frames assimilated so far, in time order, with prefix sums of y and y^2."""
+
+    def __init__(self, capacity: int = 256):
+        self.m = 0
+        self._alloc(capacity)
+        self.frame_indices: list[int] = []
+        self._sig2_first: float | None = None
+        self.homoscedastic = True
+
+    def _alloc(self, capacity):
+        old = getattr(self, "t_lo", None)
+        self.capacity = capacity
+        new = {name: np.zeros(capacity) for name in ("t_lo", "t_hi", "t_mid", "y", "sig2")}
+        new["cy"] = np.zeros(capacity + 1)
+        new["cy2"] = np.zeros(capacity + 1)
+        if old is not None:
+            for name in new:
+                arr = getattr(self, name)
+                new[name][: arr.shape[0]] = arr
+        for name, arr in new.items():
+            setattr(self, name, arr)
+
+    @property
+    def homo_var(self) -> float:
+        """The common sigma_j^2 of all frames, or -1 when it differs between frames."""
+        if self.m == 0 or not self.homoscedastic:
+            return -1.0
+        return float(self._sig2_first)
+
+    def append(self, frame_index: int, time_s: float, exposure_s: float, alpha: float, sigma: float | None) -> int:
+        """Validate and store one frame; returns its position."""
+        for label, value in (("time_s", time_s), ("exposure_s", exposure_s), ("alpha", alpha)):
+            if not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(value):
+                raise ValueError(f"frame {frame_index}: {label} must be a finite number, got {value!r}")
+        if exposure_s < 0:
+            raise ValueError(f"frame {frame_index}: exposure_s must be >= 0, got {exposure_s}")
+        if sigma is None:
+            sig2 = 0.0
+        else:
+            if not math.isfinite(sigma) or sigma < 0:
+                raise ValueError(f"frame {frame_index}: sigma must be a finite number >= 0 or None, got {sigma!r}")
+            sig2 = float(sigma) ** 2
+        lo = float(time_s) - 0.5 * float(exposure_s)
+        hi = float(time_s) + 0.5 * float(exposure_s)
+        if self.m > 0:
+            if frame_index in self._index_set:
+                raise ValueError(f"frame {frame_index} was already assimilated")
+            if lo < self.t_lo[self.m - 1] or hi < self.t_hi[self.m - 1]:
+                raise ValueError(
+                    f"frame {frame_index}: exposure window [{lo}, {hi}] s starts or ends before that of "
+                    f"frame {self.frame_indices[-1]} ([{self.t_lo[self.m - 1]}, {self.t_hi[self.m - 1]}] s); "
+                    "frames must arrive in time order")
+        else:
+            self._index_set = set()
+        if self.m == self.capacity:
+            self._alloc(2 * self.capacity)
+        j = self.m
+        self.t_lo[j], self.t_hi[j], self.t_mid[j] = lo, hi, float(time_s)
+        self.y[j], self.sig2[j] = float(alpha), sig2
+        self.cy[j + 1] = self.cy[j] + float(alpha)
+        self.cy2[j + 1] = self.cy2[j] + float(alpha) ** 2
+        if self._sig2_first is None:
+            self._sig2_first = sig2
+        elif sig2 != self._sig2_first:
+            self.homoscedastic = False
+        self.frame_indices.append(int(frame_index))
+        self._index_set.add(int(frame_index))
+        self.m += 1
+        return j
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _log_ess(logw: np.ndarray) -> float:
+    """log ESS of unnormalised log weights."""
+    mx = np.max(logw)
+    if not np.isfinite(mx):
+        return -math.inf
+    w = np.exp(logw - mx)
+    return 2.0 * math.log(w.sum()) - math.log(np.dot(w, w))
+
+
+def _logsumexp(a: np.ndarray) -> float:
+    mx = np.max(a)
+    if not np.isfinite(mx):
+        return mx
+    return float(mx + math.log(np.exp(a - mx).sum()))
+
+
+def _weighted_quantiles(sorted_values: np.ndarray, sorted_weights: np.ndarray, qs=QUANTILES) -> list[float]:
+    cdf = np.cumsum(sorted_weights)
+    cdf /= cdf[-1]
+    idx = np.minimum(np.searchsorted(cdf, qs, side="left"), sorted_values.size - 1)
+    return [float(v) for v in sorted_values[idx]]
+
+
+def _summary(values: np.ndarray, weights: np.ndarray, order: np.ndarray | None = None) -> dict:
+    """Weighted mean, sd and 5/50/95 % quantiles (weights normalised inside)."""
+    w = weights / weights.sum()
+    mean = float(np.dot(w, values))
+    var = float(np.dot(w, (values - mean) ** 2))
+    if order is None:
+        order = np.argsort(values, kind="stable")
+    q05, q50, q95 = _weighted_quantiles(values[order], w[order])
+    return {"mean": mean, "sd": math.sqrt(max(var, 0.0)), "q05": q05, "q50": q50, "q95": q95}
+
+
+# --------------------------------------------------------------------------- one model
+
+class ModelSampler:
+    """IBIS sampler of one kinetic model."""
+
+    def __init__(self, name: str, priors: Priors, n_particles: int, rng: np.random.Generator,
+                 history: FrameHistory, noise_kind: int, student_nu: float, ess_threshold: float,
+                 move_fraction: float = 0.9, min_sweeps: int = 2, max_sweeps: int = 20,
+                 independent_fraction: float = 0.5):
+        self.name = name
+        self.code = model_code(name)
+        self.priors = priors
+        self.n = int(n_particles)
+        self.rng = rng
+        self.history = history
+        self.noise_kind = noise_kind
+        self.nu = float(student_nu)
+        self.ess_threshold = float(ess_threshold)
+        self.move_fraction = move_fraction
+        self.min_sweeps = min_sweeps
+        self.max_sweeps = max_sweeps
+        self.independent_fraction = independent_fraction
+
+        used = ["t0", "k", "s", "A"] + (["n"] if name == "An" else [])
+        self.reported = tuple(used)
+        self.free = tuple(p for p in used if p not in priors.fixed)
+        self.free_cols = np.array([COL[p] for p in self.free], dtype=np.int64)
+        self.lo = np.array([priors.bounds(p)[0] for p in self.free])
+        self.hi = np.array([priors.bounds(p)[1] for p in self.free])
+
+        theta = np.empty((self.n, 5))
+        theta[:, 4] = MODEL_EXPONENT.get(name, 1.0)
+        for p, v in priors.fixed.items():
+            if p in used:
+                theta[:, COL[p]] = priors.sampling_value(p, v)
+        if self.free:
+            theta[:, self.free_cols] = priors.sample(self.free, self.n, rng)
+        self.theta = np.ascontiguousarray(theta)
+        self.logw = np.full(self.n, -math.log(self.n))
+        self.cur_ll = np.zeros(self.n)
+        self.log_evidence = 0.0
+        self.rw_scale = 1.0
+        self.rejuvenations = 0
+        self.tempering_steps = 0
+        self.acceptance_rate: float | None = None
+        self._scratch = np.empty(self.n)
+        self._version = 0
+        self._cache: dict = {}
+
+    # ------------------------------------------------------------------ kernels
+    def _frame_loglik(self, j: int) -> np.ndarray:
+        h = self.history
+        out = np.empty(self.n)
+        lk.frame_loglik(self.code, self.theta, h.t_lo[j], h.t_hi[j], h.y[j], h.sig2[j],
+                        self.noise_kind, self.nu, out)
+        return out
+
+    def _history_loglik(self, params: np.ndarray, m_hist: int, pending: int, lam: float) -> np.ndarray:
+        h = self.history
+        out = np.empty(params.shape[0])
+        lk.history_loglik(self.code, params, int(m_hist), int(pending), float(lam), h.t_lo, h.t_hi, h.y,
+                          h.sig2, h.cy, h.cy2, h.homo_var, self.noise_kind, self.nu, out)
+        return out
+
+    # ------------------------------------------------------------------ IBIS step
+    @property
+    def weights(self) -> np.ndarray:
+        w = np.exp(self.logw - np.max(self.logw))
+        return w / w.sum()
+
+    def ess(self) -> float:
+        return math.exp(_log_ess(self.logw))
+
+    def _choose_delta(self, l: np.ndarray, remaining: float) -> float:
+        """Largest exponent increment <= remaining keeping ESS >= threshold * N (bisection)."""
+        log_target = math.log(self.ess_threshold * self.n)
+        if _log_ess(self.logw + remaining * l) >= log_target:
+            return remaining
+        lo, hi = 0.0, remaining
+        for _ in range(50):
+            mid = 0.5 * (lo + hi)
+            if _log_ess(self.logw + mid * l) >= log_target:
+                lo = mid
+            else:
+                hi = mid
+            if hi - lo <= 1e-6 * remaining:
+                break
+        return max(lo, 1e-12)
+
+    def assimilate(self, j: int) -> None:
+        """Bring the posterior from frames [0, j) to frames [0, j] (j: position in history)."""
+        l = self._frame_loglik(j)
+        l = np.where(np.isnan(l), -np.inf, l)
+        lam = 0.0
+        steps = 0
+        while lam < 1.0:
+            remaining = 1.0 - lam
+            delta = self._choose_delta(l, remaining) if steps < 200 else remaining
+            step = np.where(np.isfinite(l), delta * l, -np.inf)
+            inc = _logsumexp(self.logw + step)
+            if not np.isfinite(inc):
+                raise FloatingPointError(f"model {self.name}: all particles have zero likelihood at frame {j}")
+            self.log_evidence += inc
+            self.logw = self.logw + step - inc
+            self.cur_ll = self.cur_ll + step
+            lam = 1.0 if delta >= remaining else lam + delta
+            steps += 1
+            if lam < 1.0:
+                self._resample_move(m_hist=j, pending=j, lam=lam)
+        self.tempering_steps = steps
+        if self.ess() < self.ess_threshold * self.n:
+            self._resample_move(m_hist=j + 1, pending=-1, lam=0.0)
+        self._version += 1
+
+    # ------------------------------------------------------------------ rejuvenation
+    def _resample_move(self, m_hist: int, pending: int, lam: float) -> None:
+        idx = systematic_indices(self.weights, self.n, float(self.rng.random()))
+        self.theta = np.ascontiguousarray(self.theta[idx])
+        self.cur_ll = self.cur_ll[idx]
+        self.logw = np.full(self.n, -math.log(self.n))
+        self.rejuvenations += 1
+        if self.free:
+            self._move(m_hist, pending, lam)
+
+    def _move(self, m_hist: int, pending: int, lam: float) -> None:
+        d = len(self.free)
+        cols = self.free_cols
+        x = self.theta[:, cols]
+        mean = x.mean(axis=0)
+        cov = np.atleast_2d(np.cov(x, rowvar=False))
+        jitter = np.diag((1e-7 * (self.hi - self.lo)) ** 2)
+        cov = cov + jitter
+        try:
+            chol = np.linalg.cholesky(cov)
+        except np.linalg.LinAlgError:
+            cov = np.diag(np.diag(cov)) + jitter
+            chol = np.linalg.cholesky(cov)
+        chol_inv = np.linalg.inv(chol)
+        rw_step = 2.38 / math.sqrt(d) * self.rw_scale
+        moved = np.zeros(self.n, dtype=bool)
+        tried = accepted = 0
+        tried_rw = accepted_rw = 0
+        proposal = self.theta.copy()
+        for sweep in range(self.max_sweeps):
+            z = self.rng.standard_normal((self.n, d))
+            use_ind = self.rng.random(self.n) < self.independent_fraction
+            log_u = np.log(self.rng.random(self.n))
+            x = self.theta[:, cols]
+            step = z @ chol.T
+            prop = np.where(use_ind[:, None], mean + step, x + rw_step * step)
+            # independent proposal ratio log q(x) - log q(prop), q = N(mean, cov)
+            maha_x = np.sum(((x - mean) @ chol_inv.T) ** 2, axis=1)
+            maha_p = np.sum(z * z, axis=1)
+            log_q_ratio = np.where(use_ind, -0.5 * maha_x + 0.5 * maha_p, 0.0)
+            inside = np.all((prop >= self.lo) & (prop <= self.hi), axis=1)
+            proposal[:, cols] = prop
+            ll_prop = self._history_loglik(proposal, m_hist, pending, lam)
+            with np.errstate(invalid="ignore"):
+                log_ratio = ll_prop - self.cur_ll + log_q_ratio
+            accept = inside & (log_u < log_ratio)
+            self.theta[accept] = proposal[accept]
+            self.cur_ll[accept] = ll_prop[accept]
+            moved |= accept
+            tried += self.n
+            accepted += int(accept.sum())
+            rw = ~use_ind
+            tried_rw += int(rw.sum())
+            accepted_rw += int((accept & rw).sum())
+            if sweep + 1 >= self.min_sweeps and moved.mean() >= self.move_fraction:
+                break
+        self.acceptance_rate = accepted / tried
+        if tried_rw:
+            rate = accepted_rw / tried_rw
+            if rate < 0.15:
+                self.rw_scale = max(0.05, self.rw_scale * 0.7)
+            elif rate > 0.45:
+                self.rw_scale = min(3.0, self.rw_scale * 1.3)
+
+    # ------------------------------------------------------------------ summaries
+    def values(self, param: str) -> np.ndarray:
+        """Particle values of ``param`` in natural units (k in 1/s, t0 in s)."""
+        v = self.theta[:, COL[param]]
+        return np.exp(v) if param in ("k", "s") else v
+
+    def order(self, param: str) -> np.ndarray:
+        key = ("order", param, self._version)
+        if key not in self._cache:
+            self._cache = {k: v for k, v in self._cache.items() if k[-1] == self._version}
+            self._cache[key] = np.argsort(self.values(param), kind="stable")
+        return self._cache[key]
+
+    def summaries(self) -> dict:
+        w = self.weights
+        return {p: _summary(self.values(p), w, self.order(p)) for p in self.reported}
+
+    def onset_probability(self, time_s: float) -> float:
+        return float(np.dot(self.weights, self.theta[:, 0] <= time_s))
+
+
+# --------------------------------------------------------------------------- engine
+
+class OnlineInference:
+    """Frame-by-frame Bayesian model comparison and parameter estimation (IBIS per model).
+
+    Times are seconds from series start, k in 1/s.  ``priors.t0`` must hold the series
+    window (see ``Priors.for_series``).  ``update`` accepts frames in time order with any
+    (increasing or not, but unique) frame indices.
+    """
+
+    def __init__(self, models: Iterable[str] = MODEL_NAMES, priors: Priors | None = None,
+                 n_particles: int = 4096, seed: int = 0, noise: str = "normal", student_nu: float = 4.0,
+                 ess_threshold: float = 0.5, alert_threshold: float = 0.99, alert_consecutive: int = 2,
+                 gas_time_s: float | None = None, histogram_bins: int = 60, predictive_points: int = 100,
+                 predictive_draws: int = 200, series_id: str | None = None):
+        models = tuple(models)
+        if not models:
+            raise ValueError("at least one kinetic model is needed")
+        for name in models:
+            model_code(name)
+        if len(set(models)) != len(models):
+            raise ValueError(f"duplicate models in {models}")
+        if priors is None:
+            raise ValueError("priors are required: the t0 window is the series window, e.g. "
+                             "Priors.for_series(t_end_s, gas_time_s)")
+        t0_lo, t0_hi = priors.require_t0()
+        if noise not in ("normal", "student"):
+            raise ValueError(f"noise must be 'normal' or 'student', got {noise!r}")
+        if noise == "student" and not student_nu > 0:
+            raise ValueError(f"student_nu must be > 0, got {student_nu}")
+        if not 0.0 < ess_threshold < 1.0:
+            raise ValueError(f"ess_threshold must be in (0, 1), got {ess_threshold}")
+        if int(n_particles) < 16:
+            raise ValueError(f"n_particles must be >= 16, got {n_particles}")
+        self.models = models
+        self.priors = priors
+        self.n_particles = int(n_particles)
+        self.seed = int(seed)
+        self.noise = noise
+        self.student_nu = float(student_nu)
+        self.gas_time_s = None if gas_time_s is None else float(gas_time_s)
+        self.series_id = series_id
+        self.history = FrameHistory()
+        kind = lk.NOISE_NORMAL if noise == "normal" else lk.NOISE_STUDENT
+        seeds = np.random.SeedSequence(self.seed).spawn(len(MODEL_NAMES))
+        self.samplers = {
+            name: ModelSampler(name, priors, self.n_particles,
+                               np.random.Generator(np.random.PCG64(seeds[model_code(name)])),
+                               self.history, kind, self.student_nu, ess_threshold)
+            for name in models
+        }
+        self.alert = OnsetAlert(alert_threshold, alert_consecutive)
+        self._alert_payload: dict | None = None
+        self.t0_edges = np.linspace(t0_lo, t0_hi, histogram_bins + 1)
+        if "k" in priors.fixed:
+            k_lo, k_hi = 0.5 * priors.fixed["k"], 2.0 * priors.fixed["k"]
+        else:
+            k_lo, k_hi = priors.k
+        self.k_edges = np.geomspace(k_lo, k_hi, histogram_bins + 1)
+        self.predictive_times = np.linspace(t0_lo, t0_hi, predictive_points)
+        self.predictive_draws = int(predictive_draws)
+        self.last_time_s: float | None = None
+        self.last_frame_index: int | None = None
+
+    # ------------------------------------------------------------------ public API
+    def warm_up(self) -> None:
+        """Compile (or load from the Numba cache) every kernel used by ``update``."""
+        h = FrameHistory(4)
+        for t in (0.0, 1.0, 2.0):
+            h.append(int(t), t, 0.1, 0.0, 0.01)
+        params = np.ascontiguousarray(np.tile([0.5, 0.0, math.log(0.02), 1.0, 2.0], (4, 1)))
+        out = np.empty(4)
+        curves = np.empty((4, 3))
+        for kind in (lk.NOISE_NORMAL, lk.NOISE_STUDENT):
+            lk.frame_loglik(0, params, h.t_lo[0], h.t_hi[0], h.y[0], h.sig2[0], kind, 4.0, out)
+            lk.history_loglik(0, params, 2, 2, 0.5, h.t_lo, h.t_hi, h.y, h.sig2, h.cy, h.cy2, h.homo_var,
+                              kind, 4.0, out)
+        lk.alpha_curves(0, params, h.t_mid[:3].copy(), curves)
+
+    @property
+    def n_frames(self) -> int:
+        return self.history.m
+
+    def model_probabilities(self) -> dict[str, float]:
+        logz = np.array([self.samplers[m].log_evidence for m in self.models])
+        p = np.exp(logz - logz.max())
+        p /= p.sum()
+        return {m: float(v) for m, v in zip(self.models, p)}
+
+    def update(self, frame_index: int, time_s: float, exposure_s: float, alpha: float,
+               sigma: float | None) -> dict:
+        """Assimilate one frame (mid-exposure time and exposure in s); returns the posterior payload."""
+        j = self.history.append(frame_index, time_s, exposure_s, alpha, sigma)
+        for sampler in self.samplers.values():
+            sampler.assimilate(j)
+        self.last_time_s = float(time_s)
+        self.last_frame_index = int(frame_index)
+        payload = self._payload(int(frame_index), float(time_s))
+        logger.debug("frame assimilated", extra={"series_id": self.series_id, "frame_index": int(frame_index),
+                                                 "leading_model": payload["leading_model"],
+                                                 "onset_probability": payload["onset_probability"]})
+        return payload
+
+    def result(self) -> dict:
+        """Final result (times in s from series start, k in 1/s)."""
+        probs = self.model_probabilities()
+        models = {}
+        for name, sampler in self.samplers.items():
+            models[name] = {"log_evidence": float(sampler.log_evidence), "probability": probs[name],
+                            "params": sampler.summaries(), "diagnostics": self._diagnostics(sampler)}
+        alert = {"time": self.alert.fired_time_s, "frame_index": self.alert.fired_frame_index}
+        if self._alert_payload is not None:
+            alert.update({k: v for k, v in self._alert_payload.items() if k not in ("time_s", "frame_index")})
+        return {
+            "models": models,
+            "leading_model": max(probs, key=probs.get),
+            "model_averaged": self._model_averaged(probs),
+            "alert": alert,
+            "priors": self.priors.to_dict(),
+            "n_frames": self.n_frames,
+            "settings": {"n_particles": self.n_particles, "seed": self.seed, "noise": self.noise,
+                         "student_nu": self.student_nu if self.noise == "student" else None,
+                         "gas_time_s": self.gas_time_s},
+        }
+
+    # ------------------------------------------------------------------ payload pieces
+    def _diagnostics(self, sampler: ModelSampler) -> dict:
+        return {"ess": sampler.ess(), "acceptance_rate": sampler.acceptance_rate,
+                "rejuvenations": sampler.rejuvenations, "tempering_steps": sampler.tempering_steps}
+
+    def _model_averaged(self, probs: dict[str, float], params=("t0", "k")) -> dict:
+        active = [m for m in self.models if probs[m] > 1e-12]
+        out = {}
+        for p in params:
+            values = np.concatenate([self.samplers[m].values(p) for m in active])
+            weights = np.concatenate([probs[m] * self.samplers[m].weights for m in active])
+            out[p] = _summary(values, weights)
+        return out
+
+    def _histogram(self, values_weights, edges) -> list[float]:
+        total = np.zeros(edges.size - 1)
+        for values, weights in values_weights:
+            counts, _ = np.histogram(values, bins=edges, weights=weights)
+            total += counts
+        return [float(v) for v in total / np.diff(edges)]
+
+    def _predictive(self, probs: dict[str, float], leading: str) -> dict:
+        times = self.predictive_times
+
+        def curves(name, n_draws):
+            s = self.samplers[name]
+            idx = systematic_indices(s.weights, n_draws, 0.5)
+            params = np.ascontiguousarray(s.theta[idx])
+            out = np.empty((n_draws, times.size))
+            lk.alpha_curves(s.code, params, times, out)
+            return out
+
+        def bands(c):
+            q05, q50, q95 = np.quantile(c, QUANTILES, axis=0)
+            return {"median": q50.tolist(), "q05": q05.tolist(), "q95": q95.tolist()}
+
+        lead = curves(leading, self.predictive_draws)
+        p = np.array([probs[m] for m in self.models])
+        alloc = np.bincount(systematic_indices(p, 2 * self.predictive_draws, 0.5), minlength=len(self.models))
+        mix = np.concatenate([curves(m, int(c)) for m, c in zip(self.models, alloc) if c > 0])
+        return {"time_s": times.tolist(), "leading": bands(lead), "model_averaged": bands(mix)}
+
+    def _payload(self, frame_index: int, time_s: float) -> dict:
+        probs = self.model_probabilities()
+        leading = max(probs, key=probs.get)
+        models = {}
+        onset = 0.0
+        for name, s in self.samplers.items():
+            onset += probs[name] * s.onset_probability(time_s)
+            models[name] = {"log_evidence": float(s.log_evidence), "probability": probs[name],
+                            "params": s.summaries(), "diagnostics": self._diagnostics(s)}
+        onset = min(1.0, max(0.0, onset))
+        averaged = self._model_averaged(probs)
+        active = [m for m in self.models if probs[m] > 1e-12]
+        lead_s = self.samplers[leading]
+        histograms = {}
+        for p, edges in (("t0", self.t0_edges), ("k", self.k_edges)):
+            histograms[p] = {
+                "edges": edges.tolist(),
+                "model_averaged": self._histogram(
+                    [(self.samplers[m].values(p), probs[m] * self.samplers[m].weights) for m in active], edges),
+                "leading": self._histogram([(lead_s.values(p), lead_s.weights)], edges),
+            }
+        alert = None
+        if self.alert.observe(frame_index, time_s, onset):
+            t0 = averaged["t0"]
+            alert = {"time_s": time_s, "frame_index": frame_index,
+                     "t0": {"mean": t0["mean"], "q05": t0["q05"], "q95": t0["q95"]},
+                     "t0_minus_ts": None if self.gas_time_s is None else t0["mean"] - self.gas_time_s,
+                     "leading_model": leading, "leading_probability": probs[leading],
+                     "onset_probability": onset}
+            self._alert_payload = alert
+            logger.info("onset alert", extra={"series_id": self.series_id, "frame_index": frame_index,
+                                              "t0_mean": t0["mean"], "leading_model": leading})
+        return {
+            "frame_index": frame_index,
+            "time_s": time_s,
+            "n_frames": self.n_frames,
+            "onset_probability": onset,
+            "leading_model": leading,
+            "models": models,
+            "model_averaged": averaged,
+            "histograms": histograms,
+            "predictive": self._predictive(probs, leading),
+            "alert": alert,
+        }
