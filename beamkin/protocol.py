@@ -72,6 +72,7 @@ MESSAGE_FIELDS: dict[str, tuple[FieldSpec, ...]] = {
         _f("frame_index", int),
         _f("time_s", *_NUMBER),
         _f("exposure_s", *_NUMBER),
+        _f("received_unix_s", *_NUMBER, required=False),  # when the streamer got it (latency)
     ),
     "end": (
         _f("series_id", str),
@@ -95,6 +96,7 @@ MESSAGE_FIELDS: dict[str, tuple[FieldSpec, ...]] = {
         _f("status", str),  # "ok" or "flagged"
         _f("reason", str, type(None)),
         _f("peaks", list, required=False),
+        _f("received_unix_s", *_NUMBER, required=False),
     ),
     # inference results (inference PUB)
     "posterior": (

@@ -1,0 +1,5 @@
+import sys
+
+from beamkin.cli import main
+
+sys.exit(main())

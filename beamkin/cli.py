@@ -1,0 +1,239 @@
+"""The `beamkin` command: one subcommand per stage, plus run/demo that supervise them all.
+
+Stages (each its own process): simulate, stream, reduce, infer, dashboard, record.
+Supervisors: run (stream + reduce + infer + dashboard [+ record] [+ simulate]), demo.
+Offline: analyze, replay, export, report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from typing import Any, Callable
+
+from beamkin import config as configuration
+from beamkin import logs
+
+log = logging.getLogger("beamkin")
+
+#: subcommand -> (help, config sections shown as options)
+STAGES = {
+    "simulate": ("synthetic gas-dosing experiment acting as a DECTRIS EIGER (Stream V2)", ("simulator",)),
+    "stream": ("receive detector frames and fan them out to reducer workers", ("endpoints", "streamer")),
+    "reduce": ("pyFAI integration and phase fractions (N worker processes)", ("endpoints", "reducer")),
+    "infer": ("sequential Monte Carlo inference of onset, rate and kinetic model", ("endpoints", "inference", "alerts")),
+    "dashboard": ("live Bokeh dashboard", ("endpoints", "dashboard", "inference")),
+    "record": ("record every message of each series to HDF5", ("endpoints", "recorder")),
+}
+
+
+def stop_event_on_signals() -> threading.Event:
+    """An Event set by SIGINT or SIGTERM, so stage loops finish cleanly."""
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+def _resolved(args: argparse.Namespace) -> dict[str, Any]:
+    base = None
+    if getattr(args, "resolved_config", None):
+        with open(args.resolved_config) as handle:
+            base = json.load(handle)
+    return configuration.from_arguments(args, base)
+
+
+def _stage_main(name: str, run: Callable[[dict[str, Any], argparse.Namespace, threading.Event], int]):
+    def main(args: argparse.Namespace) -> int:
+        config = _resolved(args)
+        logs.configure(name, config["logging"]["level"], config["logging"]["format"])
+        stop = stop_event_on_signals()
+        return run(config, args, stop) or 0
+    return main
+
+
+def _run_simulate(config, args, stop):
+    from streamer.simulator import run_simulator
+    return run_simulator(config["simulator"], stop)
+
+
+def _run_stream(config, args, stop):
+    from streamer.service import run_streamer
+    return run_streamer(config, stop)
+
+
+def _run_reduce(config, args, stop):
+    from reducer.service import run_reducer
+    if args.connect:
+        config["endpoints"]["frames"] = args.connect
+    return run_reducer(config, stop, worker_name=args.worker_name)
+
+
+def _run_infer(config, args, stop):
+    from inference.service import run_inference
+    return run_inference(config, stop)
+
+
+def _run_dashboard(config, args, stop):
+    from dashboards.server import serve_dashboard
+    from beamkin.supervise import signal_ready
+    dash = config["dashboard"]
+    log.info("dashboard at http://%s:%d/", dash["address"], dash["port"])
+    serve_dashboard(
+        config["endpoints"]["results"], address=dash["address"], port=dash["port"],
+        max_refresh_hz=dash["max_refresh_hz"], alert_threshold=config["inference"]["alert_threshold"],
+        stop_event=stop, on_ready=signal_ready,
+    )
+    return 0
+
+
+def _run_record(config, args, stop):
+    from streamer.recorder import run_recorder
+    from beamkin.supervise import signal_ready
+    rec = config["recorder"]
+    if not rec["path"]:
+        raise configuration.ConfigError("beamkin record needs --recorder.path FILE")
+    signal_ready()
+    run_recorder([config["endpoints"]["raw"], config["endpoints"]["results"]], rec["path"], rec["raw_frames"], stop)
+    return 0
+
+
+def _supervised(config: dict[str, Any], with_simulator: bool, once: bool) -> int:
+    """Start the pipeline stages as processes, then the simulator; stop all on failure or Ctrl-C."""
+    from beamkin.supervise import StageFailed, Supervisor
+
+    if once:
+        config["streamer"]["once"] = True
+        config["inference"]["once"] = True
+    if with_simulator:
+        config["streamer"]["source"] = "dectris2:" + config["simulator"]["endpoint"]
+    supervisor = Supervisor(config)
+    dash = config["dashboard"]
+    try:
+        supervisor.start("inference", "infer")
+        supervisor.start("dashboard", "dashboard")
+        if config["recorder"]["path"]:
+            supervisor.start("recorder", "record")
+        supervisor.start("reducer", "reduce")
+        supervisor.start("streamer", "stream")
+        supervisor.wait_ready()
+        print(f"beamkin dashboard: http://{dash['address']}:{dash['port']}/", flush=True)
+        if with_simulator:
+            supervisor.start("simulator", "simulate")
+        if once:
+            supervisor.wait_for_exit("inference")
+            log.info("series finished; stopping the pipeline")
+        else:
+            supervisor.watch_forever()
+        return 0
+    except StageFailed as failure:
+        log.error("%s", failure)
+        print(f"beamkin: {failure}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        log.info("interrupted; stopping every stage")
+        return 130
+    finally:
+        supervisor.stop_all()
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = configuration.from_arguments(args)
+    logs.configure("run", config["logging"]["level"], config["logging"]["format"])
+    if args.source:
+        config["streamer"]["source"] = args.source
+    if args.record:
+        config["recorder"]["path"] = args.record
+    if args.json:
+        config["inference"]["json"] = args.json
+    with_simulator = config["streamer"]["source"] == "simulate"
+    return _supervised(config, with_simulator, args.once)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    config = configuration.from_arguments(args)
+    logs.configure("demo", config["logging"]["level"], config["logging"]["format"])
+    if args.speed is not None:
+        config["simulator"]["speed"] = args.speed
+    if args.json:
+        config["inference"]["json"] = args.json
+    if args.record:
+        config["recorder"]["path"] = args.record
+    sim = config["simulator"]
+    print(
+        f"beamkin demo: simulated {sim['model']} reaction, t0 = {sim['t0_s']} s, k = {sim['k_per_s']} 1/s, "
+        f"{sim['n_frames']} frames every {sim['frame_time_s']:.3f} s, speed x{sim['speed']}",
+        flush=True,
+    )
+    return _supervised(config, with_simulator=True, once=args.once)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="beamkin", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    runners = {"simulate": _run_simulate, "stream": _run_stream, "reduce": _run_reduce,
+               "infer": _run_infer, "dashboard": _run_dashboard, "record": _run_record}
+    for name, (help_text, sections) in STAGES.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        configuration.add_arguments(sub, sections + ("logging",))
+        sub.add_argument("--resolved-config", help=argparse.SUPPRESS)
+        if name == "reduce":
+            sub.add_argument("--workers", dest="cfg:reducer.workers", metavar="N",
+                             help="number of worker processes on this host")
+            sub.add_argument("--connect", metavar="tcp://HOST:PORT",
+                             help="join the streamer at this frames endpoint (workers on another host)")
+            sub.add_argument("--worker-name", help=argparse.SUPPRESS)
+        sub.set_defaults(func=_stage_main(name, runners[name]))
+
+    run = commands.add_parser("run", help="run the whole pipeline on a source")
+    configuration.add_arguments(run)
+    run.add_argument("--source", help="dectris2:tcp://HOST:PORT, dectris1:tcp://HOST:PORT, files:FOLDER, replay:FILE or simulate")
+    run.add_argument("--once", action="store_true", help="stop at the end of the first series")
+    run.add_argument("--record", metavar="FILE", help="record every message to this HDF5 file")
+    run.add_argument("--json", metavar="FILE", help="write the final result of the series as JSON")
+    run.set_defaults(func=_run)
+
+    demo = commands.add_parser("demo", help="the whole pipeline on the built-in simulated experiment, with the dashboard")
+    configuration.add_arguments(demo)
+    demo.add_argument("--speed", type=float, help="run X times faster than real time (0 = as fast as possible)")
+    demo.add_argument("--once", action="store_true", help="exit when the series ends")
+    demo.add_argument("--json", metavar="FILE", help="write the final result as JSON")
+    demo.add_argument("--record", metavar="FILE", help="record every message to this HDF5 file")
+    demo.set_defaults(func=_demo)
+
+    _add_offline_commands(commands)
+    return parser
+
+
+def _add_offline_commands(commands) -> None:
+    try:
+        from inference import analyze
+    except ImportError:  # inference.analyze not present in this build
+        return
+    sub = commands.add_parser("analyze", help="offline Bayesian analysis of a CSV or a recording")
+    analyze.add_arguments(sub)
+    sub.set_defaults(func=analyze.main)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except configuration.ConfigError as exc:
+        print(f"beamkin: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

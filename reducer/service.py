@@ -1,0 +1,177 @@
+"""The reducer stage: worker processes that turn frames into 1D patterns and phase fractions.
+
+Each worker connects a DEALER socket to the streamer's ROUTER, announces how many frames it can
+hold (credit), and for every frame received sends a ``pattern`` and a ``fraction`` message to
+the inference stage, then ``done`` to the streamer (which frees the frame and returns the
+credit). Silence is a heartbeat failure: a worker sends ``ready`` with zero credit every second
+while idle so the streamer knows it is alive. The integrator is built once per series per
+worker (reducer.integrate) from the series' start message and reused for every frame.
+
+``beamkin reduce --workers N`` runs N such workers as child processes and restarts one that dies.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import zmq
+
+from beamkin import protocol, sockets
+from beamkin.supervise import StageFailed, Supervisor, signal_ready
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 1.0
+SERIES_KEPT = 4  # integrators kept per worker (a new series evicts the oldest)
+
+
+class SeriesReduction:
+    """Everything a worker needs to reduce one series: the integrator and the fraction estimator."""
+
+    def __init__(self, start: protocol.Message, reducer_config: dict[str, Any]):
+        from reducer.fractions import PhaseFractionEstimator
+        from reducer.integrate import Integrator
+
+        self.series_id = start["series_id"]
+        self.kind = start["kind"]
+        metadata = dict(start.fields)
+        self.integrator = None
+        if self.kind == "image":
+            self.integrator = Integrator.from_metadata(
+                metadata, mask=start.arrays.get("pixel_mask"), config=reducer_config,
+            )
+        self.estimator = PhaseFractionEstimator.from_config(reducer_config, metadata)
+
+    def reduce(self, frame: protocol.Message) -> tuple[protocol.Message, protocol.Message]:
+        """pattern and fraction messages for one frame (the fraction is flagged on failure)."""
+        from reducer.integrate import Pattern, ReductionError
+
+        ids = dict(series_id=frame["series_id"], frame_index=frame["frame_index"], time_s=frame["time_s"])
+        if self.kind == "image":
+            if "image" not in frame.arrays:
+                raise ReductionError("an image series received a frame without an image")
+            pattern = self.integrator.integrate(frame.arrays["image"])
+        else:
+            pattern = Pattern.from_profile(
+                frame.arrays["two_theta_deg"], frame.arrays["counts"], frame.arrays.get("sigma"),
+            )
+        result = self.estimator.estimate(pattern, frame["time_s"])
+        pattern_message = protocol.make(
+            "pattern",
+            {"radial": pattern.radial, "intensity": pattern.intensity, "sigma": pattern.sigma},
+            unit=pattern.unit, **ids,
+        )
+        return pattern_message, fraction_message(frame, result.alpha, result.sigma_alpha,
+                                                 result.status, result.reason, result.peaks)
+
+
+def fraction_message(frame: protocol.Message, alpha, sigma_alpha, status: str, reason, peaks=()) -> protocol.Message:
+    def finite_or_none(value):
+        return float(value) if value is not None and np.isfinite(value) else None
+
+    alpha, sigma_alpha = finite_or_none(alpha), finite_or_none(sigma_alpha)
+    if status == "ok" and (alpha is None or sigma_alpha is None):
+        status, reason = "flagged", reason or "non-finite phase fraction"
+    extra = {}
+    if frame.get("received_unix_s") is not None:
+        extra["received_unix_s"] = frame["received_unix_s"]
+    return protocol.make(
+        "fraction", series_id=frame["series_id"], frame_index=frame["frame_index"],
+        time_s=frame["time_s"], exposure_s=frame["exposure_s"], alpha=alpha, sigma_alpha=sigma_alpha,
+        status=status, reason=reason, peaks=list(peaks), **extra,
+    )
+
+
+def run_worker(config: dict[str, Any], stop: threading.Event, name: str) -> int:
+    reducer_config = config["reducer"]
+    context = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.IDENTITY, name.encode())
+    dealer.setsockopt(zmq.LINGER, 1000)
+    dealer.connect(config["endpoints"]["frames"])
+    to_inference = sockets.pusher(context, config["endpoints"]["reduced"])
+    series: collections.OrderedDict[str, SeriesReduction | Exception] = collections.OrderedDict()
+    protocol.send(dealer, protocol.make("ready", worker=name, credit=int(reducer_config["credit"])))
+    log.info("reducer worker %s connected to %s", name, config["endpoints"]["frames"])
+    signal_ready()
+    last_sent = time.monotonic()
+    frames_reduced = 0
+    while not stop.is_set():
+        if not dealer.poll(200):
+            if time.monotonic() - last_sent >= HEARTBEAT_S:
+                protocol.send(dealer, protocol.make("ready", worker=name, credit=0))
+                last_sent = time.monotonic()
+            continue
+        try:
+            _, message = protocol.recv(dealer)
+        except protocol.ProtocolError as exc:
+            log.warning("malformed message from the streamer: %s", exc)
+            continue
+        if message.type == "start":
+            series_id = message["series_id"]
+            began = time.perf_counter()
+            try:
+                series[series_id] = SeriesReduction(message, reducer_config)
+                log.info("integrator ready in %.2f s", time.perf_counter() - began, extra={"series_id": series_id})
+            except Exception as exc:  # bad geometry etc.: every frame of the series gets flagged
+                series[series_id] = exc
+                log.error("cannot reduce series: %s", exc, extra={"series_id": series_id})
+            while len(series) > SERIES_KEPT:
+                series.popitem(last=False)
+            continue
+        if message.type != "frame":
+            log.warning("unexpected %s message from the streamer", message.type)
+            continue
+        context_ids = {"series_id": message["series_id"], "frame_index": message["frame_index"]}
+        reduction = series.get(message["series_id"])
+        try:
+            if reduction is None:
+                raise LookupError("no start message was received for this series")
+            if isinstance(reduction, Exception):
+                raise reduction
+            pattern_message, fraction = reduction.reduce(message)
+            protocol.send(to_inference, pattern_message)
+        except Exception as exc:  # the frame is flagged, never lost and never a crash
+            log.warning("frame not reduced: %s", exc, extra=context_ids)
+            fraction = fraction_message(message, None, None, "flagged", f"{type(exc).__name__}: {exc}")
+        protocol.send(to_inference, fraction)
+        protocol.send(dealer, protocol.make("done", worker=name, **{k: context_ids[k] for k in context_ids}))
+        last_sent = time.monotonic()
+        frames_reduced += 1
+    log.info("reducer worker %s stopping after %d frames", name, frames_reduced)
+    dealer.close(linger=0)
+    to_inference.close(linger=2000)
+    context.term()
+    return 0
+
+
+def run_reducer(config: dict[str, Any], stop: threading.Event, worker_name: str | None = None) -> int:
+    """One worker in this process, or (workers > 1) N worker processes restarted when they die."""
+    workers = int(config["reducer"]["workers"])
+    base = worker_name or f"{socket.gethostname()}-{os.getpid()}"
+    if workers <= 1:
+        return run_worker(config, stop, base if worker_name else f"{base}-0")
+    supervisor = Supervisor(config)
+    names = [f"{base}-{i}" for i in range(workers)]
+    for name in names:
+        supervisor.start(name, "reduce", "--workers", "1", "--worker-name", name)
+    try:
+        supervisor.wait_ready()
+        signal_ready()
+        while not stop.is_set():
+            try:
+                supervisor.check()
+            except StageFailed as failure:
+                log.error("reducer %s; restarting it", failure)
+                supervisor.start(failure.name, "reduce", "--workers", "1", "--worker-name", failure.name)
+            stop.wait(0.5)
+    finally:
+        supervisor.stop_all()
+    return 0
