@@ -167,7 +167,7 @@ class ModelSampler:
 
     def __init__(self, name: str, priors: Priors, n_particles: int, rng: np.random.Generator,
                  history: FrameHistory, noise_kind: int, student_nu: float, ess_threshold: float,
-                 move_fraction: float = 0.9, min_sweeps: int = 2, max_sweeps: int = 20,
+                 move_fraction: float = 0.99, min_sweeps: int = 4, max_sweeps: int = 30,
                  independent_fraction: float = 0.5):
         self.name = name
         self.code = model_code(name)
@@ -269,6 +269,8 @@ class ModelSampler:
             steps += 1
             if lam < 1.0:
                 self._resample_move(m_hist=j, pending=j, lam=lam)
+                l = self._frame_loglik(j)  # the particles changed
+                l = np.where(np.isnan(l), -np.inf, l)
         self.tempering_steps = steps
         if self.ess() < self.ess_threshold * self.n:
             self._resample_move(m_hist=j + 1, pending=-1, lam=0.0)
