@@ -312,7 +312,7 @@ class StreamV2Decoder:
     ) -> None:
         self.counters: Counter = counters if counters is not None else Counter()
         self.series = SeriesAssembler(source, self.counters)
-        self.channel_option = channel
+        self.channel_option = None if channel == "" else channel
         self.max_bytes = max_bytes
         self.channel: str | None = None
 

@@ -1,0 +1,107 @@
+"""``export_csv(recording, out_dir)``: a recording's patterns, fractions and posterior summaries as CSV.
+
+Files written (only those the recording has data for)::
+
+    fractions.csv    series_id, frame_index, time_s, exposure_s, alpha, sigma_alpha, status, reason
+    patterns.csv     series_id, frame_index, time_s, unit, radial, intensity, sigma  (one row per point)
+    posteriors.csv   series_id, frame_index, time_s, onset_probability, leading_model, then the flattened
+                     ``model_averaged`` and ``models`` summaries (nested keys joined with ".")
+    alerts.csv       the alert fields, flattened the same way
+    series.csv       one row per series: series_id, source, kind, n_frames (announced), frames recorded,
+                     end reason, gas_time_s, frame_time_s, exposure_s
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from streamer.recorder import read_messages
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {"a.b.c": scalar}; lists of scalars are kept as space-separated text."""
+    out: dict[str, Any] = {}
+    if isinstance(value, dict):
+        for key, item in value.items():
+            out.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(value, list):
+        out[prefix] = " ".join(str(v) for v in value) if all(not isinstance(v, (dict, list)) for v in value) else str(value)
+    else:
+        out[prefix] = value
+    return out
+
+
+def _write(path: Path, columns: list[str], rows: Iterable[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+
+
+def export_csv(recording: str | Path, out_dir: str | Path) -> list[Path]:
+    """Write the CSV files described in the module doc into ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fractions, patterns, posteriors, alerts = [], [], [], []
+    series: dict[str, dict[str, Any]] = {}
+    for _, message in read_messages(recording, types=("start", "frame", "end", "fraction", "pattern", "posterior", "alert"),
+                                    with_arrays=True):
+        f = message.fields
+        if message.type == "start":
+            series.setdefault(f["series_id"], {}).update(
+                series_id=f["series_id"], source=f.get("source"), kind=f.get("kind"), n_frames=f.get("n_frames"),
+                gas_time_s=f.get("gas_time_s"), frame_time_s=f.get("frame_time_s"), exposure_s=f.get("exposure_s"))
+            series[f["series_id"]].setdefault("frames_recorded", 0)
+        elif message.type == "frame":
+            entry = series.setdefault(f["series_id"], {"series_id": f["series_id"], "frames_recorded": 0})
+            entry["frames_recorded"] = entry.get("frames_recorded", 0) + 1
+        elif message.type == "end":
+            series.setdefault(f["series_id"], {"series_id": f["series_id"]})["end_reason"] = f.get("reason")
+        elif message.type == "fraction":
+            fractions.append(f)
+        elif message.type == "pattern":
+            radial = message.arrays.get("radial")
+            intensity = message.arrays.get("intensity")
+            sigma = message.arrays.get("sigma")
+            if radial is None or intensity is None:
+                continue
+            sigma = np.full(len(radial), np.nan) if sigma is None else sigma
+            for r, y, s in zip(radial.tolist(), intensity.tolist(), sigma.tolist()):
+                patterns.append({"series_id": f["series_id"], "frame_index": f["frame_index"], "time_s": f["time_s"],
+                                 "unit": f.get("unit"), "radial": r, "intensity": y, "sigma": s})
+        elif message.type == "posterior":
+            row = {k: f.get(k) for k in ("series_id", "frame_index", "time_s", "onset_probability", "leading_model")}
+            row.update(flatten(f.get("model_averaged", {}), "model_averaged"))
+            row.update(flatten(f.get("models", {}), "models"))
+            posteriors.append(row)
+        elif message.type == "alert":
+            alerts.append(flatten(f))
+    written = []
+
+    def emit(name: str, columns: list[str], rows: list[dict[str, Any]]) -> None:
+        if rows:
+            path = out_dir / name
+            _write(path, columns, rows)
+            written.append(path)
+
+    emit("series.csv", ["series_id", "source", "kind", "n_frames", "frames_recorded", "end_reason", "gas_time_s",
+                        "frame_time_s", "exposure_s"], list(series.values()))
+    emit("fractions.csv", ["series_id", "frame_index", "time_s", "exposure_s", "alpha", "sigma_alpha", "status", "reason"],
+         fractions)
+    emit("patterns.csv", ["series_id", "frame_index", "time_s", "unit", "radial", "intensity", "sigma"], patterns)
+
+    def union(rows: list[dict[str, Any]], first: list[str]) -> list[str]:
+        columns = list(first)
+        for row in rows:
+            columns.extend(k for k in row if k not in columns)
+        return columns
+
+    emit("posteriors.csv", union(posteriors, ["series_id", "frame_index", "time_s", "onset_probability", "leading_model"]),
+         posteriors)
+    emit("alerts.csv", union(alerts, ["series_id", "frame_index", "time_s"]), alerts)
+    return written

@@ -1,0 +1,244 @@
+"""HDF5 recorder: every beamkin message of every series, flushed per message (layout: docs/recording.md).
+
+The file is an append-only message log plus stacked arrays::
+
+    /                       attrs format="beamkin-recording", format_version=1, raw_frames
+    /log/received_s         float64 (N,)  Unix time (s) at which the recorder got message i
+    /log/type               str     (N,)  message type ("start", "frame", "pattern", ...)
+    /log/series_id          str     (N,)  "" when the message has none
+    /log/frame_index        int64   (N,)  -1 when the message has none
+    /log/header             str     (N,)  JSON object of the message's fields
+    /log/arrays             str     (N,)  JSON object: array name -> [dataset path, row] (null: not recorded)
+    /series/<id>/<type>/<array>        (rows, *shape) the arrays of that series' messages of that type,
+                                       one row per message; a change of shape or dtype starts <array>.1, ...
+
+Raw detector images (``frame`` messages' ``image``) are kept only with ``raw_frames=True``,
+compressed with bitshuffle+LZ4 (hdf5plugin.Bitshuffle), one chunk per frame; everything else
+(patterns, fractions, posteriors, alerts, start masks, 1D profiles) is always kept. After each
+message the file is flushed, so a recorder killed with SIGKILL leaves a file that opens and
+holds every message up to the last flushed one (readers take the shortest /log dataset's length).
+
+The same ``start``/``end`` of a series may arrive twice (from the streamer's and the inference's
+PUB sockets); identical repeats are recorded once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable
+
+import h5py
+import hdf5plugin
+import numpy as np
+import zmq
+
+from beamkin.protocol import Message, ProtocolError, recv
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "beamkin-recording"
+FORMAT_VERSION = 1
+LOG_FIELDS = ("received_s", "type", "series_id", "frame_index", "header", "arrays")
+_STR = h5py.string_dtype("utf-8")
+
+
+def group_name(series_id: str | None) -> str:
+    """HDF5-safe group name of a series id ("/" and "." quoted; None -> "_none")."""
+    if series_id is None or series_id == "":
+        return "_none"
+    return series_id.replace("%", "%25").replace("/", "%2F").replace(".", "%2E")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+class Recorder:
+    """Writes beamkin messages to an HDF5 recording (see module doc). Not thread-safe."""
+
+    def __init__(self, path: str | Path, raw_frames: bool = False) -> None:
+        self.path = Path(path)
+        self.raw_frames = bool(raw_frames)
+        self.counters: Counter = Counter()
+        self._file = h5py.File(self.path, "w")
+        self._file.attrs["format"] = FORMAT_NAME
+        self._file.attrs["format_version"] = FORMAT_VERSION
+        self._file.attrs["raw_frames"] = self.raw_frames
+        self._file.attrs["created_unix_s"] = time.time()
+        group = self._file.create_group("log")
+        self._log = {}
+        for name, dtype in zip(LOG_FIELDS, (np.float64, _STR, _STR, np.int64, _STR, _STR)):
+            self._log[name] = group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
+        self._n = 0
+        self._lifecycle_seen: dict[tuple[str, str], str] = {}
+        self._file.flush()
+
+    def write(self, message: Message, received_s: float | None = None) -> None:
+        """Append one message (arrays first, then its log row) and flush the file."""
+        received_s = time.time() if received_s is None else received_s
+        try:
+            header = json.dumps(message.fields, separators=(",", ":"), default=_json_default)
+        except (TypeError, ValueError) as exc:
+            self.counters["unserialisable"] += 1
+            log.warning("not recording %s message: %s", message.type, exc, extra={"series_id": message.series_id})
+            return
+        if message.type in ("start", "end") and message.series_id is not None:
+            key = (message.type, message.series_id)
+            if self._lifecycle_seen.get(key) == header:
+                self.counters["repeated"] += 1
+                return
+            self._lifecycle_seen[key] = header
+        refs: dict[str, Any] = {}
+        for name, array in message.arrays.items():
+            if message.type == "frame" and name == "image" and not self.raw_frames:
+                refs[name] = None
+                continue
+            refs[name] = self._append_array(message, name, np.asarray(array))
+        row = self._n
+        values = (received_s, message.type, message.series_id or "",
+                  -1 if message.frame_index is None else int(message.frame_index), header,
+                  json.dumps(refs, separators=(",", ":")))
+        for name, value in zip(LOG_FIELDS, values):
+            dataset = self._log[name]
+            dataset.resize((row + 1,))
+            dataset[row] = value
+        self._n = row + 1
+        self.counters[message.type] += 1
+        self._file.flush()
+
+    def _append_array(self, message: Message, name: str, array: np.ndarray) -> list:
+        base = f"series/{group_name(message.series_id)}/{message.type}"
+        group = self._file.require_group(base)
+        suffix = 0
+        while True:
+            key = name if suffix == 0 else f"{name}.{suffix}"
+            dataset = group.get(key)
+            if dataset is None:
+                dataset = self._create_array_dataset(group, key, message, name, array)
+                break
+            if dataset.shape[1:] == array.shape and dataset.dtype == array.dtype:
+                break
+            suffix += 1
+        row = dataset.shape[0]
+        dataset.resize((row + 1, *array.shape))
+        dataset[row] = array
+        return [dataset.name, row]
+
+    def _create_array_dataset(self, group: h5py.Group, key: str, message: Message, name: str, array: np.ndarray) -> h5py.Dataset:
+        options: dict[str, Any] = {}
+        if message.type == "frame" and name == "image" and array.ndim == 2 and array.size:
+            options = dict(hdf5plugin.Bitshuffle(nelems=0, cname="lz4"))
+        return group.create_dataset(
+            key, shape=(0, *array.shape), maxshape=(None, *array.shape), dtype=array.dtype,
+            chunks=(1, *array.shape) if array.size else None, **options,
+        )
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        if self._file.id.valid:
+            self._file.attrs["complete"] = True
+            self._file.close()
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def run_recorder(endpoints: Iterable[str], path: str | Path, raw_frames: bool, stop_event: threading.Event,
+                 *, poll_ms: int = 100) -> Counter:
+    """SUBscribe to every message on the PUB ``endpoints`` and record them until ``stop_event`` is set.
+
+    Returns the recorder's counters (messages per type, malformed, repeated).
+    """
+    context = zmq.Context.instance()
+    socket = context.socket(zmq.SUB)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVHWM, 0)  # the recorder must see every message: no high-water-mark drops
+    socket.setsockopt(zmq.SUBSCRIBE, b"")
+    for endpoint in endpoints:
+        socket.connect(endpoint)
+        log.info("recorder SUB %s", endpoint)
+    poller = zmq.Poller()
+    poller.register(socket, zmq.POLLIN)
+    recorder = Recorder(path, raw_frames)
+    try:
+        while not stop_event.is_set():
+            if not poller.poll(poll_ms):
+                continue
+            try:
+                _, message = recv(socket)
+            except ProtocolError as exc:
+                recorder.counters["malformed"] += 1
+                log.warning("recorder dropping malformed message: %s", exc)
+                continue
+            recorder.write(message)
+        # drain what already arrived
+        while poller.poll(0):
+            try:
+                _, message = recv(socket)
+            except ProtocolError:
+                recorder.counters["malformed"] += 1
+                continue
+            recorder.write(message)
+    finally:
+        recorder.close()
+        socket.close(linger=0)
+    log.info("recording %s closed: %s", path, dict(recorder.counters))
+    return recorder.counters
+
+
+def is_recording(path: str | Path) -> bool:
+    """True if ``path`` is an HDF5 file written by :class:`Recorder`."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("format") == FORMAT_NAME
+    except (OSError, ValueError):
+        return False
+
+
+def read_messages(path: str | Path, types: Iterable[str] | None = None, *, with_arrays: bool = True):
+    """Yield (received_s, Message) of a recording in recorded order; ``types`` filters by message type.
+
+    Works on files whose writer was killed: it reads the rows every /log dataset has. A message
+    whose arrays were not recorded (raw frames off) carries only the arrays that were.
+    """
+    wanted = None if types is None else set(types)
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("format") != FORMAT_NAME:
+            raise ValueError(f"{path} is not a beamkin recording (format attribute {f.attrs.get('format')!r})")
+        version = int(f.attrs.get("format_version", 0))
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{path} is a beamkin recording of format version {version}, this reads {FORMAT_VERSION}")
+        group = f["log"]
+        n = min(group[name].shape[0] for name in LOG_FIELDS)
+        types_column = group["type"].asstr()[:n]
+        received = group["received_s"][:n]
+        headers = group["header"].asstr()
+        refs_column = group["arrays"].asstr()
+        for i in range(n):
+            message_type = types_column[i]
+            if wanted is not None and message_type not in wanted:
+                continue
+            fields = json.loads(headers[i])
+            arrays = {}
+            if with_arrays:
+                for name, ref in json.loads(refs_column[i]).items():
+                    if ref is None:
+                        continue
+                    dataset_path, row = ref
+                    dataset = f.get(dataset_path)
+                    if dataset is None or row >= dataset.shape[0]:
+                        continue
+                    arrays[name] = dataset[row]
+            yield float(received[i]), Message(message_type, fields, arrays)
