@@ -21,6 +21,7 @@ import uuid
 from typing import Any, Mapping
 
 import cbor2
+import lz4.block
 import numpy as np
 import zmq
 
@@ -168,3 +169,80 @@ class StreamV2Sender:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class StreamV1Sender:
+    """Fake EIGER in Stream V1 mode: JSON multipart messages on a bound PUSH socket.
+
+    ``compression``: "bslz4" (``bs<bits>-lz4<``, HDF5-framed), "lz4" (``lz4<``) or "none" (``<``).
+    ``config`` of :meth:`send_start` uses the SIMPLON detector config names (beam_center_x,
+    count_time, frame_time, detector_distance, wavelength, x_pixel_size, x_pixels_in_detector,
+    nimages, ntrigger, ...).
+    """
+
+    def __init__(self, endpoint: str = "tcp://127.0.0.1:9999", compression: str = "bslz4", *, sndhwm: int = 100) -> None:
+        import json as _json
+
+        self._json = _json
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}, not {compression!r}")
+        self.compression = compression
+        self._socket = zmq.Context.instance().socket(zmq.PUSH)
+        self._socket.setsockopt(zmq.SNDHWM, sndhwm)
+        self._socket.bind(endpoint)
+        self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.series = 0
+
+    def _dumps(self, value: Any) -> bytes:
+        return self._json.dumps(_plain(value)).encode()
+
+    def send_parts(self, parts: list[bytes]) -> None:
+        self._socket.send_multipart(parts, copy=False)
+
+    def send_start(self, config: Mapping[str, Any], pixel_mask: np.ndarray | None = None,
+                   flatfield: np.ndarray | None = None, appendix: Any = None) -> int:
+        """Send a dheader-1.0 message ("all" detail when arrays are given); returns the series number."""
+        self.series += 1
+        detail = "all" if pixel_mask is not None or flatfield is not None else "basic"
+        parts = [self._dumps({"htype": "dheader-1.0", "series": self.series, "header_detail": detail}), self._dumps(config)]
+        if detail == "all":
+            for htype, array, kind in (("dflatfield-1.0", flatfield, "float32"), ("dpixelmask-1.0", pixel_mask, "uint32")):
+                if array is None:
+                    continue
+                array = np.ascontiguousarray(array, dtype=np.dtype(kind).newbyteorder("<"))
+                parts += [self._dumps({"htype": htype, "shape": [array.shape[1], array.shape[0]], "type": kind}),
+                          array.tobytes()]
+        if appendix is not None:
+            parts.append(appendix.encode() if isinstance(appendix, str) else self._dumps(appendix))
+        self.send_parts(parts)
+        return self.series
+
+    def send_image(self, frame_index: int, image: np.ndarray, start_time_s: float, stop_time_s: float,
+                   appendix: Any = None) -> None:
+        """Send a dimage-1.0 message (header, dimage_d, blob, dconfig in ns[, appendix])."""
+        image = np.ascontiguousarray(image)
+        image = image.astype(image.dtype.newbyteorder("<"))
+        kind = {"u1": "uint8", "u2": "uint16", "u4": "uint32", "i4": "int32", "f4": "float32"}[image.dtype.str[1:]]
+        if self.compression == "bslz4":
+            encoding, blob = f"bs{8 * image.dtype.itemsize}-lz4<", compression.compress_bslz4(image)
+        elif self.compression == "lz4":
+            encoding, blob = "lz4<", lz4.block.compress(image.tobytes(), store_size=False)
+        else:
+            encoding, blob = "<", image.tobytes()
+        ns = [int(round(t * 1e9)) for t in (start_time_s, stop_time_s, stop_time_s - start_time_s)]
+        parts = [
+            self._dumps({"htype": "dimage-1.0", "series": self.series, "frame": int(frame_index), "hash": ""}),
+            self._dumps({"htype": "dimage_d-1.0", "shape": [image.shape[1], image.shape[0]], "type": kind,
+                         "encoding": encoding, "size": len(blob)}),
+            blob,
+            self._dumps({"htype": "dconfig-1.0", "start_time": ns[0], "stop_time": ns[1], "real_time": ns[2]}),
+        ]
+        if appendix is not None:
+            parts.append(self._dumps(appendix))
+        self.send_parts(parts)
+
+    def send_end(self) -> None:
+        self.send_parts([self._dumps({"htype": "dseries_end-1.0", "series": self.series})])
+
+    def close(self, linger_s: float = 5.0) -> None:
+        self._socket.close(linger=int(linger_s * 1000))

@@ -1,0 +1,170 @@
+"""Stream V1 (JSON multipart) decoder: encodings, header details, resynchronisation, ZeroMQ round trip.
+Messages are built here by hand from the SIMPLON stream format (json + bitshuffle/lz4 directly)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+
+import bitshuffle
+import lz4.block
+import numpy as np
+import pytest
+
+from streamer.stream_v1 import StreamV1Decoder
+
+NY, NX = 9, 14
+CONFIG = {"beam_center_x": 7.0, "beam_center_y": 4.5, "count_time": 0.3, "frame_time": 1 / 3,
+          "detector_distance": 0.25, "wavelength": 0.8, "x_pixel_size": 75e-6, "y_pixel_size": 75e-6,
+          "x_pixels_in_detector": NX, "y_pixels_in_detector": NY, "nimages": 2, "ntrigger": 2,
+          "bit_depth_image": 16, "countrate_correction_count_cutoff": 60000, "description": "Dectris EIGER 1M"}
+
+
+def j(value) -> bytes:
+    return json.dumps(value).encode()
+
+
+def header(series, config=CONFIG, detail="basic", mask=None, flat=None, appendix=None):
+    parts = [j({"htype": "dheader-1.0", "series": series, "header_detail": detail})]
+    if detail != "none":
+        parts.append(j(config))
+    if flat is not None:
+        parts += [j({"htype": "dflatfield-1.0", "shape": [NX, NY], "type": "float32"}), flat.astype("<f4").tobytes()]
+    if mask is not None:
+        parts += [j({"htype": "dpixelmask-1.0", "shape": [NX, NY], "type": "uint32"}), mask.astype("<u4").tobytes()]
+        parts += [j({"htype": "dcountrate_table-1.0", "shape": [2, 3], "type": "float32"}), np.zeros(6, "<f4").tobytes()]
+    if appendix is not None:
+        parts.append(j(appendix))
+    return parts
+
+
+def encode(image, encoding):
+    raw = image.tobytes()
+    if encoding == "<":
+        return raw
+    if encoding == "lz4<":
+        return lz4.block.compress(raw, store_size=False)
+    body = bitshuffle.compress_lz4(image.ravel()).tobytes()
+    if encoding.endswith("framed"):
+        return struct.pack(">QI", len(raw), 8192) + body
+    return body
+
+
+def image(series, frame, img, encoding="bs16-lz4<", t0_ns=None):
+    kind = {"u1": "uint8", "u2": "uint16", "u4": "uint32"}[img.dtype.str[1:]]
+    blob = encode(img, encoding)
+    t0_ns = frame * 333_333_333 if t0_ns is None else t0_ns
+    return [j({"htype": "dimage-1.0", "series": series, "frame": frame, "hash": ""}),
+            j({"htype": "dimage_d-1.0", "shape": [NX, NY], "type": kind, "encoding": encoding.replace(" framed", ""),
+               "size": len(blob)}),
+            blob, j({"htype": "dconfig-1.0", "start_time": t0_ns, "stop_time": t0_ns + 300_000_000, "real_time": 300_000_000})]
+
+
+def end(series):
+    return [j({"htype": "dseries_end-1.0", "series": series})]
+
+
+def feed(decoder, *messages):
+    out = []
+    for m in messages:
+        out.extend(decoder.feed(m))
+    return out
+
+
+def img(i, dtype=np.uint16):
+    return (np.arange(NY * NX).reshape(NY, NX) + 17 * i).astype(dtype)
+
+
+@pytest.mark.parametrize("encoding,dtype", [("<", np.uint16), ("lz4<", np.uint32), ("bs16-lz4<", np.uint16),
+                                            ("bs32-lz4<", np.uint32), ("bs8-lz4<", np.uint8),
+                                            ("bs16-lz4< framed", np.uint16), ("bs32-lz4< framed", np.uint32)])
+def test_encodings_and_series_fields(encoding, dtype):
+    mask = np.zeros((NY, NX), np.uint32)
+    mask[2, 3] = 1
+    flat = np.linspace(0.9, 1.1, NY * NX).reshape(NY, NX)
+    msgs = [header(5, detail="all", mask=mask, flat=flat, appendix={"gas_time_s": 3.0, "operator": "x"})]
+    msgs += [image(5, i, img(i, dtype), encoding) for i in range(4)] + [end(5)]
+    out = feed(StreamV1Decoder("dectris1:test"), *msgs)
+    assert [m.type for m in out] == ["start"] + ["frame"] * 4 + ["end"]
+    start = out[0]
+    assert start["series_id"] == "5" and start["n_frames"] == 4 and start["gas_time_s"] == 3.0
+    assert start["detector"] == {"name": "Dectris EIGER 1M", "shape": [NY, NX], "pixel_size_m": [75e-6, 75e-6],
+                                 "saturation": 60000, "bit_depth": 16}
+    assert start["geometry"]["beam_center_px"] == [7.0, 4.5] and start["geometry"]["distance_m"] == 0.25
+    np.testing.assert_array_equal(start.arrays["pixel_mask"], mask)
+    np.testing.assert_allclose(start.arrays["flatfield"], flat, rtol=1e-6)
+    for i, frame in enumerate(out[1:5]):
+        np.testing.assert_array_equal(frame.arrays["image"], img(i, dtype))
+        assert frame["time_s"] == pytest.approx(i * 0.333333333 + 0.15)
+        assert frame["exposure_s"] == pytest.approx(0.3)
+    assert out[-1]["reason"] == "completed"
+
+
+def test_aborted_series_then_resynchronised_on_htype():
+    decoder = StreamV1Decoder()
+    out = feed(
+        decoder,
+        image(1, 0, img(0)),              # before any header
+        header(1),
+        image(1, 0, img(0)),
+        image(1, 1, img(1))[:2],          # truncated multipart: no blob
+        [b"\x00not json"],
+        [j({"htype": "dimage-1.0", "series": 1, "frame": 2, "hash": ""}),
+         j({"htype": "dimage_d-1.0", "shape": [NX, NY], "type": "uint16", "encoding": "lz4<", "size": 3}), b"xyz"],
+        [j({"htype": "dmystery-1.0"})],
+        # series 1 is aborted: no dseries_end; series 2 starts
+        header(2),
+        image(1, 3, img(3)),              # a straggler of the aborted series
+        image(2, 0, img(10)),
+        image(2, 0, img(10)),             # duplicate
+        image(2, 1, img(11)),
+        end(2),
+    )
+    assert [(m.type, m.series_id) for m in out] == [
+        ("start", "1"), ("frame", "1"), ("end", "1"), ("start", "2"), ("frame", "2"), ("frame", "2"), ("end", "2")]
+    assert out[2]["reason"] == "aborted" and out[2]["n_frames"] == 1
+    np.testing.assert_array_equal(out[5].arrays["image"], img(11))
+    c = decoder.counters
+    assert c["frame_before_start"] == 1 and c["missing_end"] == 1 and c["series_mismatch"] == 1
+    assert c["duplicate_frame"] == 1 and c["unknown_htype"] == 1 and c["malformed"] >= 3
+
+
+def test_header_detail_none_defers_start_to_first_image():
+    out = feed(StreamV1Decoder(), header(3, detail="none"), image(3, 0, img(0), "lz4<"), image(3, 1, img(1), "lz4<"), end(3))
+    assert [m.type for m in out] == ["start", "frame", "frame", "end"]
+    assert out[0]["detector"]["shape"] == [NY, NX] and out[0]["n_frames"] is None
+    assert out[2]["time_s"] == pytest.approx(0.333333333 + 0.15)
+
+
+@pytest.mark.parametrize("compression", ["bslz4", "lz4", "none"])
+def test_fake_eiger_v1_mode_over_zeromq(compression):
+    from streamer.fake_eiger import StreamV1Sender
+    from streamer.sources import open_source
+
+    sender = StreamV1Sender("tcp://127.0.0.1:0", compression=compression)
+    source = open_source(f"dectris1:{sender.endpoint}", {"poll_ms": 20})
+    stop = threading.Event()
+    received = []
+
+    def consume():
+        for message in source.messages(stop):
+            received.append(message)
+            if message.type == "end":
+                stop.set()
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    mask = np.zeros((NY, NX), np.uint32)
+    mask[0, 0] = 1
+    sender.send_start(dict(CONFIG, nimages=3, ntrigger=1), pixel_mask=mask, appendix={"gas_time_s": 0.5})
+    for i in range(3):
+        sender.send_image(i, img(i, np.uint32), i / 3, i / 3 + 0.3)
+    sender.send_end()
+    thread.join(timeout=20)
+    sender.close()
+    assert [m.type for m in received] == ["start", "frame", "frame", "frame", "end"]
+    assert received[0]["gas_time_s"] == 0.5 and received[-1]["reason"] == "completed"
+    np.testing.assert_array_equal(received[0].arrays["pixel_mask"], mask)
+    for i in range(3):
+        np.testing.assert_array_equal(received[1 + i].arrays["image"], img(i, np.uint32))
