@@ -56,7 +56,14 @@ def _stage_main(name: str, run: Callable[[dict[str, Any], argparse.Namespace, th
         config = _resolved(args)
         logs.configure(name, config["logging"]["level"], config["logging"]["format"])
         stop = stop_event_on_signals()
-        return run(config, args, stop) or 0
+        try:
+            return run(config, args, stop) or 0
+        except (configuration.ConfigError, OSError, ValueError) as exc:
+            log.error("%s stage cannot run: %s", name, exc)
+            return 1
+        except Exception:
+            log.exception("%s stage failed", name)
+            return 1
     return main
 
 
@@ -84,15 +91,29 @@ def _run_infer(config, args, stop):
 
 def _run_dashboard(config, args, stop):
     from dashboards.server import serve_dashboard
-    from beamkin.supervise import signal_ready
     dash = config["dashboard"]
+    threading.Thread(target=_signal_ready_when_listening, args=(dash["address"], dash["port"], stop),
+                     daemon=True).start()
     log.info("dashboard at http://%s:%d/", dash["address"], dash["port"])
     serve_dashboard(
         config["endpoints"]["results"], address=dash["address"], port=dash["port"],
         max_refresh_hz=dash["max_refresh_hz"], alert_threshold=config["inference"]["alert_threshold"],
-        stop_event=stop, on_ready=signal_ready,
+        stop_event=stop,
     )
     return 0
+
+
+def _signal_ready_when_listening(address: str, port: int, stop: threading.Event) -> None:
+    """Print the ready line once the HTTP port accepts connections."""
+    import socket
+    from beamkin.supervise import signal_ready
+    while not stop.is_set():
+        try:
+            with socket.create_connection((address, port), timeout=1):
+                signal_ready()
+                return
+        except OSError:
+            stop.wait(0.1)
 
 
 def _run_record(config, args, stop):

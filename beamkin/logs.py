@@ -44,5 +44,7 @@ def configure(stage: str, level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("numba", "bokeh", "tornado", "pyFAI", "silx", "matplotlib", "h5py", "fabio"):
+    for noisy in ("numba", "bokeh", "tornado", "matplotlib", "h5py", "fabio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    for chatty in ("pyFAI", "silx"):  # warn about optional OpenCL and probe detectors by name
+        logging.getLogger(chatty).setLevel(max(logging.ERROR, root.level))

@@ -21,14 +21,23 @@ log = logging.getLogger(__name__)
 PUBLISH_HWM = 10_000  # messages queued per subscriber before the publisher waits
 
 
+def bind(socket: zmq.Socket, endpoint: str) -> zmq.Socket:
+    """Bind, turning ZeroMQ's terse error into one that names the endpoint (OSError)."""
+    try:
+        socket.bind(endpoint)
+    except zmq.ZMQError as exc:
+        socket.close(0)
+        raise OSError(f"cannot bind {endpoint}: {exc.strerror} (is another beamkin stage running there?)") from exc
+    return socket
+
+
 def publisher(context: zmq.Context, endpoint: str) -> zmq.Socket:
     """Bind an XPUB socket that waits (rather than drops) when a subscriber is behind."""
     socket = context.socket(zmq.XPUB)
     socket.setsockopt(zmq.XPUB_NODROP, 1)
     socket.setsockopt(zmq.SNDHWM, PUBLISH_HWM)
     socket.setsockopt(zmq.LINGER, 1000)
-    socket.bind(endpoint)
-    return socket
+    return bind(socket, endpoint)
 
 
 def subscriber(context: zmq.Context, endpoints: list[str], topics: tuple[str, ...] = ("",)) -> zmq.Socket:

@@ -108,12 +108,21 @@ class Supervisor:
                     raise TimeoutError(f"stage '{stage.name}' not ready after {timeout_s:.0f} s")
 
     def check(self) -> None:
-        """Raise StageFailed for the first stage that exited without being asked to."""
+        """Raise StageFailed for the first stage that failed (exited non-zero unasked).
+
+        A stage that exits with code 0 has finished its work (the streamer at the end of a
+        replay or of a --once series, the simulator after its series) and is not a failure.
+        """
         for stage in self.stages.values():
             code = stage.process.poll()
-            if code is not None and not stage.expected_exit:
-                time.sleep(0.2)  # let the stderr pump catch the last lines
-                raise StageFailed(stage.name, code, list(stage.tail))
+            if code is None or stage.expected_exit:
+                continue
+            if code == 0:
+                stage.expected_exit = True
+                log.info("stage %s finished", stage.name)
+                continue
+            time.sleep(0.2)  # let the stderr pump catch the last lines
+            raise StageFailed(stage.name, code, list(stage.tail))
 
     def wait_for_exit(self, name: str) -> int:
         """Wait until stage `name` exits by itself (e.g. inference after --once), watching the rest."""

@@ -36,12 +36,12 @@ def make_engine(inference_config: dict[str, Any], start: protocol.Message | None
     from inference.smc import OnlineInference
 
     gas_time_s = start.get("gas_time_s") if start is not None else None
-    t0_low = float(gas_time_s) if gas_time_s is not None else 0.0
     if start is not None and start.get("n_frames"):
-        t0_high = start["n_frames"] * float(start["frame_time_s"])
+        series_end_s = start["n_frames"] * float(start["frame_time_s"])
     else:
-        t0_high = float(inference_config["max_series_s"])
-    priors = Priors.from_mapping(inference_config.get("priors", {}), t0_window=(t0_low, t0_high))
+        series_end_s = float(inference_config["max_series_s"])
+    priors = Priors.from_mapping(inference_config.get("priors", {}),
+                                 base=Priors.for_series(series_end_s, gas_time_s))
     return OnlineInference(
         models=tuple(inference_config["models"]), priors=priors,
         n_particles=int(inference_config["particles"]), seed=int(inference_config["seed"]),
@@ -49,7 +49,7 @@ def make_engine(inference_config: dict[str, Any], start: protocol.Message | None
         ess_threshold=float(inference_config["ess_threshold"]),
         alert_threshold=float(inference_config["alert_threshold"]),
         alert_consecutive=int(inference_config["alert_consecutive"]),
-        gas_time_s=gas_time_s,
+        gas_time_s=gas_time_s, series_id=start["series_id"] if start is not None else None,
     )
 
 
@@ -65,6 +65,7 @@ class SeriesInference:
         self.counters = collections.Counter()
         self.missing: list[int] = []
         self.alert: dict[str, Any] | None = None
+        self.finish_queued = False
         self.finished = False
         self.last_posterior: protocol.Message | None = None
 
@@ -85,6 +86,9 @@ class InferenceStage:
         self.stop = stop
         self.series: dict[str, SeriesInference] = {}
         self.early: dict[str, list[protocol.Message]] = collections.defaultdict(list)
+        # frames released by the reorder buffers, waiting for the sampler (received promptly,
+        # processed one at a time, so the socket is drained between two sampler updates)
+        self.work: collections.deque = collections.deque()
         self.counters = collections.Counter()
         self.finished_series = 0
         self.alert_dispatcher = None
@@ -147,23 +151,32 @@ class InferenceStage:
         self._released(series, series.buffer.add(fraction["frame_index"], fraction))
 
     def poll_buffers(self) -> None:
+        """Let the reorder buffers release what their timeouts allow (call when idle)."""
         for series in list(self.series.values()):
             if not series.finished:
                 self._released(series, series.buffer.poll())
 
     def _released(self, series: SeriesInference, events) -> None:
-        for event in events:
-            extra = {"series_id": series.series_id, "frame_index": event.index}
-            if event.kind == "frame":
-                self._assimilate(series, event.item)
-            elif event.kind == "missing":
-                series.missing.append(event.index)
-                log.error("frame missing: skipped after waiting %.1f s", series.buffer.timeout_s, extra=extra)
-            else:  # duplicate or late: already assimilated or declared missing
-                series.counters[f"frames_{event.kind}"] += 1
-                log.warning("%s frame ignored", event.kind, extra=extra)
-        if series.buffer.complete and not series.finished:
+        self.work.extend((series, event) for event in events)
+        if series.buffer.complete and not series.finish_queued:
+            series.finish_queued = True
+            self.work.append((series, None))
+
+    def process_one(self) -> None:
+        """Process the oldest released event: a frame for the sampler, a missing frame, or the end."""
+        series, event = self.work.popleft()
+        if event is None:
             self._finish(series)
+            return
+        extra = {"series_id": series.series_id, "frame_index": event.index}
+        if event.kind == "frame":
+            self._assimilate(series, event.item)
+        elif event.kind == "missing":
+            series.missing.append(event.index)
+            log.error("frame missing: skipped after waiting %.1f s", series.buffer.timeout_s, extra=extra)
+        else:  # duplicate or late: already assimilated or declared missing
+            series.counters[f"frames_{event.kind}"] += 1
+            log.warning("%s frame ignored", event.kind, extra=extra)
 
     def _assimilate(self, series: SeriesInference, fraction: protocol.Message) -> None:
         extra = {"series_id": series.series_id, "frame_index": fraction["frame_index"]}
@@ -246,7 +259,7 @@ def run_inference(config: dict[str, Any], stop: threading.Event) -> int:
     endpoints = config["endpoints"]
     context = zmq.Context()
     pull = context.socket(zmq.PULL)
-    pull.bind(endpoints["reduced"])
+    sockets.bind(pull, endpoints["reduced"])
     pub = sockets.publisher(context, endpoints["results"])
     warm_up(config["inference"])
     stage = InferenceStage(config, pub, stop)
@@ -255,15 +268,21 @@ def run_inference(config: dict[str, Any], stop: threading.Event) -> int:
     last_status = time.monotonic()
     once = config["inference"]["once"]
     while not stop.is_set():
-        if pull.poll(50):
-            try:
-                _, message = protocol.recv(pull)
-            except protocol.ProtocolError as exc:
-                stage.counters["malformed_messages"] += 1
-                log.warning("malformed message rejected: %s", exc)
-                continue
-            stage.handle(message)
-        stage.poll_buffers()
+        if pull.poll(0 if stage.work else 50):
+            for _ in range(10_000):  # drain what has arrived, so the reorder buffer sees it now
+                try:
+                    _, message = protocol.recv(pull, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except protocol.ProtocolError as exc:
+                    stage.counters["malformed_messages"] += 1
+                    log.warning("malformed message rejected: %s", exc)
+                    continue
+                stage.handle(message)
+        if stage.work:
+            stage.process_one()
+        else:
+            stage.poll_buffers()
         if time.monotonic() - last_status >= STATUS_PERIOD_S:
             last_status = time.monotonic()
             stage.status()

@@ -147,7 +147,7 @@ def run_streamer(config: dict[str, Any], stop: threading.Event) -> int:
     router = context.socket(zmq.ROUTER)
     router.setsockopt(zmq.ROUTER_MANDATORY, 1)
     router.setsockopt(zmq.LINGER, 1000)
-    router.bind(endpoints["frames"])
+    sockets.bind(router, endpoints["frames"])
     raw = sockets.publisher(context, endpoints["raw"])
     to_inference = sockets.pusher(context, endpoints["reduced"])
     dispatcher = FrameDispatcher(router, options["worker_timeout_s"])
@@ -183,11 +183,8 @@ def run_streamer(config: dict[str, Any], stop: threading.Event) -> int:
             elif message.type in ("start", "end"):
                 if message.type == "start":
                     dispatcher.starts[message["series_id"]] = message
-                    log.info("series started", extra={"series_id": message["series_id"]})
                 else:
                     series_ended += 1
-                    log.info("series ended (%s, %d frames)", message["reason"], message["n_frames"],
-                             extra={"series_id": message["series_id"]})
                 protocol.send(to_inference, message)
         dispatcher.dispatch()
         dispatcher.expire_silent_workers()

@@ -1,0 +1,117 @@
+"""`beamkin simulate`: a synthetic gas-dosing experiment acting as a DECTRIS EIGER.
+
+Frames are Debye-ring images of the CPL-1-like material (streamer.synthetic) whose loaded-phase
+fraction follows a kinetic model (inference.models): for frame j with exposure window
+[t_j - e/2, t_j + e/2] the rendered fraction is the exposure average
+
+    alpha_j = (1/e) * integral over the window of  A * alpha_model( k (t - t0) ) dt,   alpha = 0 for t < t0,
+
+with t0 in seconds from the series start, k in 1/s and A the final extent. Frames go out as
+DECTRIS Stream V2 (CBOR, bslz4) on a bound PUSH socket (port 31001 by default), paced at the
+experiment's frame rate times ``speed``, so the whole real receiving path is exercised.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from inference.models import alpha_numpy, has_free_exponent
+
+log = logging.getLogger(__name__)
+
+EXPOSURE_SAMPLES = 64  # midpoint rule over each exposure window
+
+
+def exposure_averaged_alpha(model: str, t0_s: float, k_per_s: float, extent: float, n_exponent: float,
+                            mid_times_s: np.ndarray, exposure_s: float) -> np.ndarray:
+    """alpha averaged over each exposure window (midpoint rule, EXPOSURE_SAMPLES points)."""
+    mid_times_s = np.asarray(mid_times_s, dtype=float)
+    if exposure_s > 0:
+        offsets = (np.arange(EXPOSURE_SAMPLES) + 0.5) / EXPOSURE_SAMPLES - 0.5
+        times = mid_times_s[:, None] + exposure_s * offsets[None, :]
+    else:
+        times = mid_times_s[:, None]
+    x = np.clip(k_per_s * (times - t0_s), 0.0, None)
+    n = n_exponent if has_free_exponent(model) else None
+    alpha = extent * np.where(times >= t0_s, alpha_numpy(model, x, n), 0.0)
+    return alpha.mean(axis=1)
+
+
+def stream_v2_start_fields(metadata: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """The Stream V2 start-message fields (spec names) describing the synthetic experiment."""
+    detector, geometry = metadata["detector"], metadata["geometry"]
+    ny, nx = detector["shape"]
+    fields = {
+        "detector_description": f"beamkin simulated {detector['name']}",
+        "image_size_x": int(nx), "image_size_y": int(ny),
+        "pixel_size_x": float(detector["pixel_size_m"][1]), "pixel_size_y": float(detector["pixel_size_m"][0]),
+        "beam_center_x": float(geometry["beam_center_px"][0]), "beam_center_y": float(geometry["beam_center_px"][1]),
+        "detector_distance": float(geometry["distance_m"]),
+        "incident_wavelength": float(geometry["wavelength_A"]),
+        "count_time": float(options["exposure_s"]), "frame_time": float(options["frame_time_s"]),
+        "number_of_images": int(options["n_frames"]),
+        "saturation_value": int(detector["saturation"]) if detector.get("saturation") else None,
+        "user_data": {
+            "material": "CPL-1 ([Cu2(pzdc)2(pyz)]n) dosed with Ar (synthetic)",
+            "simulation": {"model": options["model"], "t0_s": options["t0_s"], "k_per_s": options["k_per_s"],
+                           "extent": options["extent"]},
+        },
+    }
+    if options.get("gas_time_s", -1) is not None and options["gas_time_s"] >= 0:
+        fields["user_data"]["gas_time_s"] = float(options["gas_time_s"])
+    if options.get("series_id"):
+        fields["series_unique_id"] = options["series_id"]
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def run_simulator(options: dict[str, Any], stop: threading.Event) -> int:
+    """Send `repeat` simulated series on options['endpoint'] (see defaults.toml [simulator])."""
+    from streamer.fake_eiger import StreamV2Sender
+    from streamer.synthetic import SyntheticPowderDetector, default_metadata
+
+    frame_time, exposure = float(options["frame_time_s"]), float(options["exposure_s"])
+    if not 0 < exposure <= frame_time:
+        raise ValueError(f"simulator exposure_s must be in (0, frame_time_s = {frame_time}], got {exposure}")
+    n_frames = int(options["n_frames"])
+    metadata = default_metadata(frame_time_s=frame_time, exposure_s=exposure, n_frames=n_frames,
+                                gas_time_s=options.get("gas_time_s"))
+    detector = SyntheticPowderDetector(metadata, seed=int(options["seed"]))
+    mid_times = np.arange(n_frames) * frame_time + exposure / 2
+    alphas = exposure_averaged_alpha(options["model"], options["t0_s"], options["k_per_s"], options["extent"],
+                                     options["n_exponent"], mid_times, exposure)
+    speed = float(options["speed"])
+    sender = StreamV2Sender(options["endpoint"], compression="bslz4")
+    log.info("fake EIGER bound at %s: %s kinetics, t0 = %.4f s, k = %.4f 1/s, %d frames of %.3f s, speed x%g",
+             sender.endpoint, options["model"], options["t0_s"], options["k_per_s"], n_frames, frame_time, speed)
+    pixel_mask = detector.gap_mask.astype(np.uint32)
+    try:
+        for repeat in range(int(options.get("repeat", 1))):
+            fields = stream_v2_start_fields(metadata, options)
+            if repeat and "series_unique_id" in fields:
+                fields["series_unique_id"] += f"-{repeat}"
+            sender.send_start(fields, pixel_mask=pixel_mask)
+            began = time.monotonic()
+            for index in range(n_frames):
+                start_s = index * frame_time
+                if speed > 0:  # a frame is read out at the end of its exposure
+                    delay = began + (start_s + exposure) / speed - time.monotonic()
+                    if delay > 0 and stop.wait(delay):
+                        break
+                if stop.is_set():
+                    break
+                image = detector.image(float(alphas[index]), exposure)
+                sender.send_image(index, image, start_s, start_s + exposure)
+                if index % 10 == 0 or index == n_frames - 1:
+                    log.info("sent frame %d/%d (t = %.2f s, true alpha = %.3f)", index + 1, n_frames,
+                             mid_times[index], alphas[index], extra={"frame_index": index})
+            sender.send_end()
+            if stop.is_set():
+                break
+    finally:
+        sender.close()
+    return 0

@@ -1,0 +1,130 @@
+"""End to end: the real multi-process pipeline over loopback on a simulated series.
+
+`beamkin demo --once` starts every stage as its own process (simulator speaking DECTRIS Stream V2,
+streamer, reducer with pyFAI, inference with the SMC sampler, Bokeh dashboard). The test listens
+on the inference's PUB socket like any dashboard would, fetches the dashboard page while the
+series runs, and checks the final result against the simulated truth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import zmq
+
+from beamkin import protocol
+
+TRUE_T0_S = 7.4461
+TRUE_K_PER_S = 0.6192
+FRAME_TIME_S = 1 / 3
+EXPOSURE_S = 0.3
+N_FRAMES = 36
+
+
+def free_ports(n: int) -> list[int]:
+    sockets, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+        ports.append(s.getsockname()[1])
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def endpoint_options(ports: list[int]) -> list[str]:
+    frames, raw, reduced, results, detector, dashboard = ports
+    return [
+        "--endpoints.frames", f"tcp://127.0.0.1:{frames}", "--endpoints.raw", f"tcp://127.0.0.1:{raw}",
+        "--endpoints.reduced", f"tcp://127.0.0.1:{reduced}", "--endpoints.results", f"tcp://127.0.0.1:{results}",
+        "--simulator.endpoint", f"tcp://127.0.0.1:{detector}", "--dashboard.port", str(dashboard),
+    ]
+
+
+def beamkin(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "beamkin", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
+
+
+@pytest.fixture
+def ports():
+    return free_ports(6)
+
+
+def test_demo_pipeline_recovers_simulated_kinetics(tmp_path, ports):
+    result_path = tmp_path / "result.json"
+    context = zmq.Context()
+    listener = context.socket(zmq.SUB)
+    listener.setsockopt(zmq.SUBSCRIBE, b"")
+    listener.connect(f"tcp://127.0.0.1:{ports[3]}")
+    demo = beamkin("demo", "--once", "--speed", "4", "--json", str(result_path), *endpoint_options(ports),
+                   "--simulator.n_frames", str(N_FRAMES), "--simulator.seed", "3")
+    messages: list[protocol.Message] = []
+    dashboard_page = None
+    deadline = time.monotonic() + 400
+    try:
+        while demo.poll() is None and time.monotonic() < deadline:
+            if listener.poll(200):
+                messages.append(protocol.decode(listener.recv_multipart()))
+            if dashboard_page is None and any(m.type == "posterior" for m in messages):
+                with urllib.request.urlopen(f"http://127.0.0.1:{ports[5]}/", timeout=10) as response:
+                    dashboard_page = (response.status, response.read().decode())
+        output = demo.stdout.read() if demo.poll() is not None else ""
+        assert demo.returncode == 0, f"demo failed (rc={demo.returncode}):\n{output[-5000:]}"
+        while listener.poll(500):
+            messages.append(protocol.decode(listener.recv_multipart()))
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+        listener.close(0)
+        context.term()
+
+    # every frame reached the inference, in order, and produced a posterior
+    fractions = [m for m in messages if m.type == "fraction"]
+    posteriors = [m for m in messages if m.type == "posterior"]
+    assert [m["frame_index"] for m in fractions] == list(range(N_FRAMES))
+    assert [m["frame_index"] for m in posteriors] == list(range(N_FRAMES))
+    assert all(m["status"] == "ok" for m in fractions)
+
+    # the final posterior holds the true t0 and k within 3 sd
+    result = json.loads(result_path.read_text())
+    t0, k = result["model_averaged"]["t0"], result["model_averaged"]["k"]
+    assert abs(t0["mean"] - TRUE_T0_S) < 3 * t0["sd"], t0
+    assert abs(k["mean"] - TRUE_K_PER_S) < 3 * k["sd"], k
+    assert result["priors"]
+    assert set(result["models"]) == {"F1", "A2", "A3", "R3", "D3"}
+
+    # the alert fired after the true onset and at most 3 frames later
+    alerts = [m for m in messages if m.type == "alert"]
+    assert len(alerts) == 1
+    first_frame_after_onset = next(j for j in range(N_FRAMES) if j * FRAME_TIME_S + EXPOSURE_S / 2 > TRUE_T0_S)
+    assert alerts[0]["time_s"] > TRUE_T0_S
+    assert first_frame_after_onset <= alerts[0]["frame_index"] <= first_frame_after_onset + 3
+    assert result["alert"]["frame_index"] == alerts[0]["frame_index"]
+
+    # the dashboard served the Bokeh document while the series ran
+    status, page = dashboard_page
+    assert status == 200 and "Bokeh" in page
+
+
+def test_a_stage_that_dies_is_named_and_the_rest_are_stopped(ports):
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", ports[2]))  # the inference's input port is taken
+    blocker.listen()
+    try:
+        run = beamkin("demo", "--once", *endpoint_options(ports))
+        output, _ = run.communicate(timeout=180)
+    finally:
+        blocker.close()
+    assert run.returncode == 1, output
+    assert "stage 'inference' exited with code 1" in output
+    assert "cannot bind" in output and "Address already in use" in output
