@@ -1,0 +1,202 @@
+"""The live dashboard in a real headless browser while a synthetic inference stream is published.
+
+Chromium from Debian (/usr/bin/chromium, `make browser`) driven by Playwright. The stream is
+the paper-like F1 series of DESIGN.md section 7 (t0 = 7.4461 s, k = 0.6192 1/s, frames every
+1/3 s for 12 s) with exact grid posteriors (dashboards.synthetic_feed).
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import zmq
+
+from beamkin import protocol
+from dashboards.server import _free_port, serve_dashboard
+from dashboards.synthetic_feed import SyntheticSeries
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ROOT = Path(__file__).resolve().parent.parent
+TRUE_T0_S = 7.4461
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium missing (run `make browser`)")
+
+JS_COLUMN = """([name, column]) => {
+  const doc = Bokeh.documents[0];
+  if (!doc) return null;
+  const model = doc.get_model_by_name(name);
+  if (!model) return null;
+  const data = model.data;
+  const values = data instanceof Map ? data.get(column) : data[column];
+  if (!values) return null;
+  return Array.from(values, (v) => (v !== null && typeof v === 'object') ? (v.shape ? Array.from(v.shape) : v.length) : v);
+}"""
+
+
+def column(page, name: str, col: str):
+    return page.evaluate(JS_COLUMN, [name, col])
+
+
+def model_attr(page, name: str, attr: str):
+    return page.evaluate("([n, a]) => { const d = Bokeh.documents[0]; const m = d && d.get_model_by_name(n);"
+                         " return m ? m[a] : null; }", [name, attr])
+
+
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.1):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@pytest.fixture()
+def publisher():
+    context = zmq.Context.instance()
+    pub = context.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind("tcp://127.0.0.1:0")
+    yield pub, pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+    pub.close(linger=0)
+
+
+@pytest.fixture()
+def dashboard(publisher):
+    _, endpoint = publisher
+    port = _free_port("127.0.0.1")
+    stop = threading.Event()
+    thread = threading.Thread(target=serve_dashboard, args=(endpoint,),
+                              kwargs=dict(address="127.0.0.1", port=port, max_refresh_hz=5.0,
+                                          alert_threshold=0.99, stop_event=stop), daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}/"
+
+    def up():
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(up, 30, "the dashboard HTTP server")
+        yield url
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive(), "serve_dashboard did not return after stop_event was set"
+
+
+def test_dashboard_grows_and_alerts_in_browser(publisher, dashboard):
+    from playwright.sync_api import sync_playwright
+
+    pub, _ = publisher
+    series = SyntheticSeries(series_id="paper-f1", seed=3)
+    messages = list(series.messages(alert_threshold=0.99))
+    alert = next(m for m in messages if m.type == "alert")
+    published_alpha = [m["alpha"] for m in messages if m.type == "fraction"]
+    n_frames = len(published_alpha)
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1500})
+            errors: list[str] = []
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(dashboard)
+            page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0 && "
+                                   "Bokeh.documents[0].get_model_by_name('alpha_points') !== null", timeout=30000)
+
+            # the SUB socket joins asynchronously: ping with status messages until the page shows one
+            ping = protocol.make("status", stage="inference", series_id=None,
+                                 counters={"frames_received": 0, "frames_missing": 0, "frame_rate_hz": 0.0, "lag_s": 0.0})
+
+            def subscribed():
+                protocol.send(pub, ping)
+                return "inference" in (model_attr(page, "health", "text") or "")
+
+            wait_for(subscribed, 20, "the dashboard to receive a status message", poll_s=0.2)
+
+            # publish the series in four bursts (at 50 frames/s); after each burst the page must show
+            # exactly the frames sent so far: the plots grow as frames arrive
+            bursts = _split_after_frames(messages, [9, 18, 27])
+            shown = []
+            for burst in bursts:
+                _publish(pub, burst, 50.0)
+                expected = sum(m.type == "fraction" for b in bursts[: len(shown) + 1] for m in b)
+                wait_for(lambda: [len(column(page, name, "time_s") or []) for name in ("alpha_points", "onset_history")]
+                         == [expected, expected], 20, f"{expected} alpha points and posteriors")
+                shown.append(expected)
+            assert shown == [9, 18, 27, n_frames] and n_frames == 36
+            assert column(page, "alpha_points", "alpha") == pytest.approx(published_alpha, abs=1e-12)
+
+            # heat map has one row per frame (fewer than the row capacity), pattern is thinned
+            wait_for(lambda: (column(page, "heatmap", "image") or [[0]])[0][0] == n_frames, 10, "heat map rows")
+            assert 0 < len(column(page, "pattern_latest", "radial")) <= 1500
+
+            # alert banner: visible, with the numbers of the alert message (raised after the true onset)
+            wait_for(lambda: model_attr(page, "alert_banner", "visible"), 10, "the alert banner")
+            banner = page.locator(".beamkin-alert")
+            assert banner.is_visible()
+            text = model_attr(page, "alert_banner", "text")
+            t0 = alert["t0"]
+            assert f"t0 = {t0['mean']:.3f} s" in text
+            assert f"{t0['q05']:.3f} – {t0['q95']:.3f} s" in text
+            assert TRUE_T0_S < alert["time_s"] and t0["q05"] < t0["mean"] < t0["q95"]
+
+            # final posterior: F1 leads, the t0 histogram peaks within 0.1 s of the true onset
+            wait_for(lambda: (column(page, "model_probabilities", "model") or [None])[0] == "F1", 10, "F1 leading")
+            density = column(page, "t0_histogram", "top")
+            left, right = column(page, "t0_histogram", "left"), column(page, "t0_histogram", "right")
+            peak = max(range(len(density)), key=density.__getitem__)
+            assert abs(0.5 * (left[peak] + right[peak]) - TRUE_T0_S) < 0.1
+            onset = column(page, "onset_history", "onset_probability")
+            assert len(onset) == n_frames and max(onset[:15]) < 0.2 and onset[-1] > 0.99  # frames 0-14: t < 5 s
+
+            # a second browser that joins late sees the whole series too
+            late = browser.new_page(viewport={"width": 1200, "height": 800})
+            late.goto(dashboard)
+            late.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0", timeout=30000)
+            wait_for(lambda: len(column(late, "alpha_points", "time_s") or []) == n_frames, 10, "late session data")
+            assert "paper-f1" in model_attr(late, "series_select", "options")
+            late.close()
+
+            page.wait_for_timeout(1200)  # let the final heat map and histograms render
+            artifacts = ROOT / "test-artifacts"
+            artifacts.mkdir(exist_ok=True)
+            page.screenshot(path=str(artifacts / "dashboard.png"), full_page=True)
+            severe = [e for e in errors if "favicon" not in e]
+            assert not severe, f"browser console errors: {severe}"
+        finally:
+            browser.close()
+
+
+def _split_after_frames(messages, frame_counts):
+    """Split the message list after the posterior of each frame count in ``frame_counts``."""
+    bursts, current, done = [], [], 0
+    for message in messages:
+        current.append(message)
+        if message.type == "posterior":
+            done += 1
+            if done in frame_counts:
+                bursts.append(current)
+                current = []
+    bursts.append(current)
+    return bursts
+
+
+def _publish(pub, messages, frame_rate_hz: float) -> None:
+    for message in messages:
+        protocol.send(pub, message)
+        if message.type == "posterior":
+            time.sleep(1.0 / frame_rate_hz)
