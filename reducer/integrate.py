@@ -71,25 +71,34 @@ class Pattern:
     count: np.ndarray | None = None
     status: str = "ok"
     reason: str = ""
+    model_response: Any = dataclasses.field(default=None, repr=False, compare=False)
+    """Optional callable f -> bins: the noiseless pattern this pattern's reduction gives for a
+    scattering law f(two_theta_deg array) -> intensity (set by Integrator; None for profiles,
+    where a bin is the mean over its 2theta step). Not serialised."""
 
     @property
     def valid(self) -> np.ndarray:
-        """Bins usable for fitting: finite intensity and strictly positive finite sigma."""
-        return np.isfinite(self.intensity) & np.isfinite(self.sigma) & (self.sigma > 0)
+        """Bins usable for fitting: finite intensity and sigma, and at least one contributing
+        pixel (count > 0) or, when count is unknown, sigma > 0."""
+        ok = np.isfinite(self.intensity) & np.isfinite(self.sigma) & (self.sigma >= 0)
+        if self.count is not None:
+            return ok & (self.count > 0)
+        return ok & (self.sigma > 0)
 
     @classmethod
     def from_profile(cls, two_theta_deg, counts, sigma=None) -> "Pattern":
         """Pattern from a strip-detector profile (MYTHEN): counts per 2theta step, degrees.
 
-        sigma defaults to sqrt(max(counts, 1)) (Poisson; the floor keeps empty steps usable).
-        Non-finite or negative counts make the step invalid (sigma = 0, intensity = 0).
+        sigma defaults to sqrt(counts) (Poisson). Non-finite or negative counts make the step
+        invalid (count = 0, sigma = 0, intensity = 0); count is 1 for the other steps.
         """
         tth = np.asarray(two_theta_deg, dtype=np.float64)
         y = np.asarray(counts, dtype=np.float64)
         if tth.ndim != 1 or y.shape != tth.shape:
             raise ReductionError(f"profile arrays must be 1D and equal length, got {tth.shape} and {y.shape}")
         if sigma is None:
-            s = np.sqrt(np.maximum(y, 1.0))
+            with np.errstate(invalid="ignore"):
+                s = np.sqrt(np.where(y > 0, y, 0.0))
         else:
             s = np.asarray(sigma, dtype=np.float64)
             if s.shape != tth.shape:
@@ -101,7 +110,8 @@ class Pattern:
         status, reason = "ok", ""
         if bad.all():
             status, reason = "flagged", "all profile steps invalid (NaN or negative counts)"
-        return cls(radial=tth, intensity=y, sigma=s, unit="2th_deg", count=None, status=status, reason=reason)
+        count = (~bad).astype(np.float64)
+        return cls(radial=tth, intensity=y, sigma=s, unit="2th_deg", count=count, status=status, reason=reason)
 
 
 def all_ones_value(dtype) -> int | None:
@@ -201,6 +211,16 @@ def _count_saturated(flat: np.ndarray, saturation: float, all_ones: float) -> in
     return n
 
 
+def parse_method(method) -> tuple[str, str, str]:
+    """pyFAI method from a (split, algorithm, implementation) sequence or a "split,algo,impl" string."""
+    if isinstance(method, str):
+        method = [m.strip() for m in method.split(",") if m.strip()]
+    method = tuple(str(m) for m in method)
+    if len(method) != 3:
+        raise ReductionError(f"pyFAI method must be (split, algorithm, implementation), got {method!r}")
+    return method
+
+
 class Integrator:
     """pyFAI azimuthal integration of one series' frames to :class:`Pattern` objects."""
 
@@ -216,7 +236,7 @@ class Integrator:
         self.shape = tuple(int(v) for v in shape)
         self.npt = int(npt)
         self.unit = unit
-        self.method = tuple(method) if not isinstance(method, str) else method
+        self.method = parse_method(method)
         self.saturation = None if saturation is None else float(saturation)
         self.polarization_factor = polarization_factor
         self.radial_range = None if radial_range is None else (float(radial_range[0]), float(radial_range[1]))
@@ -239,19 +259,41 @@ class Integrator:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_metadata(cls, metadata: Mapping[str, Any], mask=None, npt: int = 3000, unit: str = "2th_deg",
-                      method=DEFAULT_METHOD, *, mask_file: str | None = None, dark=None, flat=None,
-                      polarization_factor: float | None = 0.99,
+    def from_metadata(cls, metadata: Mapping[str, Any], mask=None, npt: int | None = None,
+                      unit: str | None = None, method=None, *, config: Mapping[str, Any] | None = None,
+                      mask_file: str | None = None, dark=None, flat=None,
+                      polarization_factor: float | None | str = "config",
                       radial_range: tuple[float, float] | None = None) -> "Integrator":
         """Integrator for the series described by a start-message dict.
 
         ``mask``: optional user mask array (nonzero = masked); ``mask_file``: optional user mask
         in any fabio format. The start message's optional ``pixel_mask`` and ``flatfield`` arrays
         are used when present (``flat`` given here overrides ``flatfield``). ``dark``: optional
-        dark image (counts). ``npt``: number of radial bins; ``unit``: "2th_deg" or "q_nm^-1";
-        ``method``: pyFAI method triple; ``polarization_factor``: pyFAI convention, 0.99 for a
+        dark image (counts). ``npt``: number of radial bins (default 2000); ``unit``: "2th_deg"
+        (default) or "q_nm^-1"; ``method``: pyFAI method triple or "split,algo,impl" string
+        (default DEFAULT_METHOD); ``polarization_factor``: pyFAI convention, 0.99 (default) for a
         horizontally polarised synchrotron beam, None for no correction.
+        ``config``: the ``[reducer]`` table; its keys npt, unit, method, poni_file, mask_file,
+        polarization_factor apply where the explicit argument is not given ("" = default).
         """
+        config = dict(config or {})
+
+        def pick(explicit, key, default):
+            if explicit is not None:
+                return explicit
+            value = config.get(key)
+            return default if value in (None, "") else value
+
+        npt = int(pick(npt, "npt", 2000))
+        unit = str(pick(unit, "unit", "2th_deg"))
+        method = parse_method(pick(method, "method", DEFAULT_METHOD))
+        mask_file = pick(mask_file, "mask_file", None)
+        if polarization_factor == "config":
+            polarization_factor = config.get("polarization_factor", 0.99)
+        poni_file = config.get("poni_file")
+        if poni_file:
+            metadata = dict(metadata)
+            metadata["geometry"] = dict(metadata.get("geometry") or {}, poni_file=poni_file)
         if metadata.get("kind", "image") != "image":
             raise ReductionError(f"series kind {metadata.get('kind')!r} carries profiles: no integration needed")
         ai = azimuthal_integrator_from_metadata(metadata)
@@ -320,21 +362,77 @@ class Integrator:
 
     def integrate(self, image: np.ndarray, frame_index: int | None = None) -> Pattern:
         """Integrate one frame to a Pattern (Poisson sigma). Raises ReductionError for a frame of
-        the wrong shape or type; returns a flagged Pattern when no pixel of the frame is valid."""
+        the wrong shape or type; returns a flagged Pattern when no pixel of the frame is valid.
+
+        sigma: pyFAI's "poisson" model floors each pixel's variance at 1 count, which overstates
+        the noise of sparse frames (mean counts ~1 per pixel). Here the variance of a bin is the
+        sum of its raw counts: with no pixel splitting sigma = sqrt(sum_signal + sum_dark) /
+        sum_normalization from the same pass; with splitting the frame itself is passed as the
+        pixel variance."""
         data, dummy = self._prepare(image)
-        res = self.ai.integrate1d(data, dummy=dummy, delta_dummy=0.5, **self.integrate1d_kwargs())
+        kwargs = self.integrate1d_kwargs()
+        kwargs["error_model"] = None
+        no_split = self.method[0] == "no"
+        if not no_split:
+            variance = data.astype(np.float32)
+            if self.dark is not None:
+                variance = variance + self.dark
+            kwargs["variance"] = variance
+        res = self.ai.integrate1d(data, dummy=dummy, delta_dummy=0.5, **kwargs)
         radial = np.asarray(res.radial, dtype=np.float64)
         intensity = np.asarray(res.intensity, dtype=np.float64)
-        sigma = np.asarray(res.sigma, dtype=np.float64) if res.sigma is not None else np.zeros_like(intensity)
         count = getattr(res, "count", None)
         count = None if count is None else np.asarray(count, dtype=np.float64)
+        if no_split:
+            signal = np.asarray(res.sum_signal, dtype=np.float64).reshape(-1)
+            if self.dark is not None:
+                signal = signal + self._dark_sum()
+            norm = np.asarray(res.sum_normalization, dtype=np.float64).reshape(-1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                sigma = np.sqrt(np.maximum(signal, 0.0)) / norm
+        else:
+            sigma = np.asarray(res.sigma, dtype=np.float64)
         empty = ~np.isfinite(intensity) | ~np.isfinite(sigma)
         if count is not None:
             empty |= count <= 0
         if empty.any():
             intensity = np.where(empty, 0.0, intensity)
             sigma = np.where(empty, 0.0, sigma)
+            if count is not None:
+                count = np.where(empty, 0.0, count)
         if empty.all():
             logger.warning("frame has no valid pixel", extra={"series_id": self.series_id, "frame_index": frame_index})
             return Pattern(radial, intensity, sigma, self.unit, count, "flagged", "all pixels masked or invalid")
-        return Pattern(radial, intensity, sigma, self.unit, count)
+        return Pattern(radial, intensity, sigma, self.unit, count, model_response=self.model_pattern)
+
+    def _dark_sum(self) -> np.ndarray:
+        """Dark counts summed per bin (their variance adds to the bin variance), computed once."""
+        if getattr(self, "_dark_sum_cache", None) is None:
+            kwargs = self.integrate1d_kwargs()
+            kwargs.update(dark=None, flat=None, error_model=None)
+            res = self.ai.integrate1d(self.dark, **kwargs)
+            self._dark_sum_cache = np.asarray(res.sum_signal, dtype=np.float64).reshape(-1)
+        return self._dark_sum_cache
+
+    def model_pattern(self, law) -> np.ndarray:
+        """Noiseless pattern for a scattering law: law(two_theta_deg of each unmasked pixel centre)
+        gives the corrected intensity per pixel (what the frame holds after dark, flat, solid-angle
+        and polarisation correction). The image law * corrections is integrated with the series'
+        own method, mask and bins, so the result carries exactly the binning and pixel sampling of
+        real frames (pixel-centre aliasing of fine bins included). Cost: one integration."""
+        if getattr(self, "_pixel_tth", None) is None:
+            tth = self.ai.center_array(self.shape, unit="2th_deg")
+            norm = self.ai.solidAngleArray(self.shape)
+            if self.polarization_factor is not None:
+                norm = norm * self.ai.polarization(self.shape, factor=self.polarization_factor)
+            if self.flat is not None:
+                norm = norm * self.flat
+            self._pixel_tth = np.ascontiguousarray(tth, dtype=np.float64)
+            self._pixel_norm = np.ascontiguousarray(norm, dtype=np.float64)
+        values = np.asarray(law(self._pixel_tth.ravel()), dtype=np.float64).reshape(self.shape)
+        image = (values * self._pixel_norm).astype(np.float32)
+        kwargs = self.integrate1d_kwargs()
+        kwargs.update(dark=None, error_model=None)
+        res = self.ai.integrate1d(image, **kwargs)
+        out = np.asarray(res.intensity, dtype=np.float64)
+        return np.where(np.isfinite(out), out, 0.0)

@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_WAVELENGTH_A",
     "cpl1_phases",
     "pseudo_voigt",
+    "pseudo_voigt_bin_average",
     "two_theta_deg",
     "choose_peak_windows",
 ]
@@ -178,13 +179,15 @@ class Phase:
         f2 = u * t * t + v * t + w
         return np.sqrt(np.maximum(f2, 1e-8))
 
-    def pattern(self, tth_deg: np.ndarray, scale: float = 1.0) -> np.ndarray:
-        """Sum over reflections of intensity * pseudo-Voigt(2theta), area of each line =
-        scale * intensity (in units of [scale] x degrees)."""
+    def pattern(self, tth_deg: np.ndarray, scale: float = 1.0, bin_width_deg=0.0) -> np.ndarray:
+        """Sum over reflections of intensity * pseudo-Voigt(2theta): the area of each line is
+        scale * intensity (units of [scale] x degrees). With bin_width_deg > 0 (scalar or per
+        point) each value is the mean over the bin [tth - w/2, tth + w/2] instead of the point value."""
         tth_deg = np.asarray(tth_deg, float)
         centres = self.two_theta_deg
         fwhm = self.fwhm_deg(centres)
-        return scale * pattern_sum(tth_deg.ravel(), centres, fwhm, self.intensity, self.eta).reshape(tth_deg.shape)
+        half = np.broadcast_to(0.5 * np.asarray(bin_width_deg, float), tth_deg.shape).ravel().copy()
+        return scale * pattern_sum(tth_deg.ravel(), half, centres, fwhm, self.intensity, self.eta).reshape(tth_deg.shape)
 
 
 @numba.njit(cache=True)
@@ -205,12 +208,43 @@ def pseudo_voigt(x: np.ndarray, centre: float, fwhm: float, eta: float) -> np.nd
 
 
 @numba.njit(cache=True)
-def pattern_sum(x: np.ndarray, centres: np.ndarray, fwhm: np.ndarray, areas: np.ndarray,
-                eta: float) -> np.ndarray:
-    """Sum_j areas[j] * pV(x; centres[j], fwhm[j], eta), lines truncated at 60 FWHM
-    (the Lorentzian tail beyond carries < 0.6 % of eta * area)."""
+def pseudo_voigt_cdf(u: float, fwhm: float, eta: float) -> float:
+    """Integral of the area-normalised pseudo-Voigt from -inf to centre + u:
+    eta (1/2 + atan(2u/H)/pi) + (1 - eta) (1 + erf(2 sqrt(ln2) u / H)) / 2."""
+    return (eta * (0.5 + math.atan(2.0 * u / fwhm) / math.pi)
+            + (1.0 - eta) * 0.5 * (1.0 + math.erf(2.0 * math.sqrt(math.log(2.0)) * u / fwhm)))
+
+
+@numba.njit(cache=True)
+def pseudo_voigt_bin_average(x: np.ndarray, half_width: np.ndarray, centre: float, fwhm: float,
+                             eta: float) -> np.ndarray:
+    """Mean of the area-normalised pseudo-Voigt over each bin [x_i - h_i, x_i + h_i]:
+    (CDF(x_i + h_i - c) - CDF(x_i - h_i - c)) / (2 h_i); the point value where h_i = 0.
+    This is what a binned pattern (pyFAI bins, strip-detector steps) records."""
+    out = np.empty(x.shape[0])
+    g0 = 2.0 / fwhm * math.sqrt(math.log(2.0) / math.pi)
+    l0 = 2.0 / (math.pi * fwhm)
+    k = 4.0 / (fwhm * fwhm)
+    kg = k * math.log(2.0)
+    for i in range(x.shape[0]):
+        h = half_width[i]
+        u = x[i] - centre
+        if h > 1e-6 * fwhm:
+            out[i] = (pseudo_voigt_cdf(u + h, fwhm, eta) - pseudo_voigt_cdf(u - h, fwhm, eta)) / (2.0 * h)
+        else:
+            out[i] = eta * l0 / (1.0 + k * u * u) + (1.0 - eta) * g0 * math.exp(-kg * u * u)
+    return out
+
+
+@numba.njit(cache=True)
+def pattern_sum(x: np.ndarray, half_width: np.ndarray, centres: np.ndarray, fwhm: np.ndarray,
+                areas: np.ndarray, eta: float) -> np.ndarray:
+    """Sum_j areas[j] * <pV(x; centres[j], fwhm[j], eta)>_bin, bins [x - h, x + h] (h = 0: point
+    values). Lines are truncated at 60 FWHM (the Lorentzian tail beyond carries < 0.6 % of
+    eta * area)."""
     order = np.argsort(x)
     xs = x[order]
+    hs = half_width[order]
     acc = np.zeros(x.shape[0])
     for j in range(centres.shape[0]):
         c = centres[j]
@@ -220,7 +254,7 @@ def pattern_sum(x: np.ndarray, centres: np.ndarray, fwhm: np.ndarray, areas: np.
         hi = np.searchsorted(xs, c + 60.0 * fwhm[j])
         if hi <= lo:
             continue
-        acc[lo:hi] += areas[j] * pseudo_voigt(xs[lo:hi], c, fwhm[j], eta)
+        acc[lo:hi] += areas[j] * pseudo_voigt_bin_average(xs[lo:hi], hs[lo:hi], c, fwhm[j], eta)
     out = np.empty_like(acc)
     out[order] = acc
     return out

@@ -17,8 +17,9 @@ all-ones value 2**32 - 1 (masked by the reducer). 2theta, Omega and Pol are eval
 pixel centres when the detector is built; a frame costs one fused pass over the pixels.
 
 The MYTHEN-like profile mode returns counts per 0.006 degree step,
-Poisson(e * G * [S * ((1 - alpha) P_A + alpha P_B) + b]) with gain G = ``profile_gain``
-(default 4: ~10^3 background counts per step in a 10 s exposure, ~40 in 333 ms).
+Poisson(e * G * [S * ((1 - alpha) <P_A> + alpha <P_B>) + b]) with gain G = ``profile_gain``
+and <P> the line profile averaged over the step (default G = 4: ~10^3 background counts per
+step at low angle in a 10 s exposure, ~40 in 333 ms; the strongest line peaks ~20 times higher).
 """
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ class SyntheticPowderDetector:
 
     def __init__(self, metadata: Mapping[str, Any] | None = None, phase_a: Phase | None = None,
                  phase_b: Phase | None = None, background: float | Callable = default_background,
-                 counts_scale: float = 0.5, seed: int = 0, profile_step_deg: float = 0.006,
+                 counts_scale: float = 0.15, seed: int = 0, profile_step_deg: float = 0.006,
                  profile_range_deg: tuple[float, float] = (2.0, 17.0), profile_gain: float = 4.0,
                  polarization_factor: float = 0.99):
         self.metadata = copy.deepcopy(dict(default_metadata() if metadata is None else metadata))
@@ -165,8 +166,9 @@ class SyntheticPowderDetector:
         self.profile_two_theta_deg = np.arange(lo, hi + 0.5 * profile_step_deg, profile_step_deg)
         self.profile_gain = float(profile_gain)
         pt = self.profile_two_theta_deg
-        self._prof_a = self.profile_gain * self.counts_scale * self.phase_a.pattern(pt)
-        self._prof_b = self.profile_gain * self.counts_scale * self.phase_b.pattern(pt)
+        # A strip integrates over its step: bin-averaged line profiles.
+        self._prof_a = self.profile_gain * self.counts_scale * self.phase_a.pattern(pt, bin_width_deg=profile_step_deg)
+        self._prof_b = self.profile_gain * self.counts_scale * self.phase_b.pattern(pt, bin_width_deg=profile_step_deg)
         self._prof_bg = self.profile_gain * np.asarray(self.background(pt), dtype=np.float64)
 
     # -------------------------------------------------------------------------------------------
