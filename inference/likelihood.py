@@ -10,8 +10,9 @@ For frame j with exposure window [lo_j, hi_j] = [t_j - e_j/2, t_j + e_j/2] (seco
 The exposure mean is (1/(x_b - x_a)) * integral of alpha over [x_a, x_b] in x = k (t - t0):
 the part beyond the saturation point (alpha == 1 exactly, see ``models.saturation_x``)
 is integrated exactly, the transition part with an 8-point Gauss-Legendre rule on pieces
-of unit width (the piece that starts at the onset x = 0 uses x = u^2, which removes the
-square-root behaviour of D1, D2, D3, D4 and An with n < 1 at the onset).
+of width <= 1/4; a range that starts at the onset x = 0 uses x = u^2 and one that ends
+at the saturation point uses x = xs - u^2, which removes the square-root / logarithmic
+behaviour of D1, D2, D3, D4 and An (n < 1) at these points (accuracy ~1e-8 or better).
 
 Particle parameters are rows ``(t0 [s], log k [log 1/s], log s, A, n)``.
 
@@ -38,37 +39,61 @@ NOISE_STUDENT = 1
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(8)
 GL_NODES = np.ascontiguousarray(_GL_X)
 GL_WEIGHTS = np.ascontiguousarray(_GL_W)
-_MAX_PIECES = 64
+_MAX_PIECES = 256
+_PIECE = 0.25  # widest Gauss-Legendre piece (x or substituted-u units)
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
 @numba.njit(cache=True)
-def _gl(code, n, a, b, substitute):
-    """Gauss-Legendre integral of alpha over [a, b] (x units); x = u^2 when substitute."""
-    if substitute:
-        ua, ub = math.sqrt(a), math.sqrt(b)
-    else:
-        ua, ub = a, b
-    pieces = int(math.ceil(ub - ua))
+def _gl(code, n, ua, ub, mode, origin):
+    """Gauss-Legendre integral of alpha over a variable range, on pieces of width <= 1/4.
+
+    mode 0: integrand alpha(u) over u in [ua, ub] (plain x);
+    mode 1: x = u^2 (dx = 2u du), removes sqrt behaviour at the onset x = 0;
+    mode 2: x = origin - u^2, removes sqrt/log behaviour at a finite domain end ``origin``.
+    """
+    pieces = int(math.ceil((ub - ua) / _PIECE))
     if pieces < 1:
         pieces = 1
     if pieces > _MAX_PIECES:
         pieces = _MAX_PIECES
     width = (ub - ua) / pieces
+    half = 0.5 * width
     total = 0.0
     for p in range(pieces):
-        lo = ua + p * width
-        half = 0.5 * width
-        mid = lo + half
+        mid = ua + p * width + half
         acc = 0.0
         for q in range(GL_NODES.shape[0]):
             u = mid + half * GL_NODES[q]
-            if substitute:
+            if mode == 0:
+                acc += GL_WEIGHTS[q] * alpha_of_x(code, u, n)
+            elif mode == 1:
                 acc += GL_WEIGHTS[q] * 2.0 * u * alpha_of_x(code, u * u, n)
             else:
-                acc += GL_WEIGHTS[q] * alpha_of_x(code, u, n)
+                acc += GL_WEIGHTS[q] * 2.0 * u * alpha_of_x(code, origin - u * u, n)
         total += acc * half
     return total
+
+
+@numba.njit(cache=True)
+def integral_alpha(code, n, a, b, xs):
+    """Integral of alpha(x) dx over [a, b] with 0 <= a < b <= xs (xs: saturation point).
+
+    Ranges close to the onset (a < b - a) use x = u^2, ranges close to a finite
+    saturation point (xs - b < b - a) use x = xs - u^2; both: split in the middle.
+    """
+    width = b - a
+    near_onset = a < width
+    near_end = xs - b < width
+    if near_onset and near_end:
+        m = 0.5 * (a + b)
+        return (_gl(code, n, math.sqrt(a), math.sqrt(m), 1, 0.0)
+                + _gl(code, n, math.sqrt(max(xs - b, 0.0)), math.sqrt(xs - m), 2, xs))
+    if near_onset:
+        return _gl(code, n, math.sqrt(a), math.sqrt(b), 1, 0.0)
+    if near_end:
+        return _gl(code, n, math.sqrt(max(xs - b, 0.0)), math.sqrt(xs - a), 2, xs)
+    return _gl(code, n, a, b, 0, 0.0)
 
 
 @numba.njit(cache=True)
@@ -85,7 +110,7 @@ def exposure_mean_alpha(code, n, t0, k, t_lo, t_hi):
     b = min(xb, xs)
     total = 0.0
     if b > a:
-        total += _gl(code, n, a, b, xa <= 0.0)
+        total += integral_alpha(code, n, a, b, xs)
     if xb > xs:
         total += xb - max(xa, xs)
     return total / (xb - xa)
