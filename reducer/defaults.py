@@ -18,7 +18,7 @@ from reducer.phases import DEFAULT_WAVELENGTH_A, choose_peak_windows, cpl1_phase
 __all__ = ["cpl1_ar_fraction_config", "cpl1_ar_reducer_table", "to_toml"]
 
 WINDOW_SEARCH_RANGE_DEG = (3.0, 13.0)
-DEFAULT_NPT = 2000
+DEFAULT_NPT = 3000
 DEFAULT_METHOD_STRING = "no,csr,cython"
 
 

@@ -1,0 +1,131 @@
+"""Synthetic detector (streamer/synthetic.py) and the CPL-1 phase model (reducer/phases.py)."""
+import math
+
+import numpy as np
+import pytest
+from scipy import integrate as sp_integrate
+
+from reducer import phases
+from streamer.synthetic import SyntheticPowderDetector, default_metadata
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return SyntheticPowderDetector(seed=11)
+
+
+# ------------------------------------------------------------------------------ phases
+def test_monoclinic_d_spacing_matches_metric_tensor():
+    """1/d^2 = h^T G* h with G* the inverse of the direct metric tensor (independent formula)."""
+    cell = phases.CPL1_EMPTY_CELL
+    b = math.radians(cell.beta_deg)
+    g = np.array([[cell.a_A**2, 0, cell.a_A * cell.c_A * math.cos(b)],
+                  [0, cell.b_A**2, 0],
+                  [cell.a_A * cell.c_A * math.cos(b), 0, cell.c_A**2]])
+    gstar = np.linalg.inv(g)
+    rng = np.random.default_rng(1)
+    hkl = rng.integers(-6, 7, size=(200, 3))
+    hkl = hkl[np.any(hkl != 0, axis=1)]
+    ref = 1.0 / np.sqrt(np.einsum("ni,ij,nj->n", hkl, gstar, hkl))
+    got = cell.d_spacing(hkl[:, 0], hkl[:, 1], hkl[:, 2])
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
+
+
+def test_p21c_absences_and_cell():
+    a, b = phases.cpl1_phases()
+    h, k, l = a.hkl.T
+    assert not np.any((k == 0) & (l % 2 == 1)), "h0l with l odd must be absent (c glide)"
+    assert not np.any((h == 0) & (l == 0) & (k % 2 == 1)), "0k0 with k odd must be absent (2_1 screw)"
+    assert [0, 1, 0] not in a.hkl.tolist() and [0, 2, 0] in a.hkl.tolist()
+    # Ar loading expands the cell (a few % in volume) and moves lines to lower angle.
+    assert 1.02 < b.cell.volume_A3 / a.cell.volume_A3 < 1.06
+    i011 = a.hkl.tolist().index([0, 1, 1])
+    shift = (a.two_theta_deg[i011] - b.two_theta_deg[i011]) / a.two_theta_deg[i011]
+    assert 0.01 < shift < 0.03
+    # (011) at 0.8 angstrom: d = 9.42 angstrom, 2theta = 4.87 degrees.
+    assert a.d_A[i011] == pytest.approx(1 / math.sqrt(1 / 19.6**2 / 1 + 1 / 10.8**2 / math.sin(math.radians(96))**2), rel=1e-3)
+    assert a.two_theta_deg[i011] == pytest.approx(2 * math.degrees(math.asin(0.8 / (2 * a.d_A[i011]))))
+
+
+def test_pseudo_voigt_area_and_bin_average_against_quad():
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        c, fw, eta = rng.uniform(4, 6), rng.uniform(0.01, 0.05), rng.uniform(0, 1)
+        area, _ = sp_integrate.quad(lambda t: phases.pseudo_voigt(np.array([t]), c, fw, eta)[0],
+                                    -np.inf, np.inf, points=None, limit=500)
+        assert area == pytest.approx(1.0, abs=1e-6)
+        x = c + rng.uniform(-3 * fw, 3 * fw, 10)
+        hw = rng.uniform(0.0005, 0.01, 10)
+        ref = [sp_integrate.quad(lambda t: phases.pseudo_voigt(np.array([t]), c, fw, eta)[0], xi - h, xi + h)[0] / (2 * h)
+               for xi, h in zip(x, hw)]
+        got = phases.pseudo_voigt_bin_average(x, hw, c, fw, eta)
+        np.testing.assert_allclose(got, ref, rtol=1e-7, atol=1e-9)
+        # Reference formula of the point profile.
+        g = 2 / fw * math.sqrt(math.log(2) / math.pi) * np.exp(-4 * math.log(2) * (x - c) ** 2 / fw**2)
+        lor = 2 / (math.pi * fw) / (1 + 4 * (x - c) ** 2 / fw**2)
+        np.testing.assert_allclose(phases.pseudo_voigt(x, c, fw, eta), eta * lor + (1 - eta) * g, rtol=1e-12)
+
+
+def test_default_windows_do_not_overlap_and_are_isolated():
+    a, b = phases.cpl1_phases()
+    windows = phases.choose_peak_windows(a, b, 3.0, 13.0)
+    assert {w.phase for w in windows} == {"A", "B"}
+    assert sum(w.phase == "A" for w in windows) == 3 and sum(w.phase == "B" for w in windows) == 3
+    for w1, w2 in zip(windows, windows[1:]):
+        assert w1.hi_deg < w2.lo_deg
+    for w in windows:
+        other = b if w.phase == "A" else a
+        own = a if w.phase == "A" else b
+        inside_other = (other.two_theta_deg > w.lo_deg) & (other.two_theta_deg < w.hi_deg)
+        assert not np.any(inside_other & (other.intensity > 0.1 * own.intensity.max() / 10)), w
+
+
+# ------------------------------------------------------------------------------ detector
+def test_geometry_and_gaps(detector):
+    md = default_metadata()
+    bx, by = md["geometry"]["beam_center_px"]
+    tth = detector.two_theta_deg
+    iy, ix = np.unravel_index(np.argmin(tth), tth.shape)
+    assert abs(iy - by) <= 1 and abs(ix - bx) <= 1
+    # Pixel i spans [i, i + 1): the centre of row 700 lies 299.5 pixels above y = 1000,
+    # column 490's centre 0.5 pixel right of x = 490; 2theta = atan(r * 172 um / 0.6 m).
+    r = math.hypot(299.5, 0.5) * 172e-6
+    assert tth[int(by) - 300, int(bx)] == pytest.approx(math.degrees(math.atan(r / 0.6)), abs=1e-6)
+    img = detector.image(0.4, 1 / 3, seed=5)
+    assert img.dtype == np.uint32 and img.shape == (1043, 981)
+    gaps = img == np.iinfo(np.uint32).max
+    assert np.array_equal(gaps, detector.gap_mask)
+    assert 0.06 < gaps.mean() < 0.08  # Pilatus 1M: 7 % of the area in module gaps
+
+
+def test_frame_is_poisson_around_expectation(detector):
+    mu = detector.expected_image(0.3, 1 / 3)
+    img = detector.image(0.3, 1 / 3, seed=9).astype(float)
+    ok = np.isfinite(mu)
+    z = (img[ok] - mu[ok]) / np.sqrt(mu[ok])
+    assert abs(z.mean()) < 0.005       # 1e6 pixels: standard error 0.001
+    assert z.var() == pytest.approx(1.0, abs=0.01)
+    strong = ok & (mu > 30)
+    zs = (img[strong] - mu[strong]) / np.sqrt(mu[strong])
+    assert strong.sum() > 1000 and zs.var() == pytest.approx(1.0, abs=0.1)
+    # Same seed, same frame; next frame differs.
+    assert np.array_equal(detector.image(0.3, 1 / 3, seed=9), detector.image(0.3, 1 / 3, seed=9))
+    assert not np.array_equal(detector.image(0.3, 1 / 3), detector.image(0.3, 1 / 3))
+
+
+def test_phase_mixture_is_linear_in_alpha(detector):
+    m0, m1, mh = (detector.expected_image(a, 1.0) for a in (0.0, 1.0, 0.5))
+    np.testing.assert_allclose(mh, 0.5 * (m0 + m1), rtol=1e-12)
+
+
+def test_profile_counts_and_steps(detector):
+    tth, mu = detector.expected_profile(0.0, 10.0)
+    assert np.allclose(np.diff(tth), 0.006)
+    low = (tth > 3.0) & (tth < 4.0)  # no line there: background only
+    assert 700 < np.median(mu[low]) < 1500  # ~10^3 counts per step in a 10 s exposure
+    tth, counts = detector.profile(0.0, 1 / 3, seed=3)
+    assert counts.dtype == np.int64 and np.median(counts[low]) < 60
+    with pytest.raises(ValueError, match="alpha"):
+        detector.profile(1.5, 1.0)
+    with pytest.raises(ValueError, match="exposure"):
+        detector.image(0.5, 0.0)
