@@ -236,14 +236,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _replay(args: argparse.Namespace) -> int:
+    """Run the pipeline on a recording or EIGER master file, re-emitted with its timing / speed."""
+    config = configuration.from_arguments(args)
+    logs.configure("replay", config["logging"]["level"], config["logging"]["format"])
+    config["streamer"]["source"] = f"replay:{args.file}"
+    config["streamer"]["speed"] = args.speed
+    if args.json:
+        config["inference"]["json"] = args.json
+    if args.record:
+        config["recorder"]["path"] = args.record
+    return _supervised(config, with_simulator=False, once=True)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from streamer.export import export_csv
+    for path in export_csv(args.recording, args.csv):
+        print(path)
+    return 0
+
+
 def _add_offline_commands(commands) -> None:
-    try:
-        from inference import analyze
-    except ImportError:  # inference.analyze not present in this build
-        return
-    sub = commands.add_parser("analyze", help="offline Bayesian analysis of a CSV or a recording")
-    analyze.add_arguments(sub)
-    sub.set_defaults(func=analyze.main)
+    replay = commands.add_parser("replay", help="run the pipeline on a recording or an EIGER master file")
+    configuration.add_arguments(replay)
+    replay.add_argument("file", help="beamkin recording (.h5) or EIGER HDF5 master file")
+    replay.add_argument("--speed", type=float, default=1.0,
+                        help="X times the original pace (0 = as fast as possible; default 1)")
+    replay.add_argument("--json", metavar="FILE", help="write the final result as JSON")
+    replay.add_argument("--record", metavar="FILE", help="record the re-analysis to this HDF5 file")
+    replay.set_defaults(func=_replay)
+
+    export = commands.add_parser("export", help="write a recording's patterns, fractions and posteriors as CSV")
+    export.add_argument("recording")
+    export.add_argument("--csv", metavar="DIR", required=True, help="output folder")
+    export.set_defaults(func=_export)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,9 +44,10 @@ def signal_ready() -> None:
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: a stage never outlives its supervisor
     except OSError:
         pass
 
@@ -71,12 +72,17 @@ class Supervisor:
 
     def start(self, name: str, command: str, *extra: str) -> Stage:
         argv = [sys.executable, "-m", "beamkin", command, "--resolved-config", self._config_file.name, *extra]
-        process = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-            text=True, bufsize=1, start_new_session=True, preexec_fn=_die_with_parent,
-        )
-        stage = Stage(name, process)
-        self.stages[name] = stage
+        # a Ctrl-C between fork and bookkeeping would leave a stage nobody stops: hold it back
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            process = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                text=True, bufsize=1, start_new_session=True, preexec_fn=_die_with_parent,
+            )
+            stage = Stage(name, process)
+            self.stages[name] = stage
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         threading.Thread(target=self._pump_stdout, args=(stage,), daemon=True).start()
         threading.Thread(target=self._pump_stderr, args=(stage,), daemon=True).start()
         log.info("started stage %s (pid %d)", name, process.pid)

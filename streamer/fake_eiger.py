@@ -97,6 +97,10 @@ class StreamV2Sender:
         self._series_number = 0
         self._series: dict[str, Any] | None = None
 
+    def writable(self, timeout_s: float) -> bool:
+        """True when a message can be sent now without blocking (a receiver is connected and keeping up)."""
+        return bool(self._socket.poll(int(timeout_s * 1000), zmq.POLLOUT))
+
     def send_raw(self, data: bytes) -> None:
         """Send already-encoded bytes as one message (tests use it for corrupt input)."""
         self._socket.send(data, copy=False)

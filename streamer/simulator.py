@@ -102,16 +102,18 @@ def run_simulator(options: dict[str, Any], stop: threading.Event) -> int:
                     delay = began + (start_s + exposure) / speed - time.monotonic()
                     if delay > 0 and stop.wait(delay):
                         break
+                image = detector.image(float(alphas[index]), exposure)
+                while not stop.is_set() and not sender.writable(0.2):
+                    pass  # no receiver, or it is behind: wait (backpressure), but stay stoppable
                 if stop.is_set():
                     break
-                image = detector.image(float(alphas[index]), exposure)
                 sender.send_image(index, image, start_s, start_s + exposure)
                 if index % 10 == 0 or index == n_frames - 1:
                     log.info("sent frame %d/%d (t = %.2f s, true alpha = %.3f)", index + 1, n_frames,
                              mid_times[index], alphas[index], extra={"frame_index": index})
-            sender.send_end()
             if stop.is_set():
                 break
+            sender.send_end()
     finally:
-        sender.close()
+        sender.close(linger_s=0 if stop.is_set() else 5.0)
     return 0

@@ -12,15 +12,15 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
+import uuid
 
 import pytest
 import zmq
 
 from beamkin import protocol
+from beamkin.loopback import LoopbackPorts, beamkin_process, processes_with_environment, results_listener
 
 TRUE_T0_S = 7.4461
 TRUE_K_PER_S = 0.6192
@@ -29,44 +29,16 @@ EXPOSURE_S = 0.3
 N_FRAMES = 36
 
 
-def free_ports(n: int) -> list[int]:
-    sockets, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-        ports.append(s.getsockname()[1])
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def endpoint_options(ports: list[int]) -> list[str]:
-    frames, raw, reduced, results, detector, dashboard = ports
-    return [
-        "--endpoints.frames", f"tcp://127.0.0.1:{frames}", "--endpoints.raw", f"tcp://127.0.0.1:{raw}",
-        "--endpoints.reduced", f"tcp://127.0.0.1:{reduced}", "--endpoints.results", f"tcp://127.0.0.1:{results}",
-        "--simulator.endpoint", f"tcp://127.0.0.1:{detector}", "--dashboard.port", str(dashboard),
-    ]
-
-
-def beamkin(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "beamkin", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
-
-
 @pytest.fixture
 def ports():
-    return free_ports(6)
+    return LoopbackPorts.free()
 
 
 def test_demo_pipeline_recovers_simulated_kinetics(tmp_path, ports):
     result_path = tmp_path / "result.json"
     context = zmq.Context()
-    listener = context.socket(zmq.SUB)
-    listener.setsockopt(zmq.SUBSCRIBE, b"")
-    listener.connect(f"tcp://127.0.0.1:{ports[3]}")
-    demo = beamkin("demo", "--once", "--speed", "4", "--json", str(result_path), *endpoint_options(ports),
+    listener = results_listener(context, ports)
+    demo = beamkin_process("demo", "--once", "--speed", "4", "--json", str(result_path), *ports.options(),
                    "--simulator.n_frames", str(N_FRAMES), "--simulator.seed", "3")
     messages: list[protocol.Message] = []
     dashboard_page = None
@@ -76,7 +48,7 @@ def test_demo_pipeline_recovers_simulated_kinetics(tmp_path, ports):
             if listener.poll(200):
                 messages.append(protocol.decode(listener.recv_multipart()))
             if dashboard_page is None and any(m.type == "posterior" for m in messages):
-                with urllib.request.urlopen(f"http://127.0.0.1:{ports[5]}/", timeout=10) as response:
+                with urllib.request.urlopen(f"http://127.0.0.1:{ports.dashboard}/", timeout=10) as response:
                     dashboard_page = (response.status, response.read().decode())
         output = demo.stdout.read() if demo.poll() is not None else ""
         assert demo.returncode == 0, f"demo failed (rc={demo.returncode}):\n{output[-5000:]}"
@@ -118,13 +90,35 @@ def test_demo_pipeline_recovers_simulated_kinetics(tmp_path, ports):
 
 def test_a_stage_that_dies_is_named_and_the_rest_are_stopped(ports):
     blocker = socket.socket()
-    blocker.bind(("127.0.0.1", ports[2]))  # the inference's input port is taken
+    blocker.bind(("127.0.0.1", ports.reduced))  # the inference's input port is taken
     blocker.listen()
+    marker = uuid.uuid4().hex
     try:
-        run = beamkin("demo", "--once", *endpoint_options(ports))
+        run = beamkin_process("demo", "--once", *ports.options(), env={"BEAMKIN_TEST_RUN": marker})
         output, _ = run.communicate(timeout=180)
     finally:
         blocker.close()
     assert run.returncode == 1, output
     assert "stage 'inference' exited with code 1" in output
     assert "cannot bind" in output and "Address already in use" in output
+    time.sleep(0.5)
+    assert processes_with_environment("BEAMKIN_TEST_RUN", marker) == [], "a stage outlived the demo"
+
+
+def test_ctrl_c_stops_every_stage(ports):
+    marker = uuid.uuid4().hex
+    demo = beamkin_process("demo", "--speed", "1", *ports.options(), env={"BEAMKIN_TEST_RUN": marker})
+    try:
+        deadline = time.monotonic() + 120
+        for line in demo.stdout:  # wait until the pipeline is up
+            if "beamkin dashboard: http://" in line or time.monotonic() > deadline:
+                break
+        assert len(processes_with_environment("BEAMKIN_TEST_RUN", marker)) >= 5  # demo + 4 stages (+ simulator)
+        os.kill(demo.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground process
+        demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+    assert demo.returncode == 130
+    time.sleep(0.5)
+    assert processes_with_environment("BEAMKIN_TEST_RUN", marker) == [], "a stage outlived Ctrl-C"
