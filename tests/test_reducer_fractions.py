@@ -1,0 +1,249 @@
+"""reducer.fractions: phase fractions from simulated CPL-1 / Ar patterns, calibration, bad input."""
+import copy
+import math
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reducer.defaults import cpl1_ar_fraction_config, cpl1_ar_reducer_table
+from reducer.fractions import (FractionConfig, PhaseFractionEstimator, irls_linear_fit,
+                               q_to_two_theta_deg, weighted_linear_fit)
+from reducer.integrate import Integrator, Pattern, ReductionError
+from streamer.synthetic import SyntheticPowderDetector, default_metadata
+
+ROOT = Path(__file__).resolve().parents[1]
+NPT = 3000
+
+
+@pytest.fixture(scope="module")
+def md():
+    return default_metadata()
+
+
+@pytest.fixture(scope="module")
+def detector(md):
+    return SyntheticPowderDetector(md, seed=31)
+
+
+@pytest.fixture(scope="module")
+def integrator(md):
+    return Integrator.from_metadata(md, npt=NPT)
+
+
+@pytest.fixture(scope="module")
+def estimator(md):
+    return PhaseFractionEstimator.from_config({}, md)
+
+
+# ------------------------------------------------------------------------------ kernels
+def test_weighted_linear_fit_matches_numpy():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        n, p = rng.integers(8, 60), rng.integers(1, 6)
+        x = rng.normal(size=(n, p))
+        y = rng.normal(size=n)
+        var = rng.uniform(0.1, 5.0, n)
+        c, cov, chi2 = weighted_linear_fit(x, y, var)
+        w = 1 / np.sqrt(var)
+        ref, *_ = np.linalg.lstsq(x * w[:, None], y * w, rcond=None)
+        np.testing.assert_allclose(c, ref, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(cov, np.linalg.inv((x * w[:, None]).T @ (x * w[:, None])), rtol=1e-8)
+        assert chi2 == pytest.approx(np.sum((y - x @ ref) ** 2 / var), rel=1e-8)
+
+
+def test_irls_is_a_fixed_point_of_model_weighted_least_squares():
+    """IRLS solution = WLS with var = g * model(solution) (checked with numpy lstsq)."""
+    rng = np.random.default_rng(4)
+    x = np.column_stack([np.exp(-np.linspace(-3, 3, 40) ** 2), np.ones(40)])
+    for _ in range(5):
+        g = rng.uniform(0.5, 2.0)
+        mu = x @ np.array([200.0, 50.0])
+        y = g * rng.poisson(mu / g)
+        c, cov, _ = irls_linear_fit(x, y.astype(float), np.sqrt(g * np.maximum(y, 0)), 30)
+        var = g * (x @ c)
+        w = 1 / np.sqrt(var)
+        ref, *_ = np.linalg.lstsq(x * w[:, None], y * w, rcond=None)
+        np.testing.assert_allclose(c, ref, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------ calibration
+def _zscores(estimates, truths):
+    a = np.array([r.alpha for r in estimates])
+    s = np.array([r.sigma_alpha for r in estimates])
+    return (a - np.asarray(truths)) / s
+
+
+@pytest.mark.parametrize("exposure_s", [0.03, 1.0 / 3.0, 3.0])
+def test_alpha_recovered_with_calibrated_sigma_2d(detector, integrator, estimator, exposure_s):
+    truths = np.linspace(0.0, 1.0, 50)
+    results = []
+    for i, alpha in enumerate(truths):
+        res = estimator.estimate(integrator.integrate(detector.image(alpha, exposure_s, seed=1000 + i)), 20.0)
+        assert res.status == "ok", res.reason
+        results.append(res)
+    z = _zscores(results, truths)
+    assert 0.8 < z.std(ddof=1) < 1.25
+    assert abs(z.mean()) < 3.0 / math.sqrt(len(z)) + 0.1
+    sigmas = np.array([r.sigma_alpha for r in results])
+    assert np.all(sigmas < 0.02)
+    # Uncertainty scales like exposure^-1/2 (counting statistics): 0.03 s -> ~3.5e-3.
+    assert np.median(sigmas) * math.sqrt(exposure_s) == pytest.approx(6.3e-4, rel=0.3)
+
+
+@pytest.mark.parametrize("exposure_s", [1.0 / 3.0, 3.0])
+def test_alpha_recovered_from_profiles(detector, estimator, exposure_s):
+    truths = np.linspace(0.0, 1.0, 60)
+    results = [estimator.estimate(Pattern.from_profile(*detector.profile(a, exposure_s, seed=2000 + i)), 20.0)
+               for i, a in enumerate(truths)]
+    assert all(r.status == "ok" for r in results)
+    z = _zscores(results, truths)
+    assert 0.8 < z.std(ddof=1) < 1.25
+    assert abs(z.mean()) < 3.0 / math.sqrt(len(z)) + 0.1
+
+
+def test_profiles_and_images_agree_within_uncertainties(detector, integrator, md):
+    """Same alpha through the 2D path and the MYTHEN-like path: differences consistent with
+    the combined sigma (two estimators so both grids are set up once)."""
+    est2d = PhaseFractionEstimator.from_config({}, md)
+    est1d = PhaseFractionEstimator.from_config({}, None)
+    d = []
+    for i, alpha in enumerate(np.linspace(0.05, 0.95, 30)):
+        r2 = est2d.estimate(integrator.integrate(detector.image(alpha, 1 / 3, seed=3000 + i)), 20.0)
+        r1 = est1d.estimate(Pattern.from_profile(*detector.profile(alpha, 1 / 3, seed=4000 + i)), 20.0)
+        d.append((r2.alpha - r1.alpha) / math.hypot(r2.sigma_alpha, r1.sigma_alpha))
+    d = np.array(d)
+    assert abs(d.mean()) < 0.6 and 0.7 < d.std(ddof=1) < 1.35
+
+
+def test_q_patterns_give_the_same_alpha(md, detector, integrator, estimator):
+    integ_q = Integrator.from_metadata(md, npt=NPT, unit="q_nm^-1")
+    est_q = PhaseFractionEstimator.from_config({}, md)
+    img = detector.image(0.37, 1.0, seed=77)
+    r_t = estimator.estimate(integrator.integrate(img), 20.0)
+    r_q = est_q.estimate(integ_q.integrate(img), 20.0)
+    assert r_q.status == "ok"
+    assert abs(r_q.alpha - r_t.alpha) < 2 * r_t.sigma_alpha
+    assert q_to_two_theta_deg(np.array([4 * math.pi * math.sin(math.radians(2.5)) / 0.08]), 0.8)[0] == pytest.approx(5.0)
+
+
+def test_whole_pattern_method(md, detector, integrator):
+    config = cpl1_ar_fraction_config()
+    config.method = "whole_pattern"
+    est = PhaseFractionEstimator(config, gas_time_s=None)
+    truths = np.linspace(0.1, 0.9, 20)
+    results = [est.estimate(integrator.integrate(detector.image(a, 1 / 3, seed=5000 + i)), 20.0)
+               for i, a in enumerate(truths)]
+    assert all(r.status == "ok" for r in results)
+    z = _zscores(results, truths)
+    assert abs(z.mean()) < 1.0 and 0.6 < z.std(ddof=1) < 1.5
+    # Same answer with explicit reference patterns (pure phases, noiseless) on the profile grid.
+    tth, ref_a = detector.expected_profile(0.0, 1.0)
+    _, ref_b = detector.expected_profile(1.0, 1.0)
+    bg = detector.profile_gain * detector.background(tth)
+    est2 = PhaseFractionEstimator(copy.copy(config))
+    est2.set_reference_patterns((tth, ref_a - bg), (tth, ref_b - bg))
+    r = est2.estimate(Pattern.from_profile(*detector.profile(0.6, 3.0, seed=9)), 20.0)
+    assert r.status == "ok" and abs(r.alpha - 0.6) < 4 * r.sigma_alpha
+
+
+def test_reference_learned_before_gas_and_drift_cancels(md, detector, integrator):
+    est = PhaseFractionEstimator.from_config({}, md)            # gas_time_s = 7 s in the metadata
+    for i in range(5):                                           # pre-gas frames, alpha = 0
+        est.estimate(integrator.integrate(detector.image(0.0, 1 / 3, seed=6000 + i)), 0.5 + i / 3)
+    assert est.reference_scale_a is not None
+    r = est.estimate(integrator.integrate(detector.image(0.5, 1 / 3, seed=6100)), 9.0)
+    assert r.amount_a + r.amount_b == pytest.approx(1.0, abs=0.01)
+    # Beam intensity drops by 30 %: amounts drop, alpha does not.
+    r_dim = est.estimate(integrator.integrate(detector.image(0.5, 0.7 / 3, seed=6101)), 9.3)
+    assert r_dim.amount_a + r_dim.amount_b == pytest.approx(0.7, abs=0.015)
+    assert abs(r_dim.alpha - 0.5) < 4 * r_dim.sigma_alpha
+
+
+def test_rho_from_absolute_scale_and_reference_patterns(md, detector, integrator):
+    cfg = cpl1_ar_fraction_config()
+    cfg.reference_ratio_b_to_a = None
+    cfg.reference_scale_b = 0.15 * 2.0          # counts_scale x exposure: R_B per unit relative intensity
+    est = PhaseFractionEstimator(cfg, gas_time_s=7.0)
+    r = est.estimate(integrator.integrate(detector.image(0.0, 2.0, seed=1)), 12.0)  # after gas: nothing learned
+    assert r.status == "flagged" and "learned" in r.reason and math.isinf(r.sigma_alpha) and r.alpha == 0.0
+    est.estimate(integrator.integrate(detector.image(0.0, 2.0, seed=2)), 1.0)       # before gas: learn R_A
+    assert est.reference_ratio == pytest.approx(1.0, abs=0.01)
+    est2 = PhaseFractionEstimator(cpl1_ar_fraction_config())
+    rho = est2.calibrate_from_reference_patterns(integrator.integrate(detector.image(0.0, 3.0, seed=3)),
+                                                 integrator.integrate(detector.image(1.0, 3.0, seed=4)))
+    assert rho == pytest.approx(1.0, abs=0.01)
+
+
+def test_peaks_report(detector, integrator, estimator):
+    r = estimator.estimate(integrator.integrate(detector.image(0.5, 1.0, seed=88)), 20.0)
+    assert {p["phase"] for p in r.peaks} == {"A", "B"}
+    for p in r.peaks:
+        assert p["lo_deg"] <= p["center_deg"] <= p["hi_deg"] and p["sigma_area"] > 0 and p["fwhm_deg"] > 0
+    strongest = max(r.peaks, key=lambda p: p["area"])
+    # (011) line: relative intensity 100, scale 0.15 counts/s per unit, 1 s, alpha 0.5 -> area 7.5.
+    assert strongest["area"] == pytest.approx(7.5, rel=0.05)
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_window_outside_measured_range_is_a_configuration_error(md):
+    fr = cpl1_ar_reducer_table()["fractions"]
+    fr["windows"][0] = dict(fr["windows"][0], lo_deg=24.0, hi_deg=24.1,
+                            lines=[{"phase": fr["windows"][0]["phase"], "center_deg": 24.05,
+                                    "fwhm_deg": 0.03, "relative_intensity": 10.0}])
+    with pytest.raises(ReductionError, match="outside the measured"):
+        PhaseFractionEstimator.from_config({"fractions": fr}, md)
+    est = PhaseFractionEstimator.from_config({"fractions": fr}, None)    # profile: checked on first pattern
+    tth = np.arange(2.0, 17.0, 0.006)
+    with pytest.raises(ReductionError, match="outside the measured"):
+        est.estimate(Pattern.from_profile(tth, np.ones_like(tth)), 1.0)
+
+
+def test_flagged_inputs_never_give_nan(detector, estimator, integrator):
+    tth, counts = detector.profile(0.5, 1.0, seed=5)
+    flagged = estimator.estimate(Pattern.from_profile(tth, np.full(tth.shape, np.nan)), 1.0)
+    assert flagged.status == "flagged" and flagged.alpha == 0.0 and math.isinf(flagged.sigma_alpha)
+    dead = integrator.integrate(np.full(integrator.shape, 2**32 - 1, np.uint32))
+    r = estimator.estimate(dead, 1.0)
+    assert r.status == "flagged" and "masked" in r.reason
+    # NaN inside one window: that window has too few valid bins -> flagged with the reason.
+    c = counts.astype(float)
+    w = estimator.config.windows[0]
+    c[(tth >= w.lo_deg) & (tth <= w.hi_deg)] = np.nan
+    r = estimator.estimate(Pattern.from_profile(tth, c), 1.0)
+    assert r.status == "flagged" and "valid bins" in r.reason and not math.isnan(r.alpha)
+    # A few NaN steps are simply left out.
+    c = counts.astype(float)
+    c[np.flatnonzero((tth >= w.lo_deg) & (tth <= w.hi_deg))[:2]] = np.nan
+    c[::50] = np.nan
+    r = estimator.estimate(Pattern.from_profile(tth, c), 1.0)
+    assert r.status == "ok" and abs(r.alpha - 0.5) < 5 * r.sigma_alpha
+    # Background only (no diffraction): flagged, not a wild alpha.
+    bg = detector.profile_gain * detector.background(tth)
+    r = estimator.estimate(Pattern.from_profile(tth, np.random.default_rng(1).poisson(bg)), 1.0)
+    assert r.status == "flagged" and "no diffraction signal" in r.reason
+
+
+def test_configuration_errors():
+    table = cpl1_ar_reducer_table()["fractions"]
+    with pytest.raises(ReductionError, match="unknown"):
+        FractionConfig.from_dict(dict(table, colour="blue"))
+    with pytest.raises(ReductionError, match="both phases"):
+        FractionConfig.from_dict(dict(table, windows=[w for w in table["windows"] if w["phase"] == "A"]))
+    with pytest.raises(ReductionError, match="method"):
+        FractionConfig.from_dict(dict(table, method="magic"))
+    with pytest.raises(ReductionError, match="positive"):
+        FractionConfig.from_dict(dict(table, reference_ratio_b_to_a=-1.0))
+    bad_window = dict(table["windows"][0], lo_deg=3.0, hi_deg=3.1)
+    with pytest.raises(ReductionError, match="centred inside"):
+        FractionConfig.from_dict(dict(table, windows=[bad_window] + table["windows"][1:]))
+
+
+def test_example_toml_matches_python_defaults():
+    data = tomllib.loads((ROOT / "docs/examples/cpl1_ar.toml").read_text())["reducer"]
+    assert data == cpl1_ar_reducer_table()
+    from_file = FractionConfig.from_dict(data["fractions"])
+    default = cpl1_ar_fraction_config()
+    assert from_file.windows == default.windows
+    assert from_file.reference_ratio_b_to_a == default.reference_ratio_b_to_a
