@@ -87,8 +87,8 @@ class SyntheticSeries:
         self.T0, self.K = np.meshgrid(self.t0_grid, self.k_grid, indexing="ij")
         self.loglik = {name: np.zeros_like(self.T0) for name in MODELS}
         self.radial = np.linspace(4.0, 28.0, pattern_points)
-        self.t0_edges = np.linspace(0.0, duration_s, 241)
-        self.k_edges = np.geomspace(*k_range_per_s, 121)
+        self.t0_edges = np.linspace(0.0, duration_s, 601)
+        self.k_edges = np.geomspace(*k_range_per_s, 241)
         self.n_frames = int(duration_s / frame_time_s)
 
     def _profile(self, alpha: float) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,127 @@
+"""Static HTML report from protocol messages and from an analysis JSON (+ CSV data)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from dashboards.report import REPORT_FILENAME, ReportInputError, build_report, load_analysis_json
+from dashboards.synthetic_feed import SyntheticSeries
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TRUE_T0_S, TRUE_K_PER_S = 7.4461, 0.6192
+PLOTS = ("alpha_fit", "t0_posterior", "k_posterior", "model_probabilities")
+
+
+@pytest.fixture(scope="module")
+def series_messages():
+    return list(SyntheticSeries(series_id="paper-f1", seed=5).messages())
+
+
+def table_rows(page_html: str, series_id: str) -> dict[str, list[str]]:
+    table = re.search(rf"<table class='models' id='models-{re.escape(series_id)}'>(.*?)</table>", page_html).group(1)
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", table)[1:]
+    cells = [re.findall(r"<td>(.*?)</td>", r) for r in rows]
+    return {c[0]: c[1:] for c in cells}
+
+
+def assert_self_contained(page_html: str) -> None:
+    assert "cdn.bokeh.org" not in page_html
+    assert not re.search(r"<(script|link)[^>]+(src|href)=[\"']https?:", page_html)
+
+
+def render_in_browser(path: Path, names: list[str]) -> None:
+    """Open the report offline in Chromium: every named plot exists and no console error occurs."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian chromium missing (run `make browser`)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(offline=True)
+            page = context.new_page()
+            errors: list[str] = []
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(path.as_uri())
+            page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0", timeout=30000)
+            found = page.evaluate("(names) => names.filter((n) => Bokeh.documents.some("
+                                  "(d) => d.get_model_by_name(n) !== null))", names)
+            assert found == names
+            page.locator("canvas").nth(len(names) - 1).wait_for(state="attached", timeout=30000)
+            assert page.locator("canvas").count() >= len(names)  # one canvas per plot (shadow DOM pierced)
+            assert not errors, f"console errors: {errors}"
+        finally:
+            browser.close()
+
+
+def test_report_from_messages(series_messages, tmp_path):
+    path = build_report(series_messages, tmp_path / "out")
+    assert path == tmp_path / "out" / REPORT_FILENAME
+    page_html = path.read_text()
+    assert_self_contained(page_html)
+    result = next(m for m in series_messages if m.type == "result")["result"]
+    rows = table_rows(page_html, "paper-f1")
+    assert set(rows) == {"F1", "F2", "model average"}
+    f1 = result["models"]["F1"]
+    assert rows["F1"][:2] == [f"{f1['log_evidence']:.2f}", f"{f1['probability']:.4f}"]
+    t0 = f1["params"]["t0"]
+    assert rows["F1"][2] == f"{t0['mean']:.4f} ± {t0['sd']:.4f}"
+    # the fitted numbers are the paper-like truth within a few posterior sd
+    assert abs(t0["mean"] - TRUE_T0_S) < 4 * t0["sd"]
+    assert abs(f1["params"]["k"]["mean"] - TRUE_K_PER_S) < 4 * f1["params"]["k"]["sd"]
+    assert f1["probability"] > 0.99 and "class='leading'><td>F1</td>" in page_html
+    assert "Onset alert at t =" in page_html and "no posterior predictive" not in page_html
+    names = [f"paper-f1:{plot}" for plot in PLOTS]
+    for name in names:
+        assert f'"name":"{name}"' in page_html
+    render_in_browser(path, names)
+
+
+def test_report_from_analysis_json_and_csv(series_messages, tmp_path):
+    result = dict(next(m for m in series_messages if m.type == "result")["result"])
+    result.pop("predictive"), result.pop("histograms")  # the analyze --json minimum
+    result["alert"] = next(m for m in series_messages if m.type == "alert").fields
+    json_path = tmp_path / "run-42.json"
+    json_path.write_text(json.dumps(result))
+    csv_path = tmp_path / "run-42.csv"
+    fractions = [m for m in series_messages if m.type == "fraction"]
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["time_s", "alpha", "sigma_alpha"])
+        writer.writerows([m["time_s"], m["alpha"], m["sigma_alpha"]] for m in fractions)
+
+    messages = load_analysis_json(json_path, csv_path)
+    assert [m.type for m in messages].count("fraction") == len(fractions)
+    path = build_report(messages, tmp_path)
+    page_html = path.read_text()
+    assert_self_contained(page_html)
+    assert "<h2>Series run-42</h2>" in page_html and f"{len(fractions)} data points" in page_html
+    assert "no posterior predictive" in page_html and "Onset alert at t =" in page_html
+    rows = table_rows(page_html, "run-42")
+    k = result["models"]["F2"]["params"]["k"]
+    assert rows["F2"][3] == f"{k['mean']:.4f} ± {k['sd']:.4f}"
+    names = [f"run-42:{plot}" for plot in PLOTS]
+    render_in_browser(path, names)
+
+
+def test_report_rejects_input_without_models(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model_averaged": {}}))
+    with pytest.raises(ReportInputError, match="no 'models' table"):
+        load_analysis_json(bad)
+    with pytest.raises(ReportInputError, match="nothing to report"):
+        build_report([], tmp_path)
+    data = tmp_path / "data.csv"
+    data.write_text("when,value\n1,2\n")
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"models": {"F1": {"log_evidence": 1.0, "probability": 1.0, "params": {}}}}))
+    with pytest.raises(ReportInputError, match="needs columns time_s and alpha"):
+        load_analysis_json(good, data)
