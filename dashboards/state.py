@@ -140,6 +140,8 @@ class PatternHeatmap:
             self.times[half:] = np.nan
             self.n_rows = half
             self.stride *= 2
+            if self._pending_count < self.stride:  # the pending row now needs more frames
+                return
         self.image[self.n_rows] = self._pending / self._pending_count
         self.times[self.n_rows] = self._pending_time / self._pending_count
         self.n_rows += 1

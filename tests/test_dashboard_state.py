@@ -1,0 +1,124 @@
+"""Shared dashboard state: bounded ring buffers, heat-map decimation, series limit, session refresh."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from bokeh.document import Document
+
+from beamkin import protocol
+from dashboards.layout import FOLLOW_LATEST, DashboardSession
+from dashboards.state import DashboardState, PatternHeatmap, RollingColumns, thin_pattern
+from dashboards.synthetic_feed import SyntheticSeries
+
+
+def test_rolling_columns_return_increments_and_keep_capacity():
+    ring = RollingColumns(["x"], capacity=5)
+    for i in range(3):
+        ring.append({"x": i})
+    rows, total = ring.rows_since(0)
+    assert total == 3 and rows["x"].tolist() == [0, 1, 2]
+    for i in range(3, 12):
+        ring.append({"x": i, "y": 10 * i})  # a new column appears: earlier rows read NaN
+    rows, total = ring.rows_since(3)
+    assert total == 12 and len(ring) == 5
+    assert rows["x"].tolist() == [7, 8, 9, 10, 11]  # rows 3..6 were overwritten
+    assert rows["y"].tolist() == [70, 80, 90, 100, 110]
+    assert ring.rows_since(12)[0]["x"].size == 0
+    with pytest.raises(ValueError, match="capacity"):
+        RollingColumns(["x"], 0)
+
+
+def test_thin_pattern_keeps_mean_intensity():
+    rng = np.random.default_rng(0)
+    radial = np.linspace(5, 30, 4000)
+    intensity = rng.poisson(100, radial.size).astype(float)
+    r, y = thin_pattern(radial, intensity, max_points=1500)
+    assert r.size == 1333 and y.size == 1333  # block of 3 points
+    assert y.mean() == pytest.approx(intensity[: 3 * 1333].mean())
+    with pytest.raises(ValueError, match="differ in length"):
+        thin_pattern(radial, intensity[:-1])
+
+
+def test_heatmap_decimates_pairwise_when_full():
+    heat = PatternHeatmap(0.0, 1.0, bins=3, rows=4)
+    radial = np.array([0.0, 0.5, 1.0])
+    for i in range(8):  # rows full after 4, then pairs merge and each row averages 2 frames
+        heat.add(float(i), radial, np.full(3, float(i)))
+    snap = heat.snapshot()
+    assert heat.stride == 2 and snap["image"].shape == (4, 3)
+    assert snap["image"][:, 0].tolist() == [0.5, 2.5, 4.5, 6.5]
+    assert heat.times[:4].tolist() == [0.5, 2.5, 4.5, 6.5]
+
+
+def test_state_keeps_at_most_max_series_and_flat_memory():
+    state = DashboardState(max_series=2)
+    for i in range(3):
+        series = SyntheticSeries(series_id=f"s{i}", duration_s=2.0, n_t0=50, n_k=20, pattern_points=300)
+        for message in series.messages():
+            state.apply(message)
+    assert state.series_ids() == ["s1", "s2"]
+    s2 = state.get("s2")
+    assert s2.fractions.total == 6 and s2.reference_a["frame_index"] == 0
+    assert s2.heatmap.n_rows == 6 and s2.latest_pattern["frame_index"] == 5
+    assert set(state.global_status) == {"inference"}
+
+
+def feed(state: DashboardState, series: SyntheticSeries, until_frame: int | None = None):
+    for message in series.messages():
+        if until_frame is not None and message.type == "posterior" and message["frame_index"] >= until_frame:
+            return
+        state.apply(message)
+
+
+def test_session_streams_increments_and_follows_series():
+    state = DashboardState()
+    doc = Document()
+    session = DashboardSession(doc, state, alert_threshold=0.99, max_refresh_hz=5.0)
+    session.refresh()  # nothing yet
+    assert session.src_alpha.data["time_s"] == [] and "no status messages yet" in session.health.text
+
+    series = SyntheticSeries(series_id="a", duration_s=12.0, n_t0=200, n_k=40, pattern_points=600)
+    messages = list(series.messages())
+    frames_before_refresh = 20
+    cut = [i for i, m in enumerate(messages) if m.type == "posterior"][frames_before_refresh - 1] + 1
+    for message in messages[:cut]:
+        state.apply(message)
+    session.refresh()  # 20 frames arrived between two refreshes: one streamed increment
+    assert len(session.src_alpha.data["time_s"]) == 20
+    assert len(session.src_history.data["onset_probability"]) == 20
+    for message in messages[cut:]:
+        state.apply(message)
+    session.refresh()
+    fractions = [m for m in messages if m.type == "fraction"]
+    assert list(session.src_alpha.data["alpha"]) == pytest.approx([m["alpha"] for m in fractions])
+    assert session.banner.visible and "ONSET DETECTED in series a" in session.banner.text
+    assert session.span_ts.visible and session.span_ts.location == 7.0
+    assert session.box_t0.left < session.span_t0.location < session.box_t0.right
+    assert set(session.src_model_history.data) == {"time_s", "F1", "F2"}
+    assert "(ended (completed))" in session.header.text
+
+    # a second series appears: the session follows it and starts from empty plots
+    other = SyntheticSeries(series_id="b", duration_s=3.0, n_t0=50, n_k=20, pattern_points=300)
+    feed(state, other, until_frame=4)
+    session.refresh()
+    # stopped before the posterior of frame 4: five fractions, four posteriors
+    assert session.series_id == "b" and len(session.src_alpha.data["time_s"]) == 5
+    assert len(session.src_history.data["time_s"]) == 4
+    assert not session.banner.visible
+    assert list(session.select.options) == [FOLLOW_LATEST, "b", "a"]
+    session.select.value = "a"  # pick the first series again: its full history comes back
+    assert session.series_id == "a" and len(session.src_alpha.data["time_s"]) == len(fractions)
+    assert session.banner.visible
+
+
+def test_malformed_values_do_not_break_refresh():
+    state = DashboardState()
+    session = DashboardSession(Document(), state)
+    state.apply(protocol.make("start", series_id="x", kind="profile", source="t", detector={}, geometry={},
+                              frame_time_s=0.1, exposure_s=0.1, n_frames=None, gas_time_s=None))
+    state.apply(protocol.make("fraction", series_id="x", frame_index=0, time_s=0.05, exposure_s=0.1, alpha=None,
+                              sigma_alpha=None, status="flagged", reason="no peaks"))
+    session.refresh()
+    assert list(session.src_alpha.data["state"]) == ["flagged"]
+    assert "unknown" in session.header.text  # gas time not known
