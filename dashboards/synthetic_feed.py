@@ -73,7 +73,7 @@ class SyntheticSeries:
 
     def __init__(self, series_id: str = "synthetic-0001", t0_s: float = 7.4461, k_per_s: float = 0.6192,
                  frame_time_s: float = 1 / 3, duration_s: float = 12.0, noise: float = 0.02,
-                 gas_time_s: float | None = 7.0, seed: int = 1, n_t0: int = 1200, n_k: int = 120,
+                 gas_time_s: float | None = 7.0, seed: int = 1, n_t0: int = 800, n_k: int = 240,
                  k_range_per_s: tuple[float, float] = (0.05, 5.0), pattern_points: int = 3000) -> None:
         if not (frame_time_s > 0 and duration_s > frame_time_s and noise > 0):
             raise ValueError("synthetic series needs frame_time_s > 0, duration_s > frame_time_s and noise > 0")
@@ -87,8 +87,12 @@ class SyntheticSeries:
         self.T0, self.K = np.meshgrid(self.t0_grid, self.k_grid, indexing="ij")
         self.loglik = {name: np.zeros_like(self.T0) for name in MODELS}
         self.radial = np.linspace(4.0, 28.0, pattern_points)
-        self.t0_edges = np.linspace(0.0, duration_s, 601)
-        self.k_edges = np.geomspace(*k_range_per_s, 241)
+        # histogram bins centred on the grid nodes (arithmetic midpoints for t0, geometric for k),
+        # so each bin holds exactly one node and the densities have no empty bins
+        half = 0.5 * (self.t0_grid[1] - self.t0_grid[0])
+        self.t0_edges = np.concatenate([[self.t0_grid[0] - half], self.t0_grid[:-1] + half, [self.t0_grid[-1] + half]])
+        ratio = math.sqrt(self.k_grid[1] / self.k_grid[0])
+        self.k_edges = np.concatenate([[self.k_grid[0] / ratio], self.k_grid[:-1] * ratio, [self.k_grid[-1] * ratio]])
         self.n_frames = int(duration_s / frame_time_s)
 
     def _profile(self, alpha: float) -> tuple[np.ndarray, np.ndarray]:
