@@ -71,6 +71,7 @@ __all__ = [
     "irls_linear_fit",
     "windows_from_phases",
     "q_to_two_theta_deg",
+    "load_reference_pattern",
 ]
 
 FLAGGED_SIGMA = math.inf
@@ -238,6 +239,10 @@ class FractionConfig:
     amount_A + amount_B is below this many standard deviations is flagged. n_reweight: IRLS passes.
     wavelength_A: needed only for patterns in q. whole_pattern_range_deg, background_terms:
     whole-pattern fit range (degrees) and number of Bernstein background terms.
+    reference_pattern_a / reference_pattern_b: text files (columns 2theta in degrees, intensity,
+    optional sigma) of the pure phases recorded with equal flux and exposure; they set rho when
+    reference_ratio_b_to_a is None (peak fits on both) and, background-subtracted, serve as the
+    whole-pattern references (otherwise the model phases do).
     """
 
     windows: list[WindowSpec]
@@ -251,6 +256,8 @@ class FractionConfig:
     wavelength_A: float | None = None
     whole_pattern_range_deg: tuple[float, float] | None = None
     background_terms: int = 6
+    reference_pattern_a: str | None = None
+    reference_pattern_b: str | None = None
     phases: tuple[Phase, Phase] | None = None   # model phases (whole-pattern references)
 
     def __post_init__(self) -> None:
@@ -266,9 +273,12 @@ class FractionConfig:
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise ReductionError(f"{name} must be positive, got {v}")
-        if self.reference_ratio_b_to_a is None and self.reference_scale_b is None:
-            raise ReductionError("need reference_ratio_b_to_a, or reference_scale_b (with reference_scale_a "
-                                 "or pre-gas frames to learn R_A)")
+        if (self.reference_pattern_a is None) != (self.reference_pattern_b is None):
+            raise ReductionError("reference_pattern_a and reference_pattern_b go together")
+        if (self.reference_ratio_b_to_a is None and self.reference_scale_b is None
+                and self.reference_pattern_a is None):
+            raise ReductionError("need reference_ratio_b_to_a, reference_pattern_a/_b files, or reference_scale_b "
+                                 "(with reference_scale_a or pre-gas frames to learn R_A)")
         if self.background_terms < 1:
             raise ReductionError("background_terms must be >= 1")
 
@@ -304,7 +314,8 @@ class FractionConfig:
                "learn_reference_frames": self.learn_reference_frames, "min_signal_sigma": self.min_signal_sigma,
                "n_reweight": self.n_reweight, "background_terms": self.background_terms,
                "windows": [w.to_dict() for w in self.windows]}
-        for key in ("reference_scale_a", "reference_scale_b", "wavelength_A", "whole_pattern_range_deg"):
+        for key in ("reference_scale_a", "reference_scale_b", "wavelength_A", "whole_pattern_range_deg",
+                    "reference_pattern_a", "reference_pattern_b"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
@@ -458,8 +469,14 @@ class PhaseFractionEstimator:
         self._reference_patterns = None
         self._rho = config.reference_ratio_b_to_a
         self.reference_scale_a = config.reference_scale_a
-        if self._rho is None and config.reference_scale_a is not None:
+        if self._rho is None and config.reference_scale_a is not None and config.reference_scale_b is not None:
             self._rho = config.reference_scale_b / config.reference_scale_a
+        if config.reference_pattern_a is not None:
+            ref_a = load_reference_pattern(config.reference_pattern_a)
+            ref_b = load_reference_pattern(config.reference_pattern_b)
+            self.set_reference_patterns(ref_a, ref_b)
+            if self._rho is None and config.reference_scale_b is None:
+                self.calibrate_from_reference_patterns(ref_a, ref_b)
         if measured_range_deg is not None:
             self.check_range(measured_range_deg)
 
@@ -585,14 +602,15 @@ class PhaseFractionEstimator:
             logger.debug("learned R_A = %.4g from %d pre-gas frames", self.reference_scale_a,
                          len(self._learned_scale_a), extra={"series_id": self.series_id})
 
-    def _finish(self, sa, sb, cov_ab, ta, tb, peaks, time_s) -> FractionResult:
-        """alpha from summed areas (sa, sb) with covariance cov_ab and reference sums (ta, tb)."""
+    def _finish(self, sa, sb, cov_ab, ta, tb, peaks, time_s, rho: float | None = None) -> FractionResult:
+        """alpha from summed areas (sa, sb) with covariance cov_ab and reference sums (ta, tb);
+        rho = R_B / R_A (default: the estimator's)."""
         if ta <= 0 or tb <= 0:
             return FractionResult.flagged("no line of one phase inside the fitted windows", time_s, peaks)
         # Relative amounts with R_A = 1: u = S_A / T_A, v = S_B / (rho T_B).
         if self.config.reference_scale_a is None:
             self._learn(sa / ta, time_s)
-        rho = self.reference_ratio
+        rho = self.reference_ratio if rho is None else rho
         if rho is None:
             return FractionResult.flagged("reference ratio R_B/R_A unknown: R_A not learned yet (no pre-gas frames)",
                                           time_s, peaks)
@@ -625,8 +643,11 @@ class PhaseFractionEstimator:
 
     # ---------------------------------------------------------------- whole pattern
     def set_reference_patterns(self, ref_a: Pattern | tuple, ref_b: Pattern | tuple) -> None:
-        """Whole-pattern references: pure-phase patterns (Pattern or (two_theta_deg, intensity)) per unit
-        phase fraction, measured or modelled under the same conditions; interpolated onto each grid."""
+        """Whole-pattern references: background-free pure-phase patterns (Pattern or
+        (two_theta_deg, intensity)) recorded with equal flux and exposure, so each is the pattern per
+        unit phase fraction (rho is implied); interpolated onto each pattern's grid. At a bound
+        (one phase coefficient 0) alpha is exactly 0 or 1 and sigma_alpha comes from the
+        unconstrained covariance."""
         def as_xy(r):
             if isinstance(r, Pattern):
                 return self._two_theta(r), np.asarray(r.intensity, float)
@@ -666,9 +687,12 @@ class PhaseFractionEstimator:
         good = ok[sel]
         if good.sum() < bern.shape[1] + 4:
             return FractionResult.flagged("too few valid bins in the whole-pattern range", time_s)
-        rho = self.reference_ratio
-        if rho is None:
-            return FractionResult.flagged("reference ratio R_B/R_A unknown", time_s)
+        if self._reference_patterns is not None:
+            rho = 1.0                      # measured pure-phase patterns: already per unit fraction
+        else:
+            rho = self.reference_ratio     # model phases: relative intensities, scaled by rho
+            if rho is None:
+                return FractionResult.flagged("reference ratio R_B/R_A unknown", time_s)
         design = np.column_stack([pa, rho * pb, bern])[good]
         yy, ss = y[sel][good], s[sel][good]
         pos = (yy > 0) & (ss > 0)
@@ -688,12 +712,8 @@ class PhaseFractionEstimator:
             cov_full = np.linalg.inv(xa.T @ xa)
         except np.linalg.LinAlgError as exc:
             return FractionResult.flagged(f"singular whole-pattern fit: {exc}", time_s)
-        cov_ab = cov_full[:2, :2]
-        # Amounts in units of the reference patterns: T = 1 for both (the rho factor sits in the design).
-        result = self._finish(coef[0], coef[1] * rho, np.array([[cov_ab[0, 0], cov_ab[0, 1] * rho],
-                                                                  [cov_ab[1, 0] * rho, cov_ab[1, 1] * rho * rho]]),
-                              1.0, 1.0, [], time_s)
-        return result
+        # coef[0], coef[1] = amount_A R_A, amount_B R_A: reference sums 1 and rho 1 in _finish.
+        return self._finish(coef[0], coef[1], cov_full[:2, :2], 1.0, 1.0, [], time_s, rho=1.0)
 
     # ---------------------------------------------------------------- references
     def calibrate_from_reference_patterns(self, pattern_a: Pattern, pattern_b: Pattern) -> float:
@@ -708,11 +728,28 @@ class PhaseFractionEstimator:
                 raise ReductionError(f"reference pattern {phase}: {fit}")
             sums, _, tsum, _ = fit
             res.append(sums[phase] / tsum[phase])
+        self._grid_key = None   # the next frame sets up its own grid
         if not (res[0] > 0 and res[1] > 0):
             raise ReductionError(f"reference patterns give non-positive intensities {res}")
         self._rho = res[1] / res[0]
         self.reference_scale_a = res[0]
         return self._rho
+
+
+def load_reference_pattern(path: str) -> Pattern:
+    """Pure-phase reference pattern from a text file: columns 2theta (degrees), intensity and
+    optionally sigma (default sqrt(max(intensity, 1))); '#' starts a comment."""
+    try:
+        data = np.loadtxt(str(path), comments="#", ndmin=2)
+    except (OSError, ValueError) as exc:
+        raise ReductionError(f"cannot read reference pattern {path!r}: {exc}") from exc
+    if data.shape[1] not in (2, 3) or data.shape[0] < 10:
+        raise ReductionError(f"reference pattern {path!r} needs >= 10 rows of 2 or 3 columns, got {data.shape}")
+    sigma = data[:, 2] if data.shape[1] == 3 else np.sqrt(np.maximum(data[:, 1], 1.0))
+    pattern = Pattern.from_profile(data[:, 0], data[:, 1], sigma)
+    if not np.all(np.diff(pattern.radial) > 0):
+        raise ReductionError(f"reference pattern {path!r}: 2theta must increase")
+    return pattern
 
 
 def image_two_theta_range_deg(metadata: Mapping[str, Any]) -> tuple[float, float]:

@@ -247,3 +247,29 @@ def test_example_toml_matches_python_defaults():
     default = cpl1_ar_fraction_config()
     assert from_file.windows == default.windows
     assert from_file.reference_ratio_b_to_a == default.reference_ratio_b_to_a
+
+
+def test_reference_pattern_files(tmp_path, detector):
+    tth, pure_a = detector.expected_profile(0.0, 10.0)
+    _, pure_b = detector.expected_profile(1.0, 10.0)
+    bg = 10.0 * detector.profile_gain * detector.background(tth)
+    files = {}
+    for name, data in (("a", pure_a), ("b", pure_b), ("a_nobg", pure_a - bg), ("b_nobg", pure_b - bg)):
+        files[name] = tmp_path / f"{name}.xy"
+        np.savetxt(files[name], np.column_stack([tth, data]), header="2theta_deg intensity")
+    table = dict(cpl1_ar_reducer_table()["fractions"], reference_ratio_b_to_a=None,
+                 reference_pattern_a=str(files["a"]), reference_pattern_b=str(files["b"]))
+    est = PhaseFractionEstimator.from_config({"fractions": table}, None)
+    assert est.reference_ratio == pytest.approx(1.0, abs=0.002)     # rho from the peak fits of the files
+    r = est.estimate(Pattern.from_profile(*detector.profile(0.3, 1.0, seed=12)), 1.0)
+    assert r.status == "ok" and abs(r.alpha - 0.3) < 4 * r.sigma_alpha
+    wp = dict(table, method="whole_pattern", reference_ratio_b_to_a=1.0,
+              reference_pattern_a=str(files["a_nobg"]), reference_pattern_b=str(files["b_nobg"]))
+    est_wp = PhaseFractionEstimator.from_config({"fractions": wp}, None)
+    r = est_wp.estimate(Pattern.from_profile(*detector.profile(0.3, 1.0, seed=13)), 1.0)
+    assert r.status == "ok" and abs(r.alpha - 0.3) < 4 * r.sigma_alpha
+    (tmp_path / "bad.xy").write_text("1 2\n3 4\n")
+    with pytest.raises(ReductionError, match="reference pattern"):
+        PhaseFractionEstimator.from_config({"fractions": dict(table, reference_pattern_a=str(tmp_path / "bad.xy"))}, None)
+    with pytest.raises(ReductionError, match="go together"):
+        FractionConfig.from_dict(dict(table, reference_pattern_b=None))
