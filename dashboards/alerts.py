@@ -20,6 +20,10 @@ Configured from a dict (the ``[alerts]`` table of the beamkin TOML configuration
     argv = ["/usr/local/bin/notify-shift", "--beamline", "BL02B2"]
     timeout_s = 30.0
 
+Shorthands: ``webhook = "https://example.org/hook"``, ``zmq = "tcp://127.0.0.1:5590"``,
+``command = "notify-send beamkin"`` (split like a shell, but run without one) or
+``command = ["notify-send", "beamkin"]``.
+
 Every alert carries: series id, time of the alert (s), t0 with its 90 % interval
 (``t0.mean``, ``t0.q05``, ``t0.q95``, s), ``t0_minus_ts`` (s or null), leading model and its
 probability, onset probability (the fields of the protocol ``alert`` message).
@@ -43,6 +47,7 @@ import json
 import logging
 import os
 import queue
+import shlex
 import subprocess
 import threading
 import time
@@ -71,11 +76,18 @@ def _number(config: dict, key: str, default: float, minimum: float = 0.0) -> flo
 
 
 def _tables(config: dict, key: str) -> list[dict]:
+    """The sink tables under ``key``; shorthands: ``webhook = "URL"``, ``zmq = "ENDPOINT"``,
+    ``command = "program args"`` (split like a shell, never run by one) or ``command = [argv...]``."""
     value = config.get(key)
-    if value is None:
+    if value is None or value is False or value == "":
         return []
+    if key == "command" and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        value = {"argv": value}
     tables = value if isinstance(value, list) else [value]
-    for table in tables:
+    shorthand = {"webhook": "url", "zmq": "endpoint"}
+    for i, table in enumerate(tables):
+        if isinstance(table, str):
+            tables[i] = table = ({"argv": shlex.split(table)} if key == "command" else {shorthand[key]: table})
         if not isinstance(table, dict):
             raise AlertConfigError(f"alerts.{key} must be a table or a list of tables, got {table!r:.60}")
     return tables

@@ -375,13 +375,20 @@ class DashboardSession:
             self.heatmap_version = heatmap.version
             self.heatmap_sent_at = now
             update["heatmap"] = heatmap.snapshot()
+        posterior = series.latest_posterior or {}
+        diagnostics = posterior.get("diagnostics") or {}
+        update["frame_rate_hz"] = series.frame_rate_hz()
+        update["lag_s"] = series.history.last("lag_s")
+        update["ess_min"] = series.history.last("ess_min")
+        missing = diagnostics.get("frames_missing")
+        update["frames_missing"] = missing if isinstance(missing, int) and not isinstance(missing, bool) else None
+        update["status"] = {k: dict(v) for k, v in series.status.items()}
         if series.version == self.series_version:
             return update
         self.series_version = series.version
         update["start"] = dict(series.start)
         update["unit"] = series.unit
         update["ended"] = series.ended
-        update["status"] = {k: dict(v) for k, v in series.status.items()}
         if series.fractions.total != self.n_fractions:
             update["fractions"], self.n_fractions = series.fractions.rows_since(self.n_fractions)
         if series.history.total != self.n_history:
@@ -571,21 +578,22 @@ class DashboardSession:
             f"frames {update.get('frames_seen', 0)} / {start.get('n_frames') or '?'}")
 
     def _show_health(self, update: dict[str, Any], global_status: dict[str, dict[str, Any]]) -> None:
-        status = {**global_status, **update.get("status", {})}
-        posterior_ess = None
+        """Pipeline health: what this dashboard measures itself, then each stage's own counters."""
         lines = ["<b>Pipeline health</b>"]
+        if "frame_rate_hz" in update:
+            self._health_numbers = {k: update[k] for k in ("frame_rate_hz", "lag_s", "frames_missing", "ess_min")}
+        numbers = getattr(self, "_health_numbers", None)
+        if numbers is not None:
+            lines.append(
+                f"frames in: {_fmt(numbers['frame_rate_hz'], 2)} /s, posterior lag {_fmt(numbers['lag_s'], 3)} s, "
+                f"missing {html.escape(str(numbers['frames_missing'] if numbers['frames_missing'] is not None else '–'))}, "
+                f"smallest ESS {_fmt(numbers['ess_min'], 0)}")
+        status = {**global_status, **update.get("status", {})}
         if not status:
             lines.append("no status messages yet")
         for stage, counters in sorted(status.items()):
-            lines.append(
-                f"{html.escape(stage)}: {_fmt(counters.get('frame_rate_hz'), 2)} frames/s, "
-                f"lag {_fmt(counters.get('lag_s'), 3)} s, missing {counters.get('frames_missing', '–')}, "
-                f"received {counters.get('frames_received', '–')}")
-        history = update.get("history")
-        if history is not None and len(history["time_s"]):
-            posterior_ess = history["ess_min"][-1] if "ess_min" in history else None
-        if posterior_ess is not None and math.isfinite(posterior_ess):
-            self._last_ess = posterior_ess
-        ess = getattr(self, "_last_ess", None)
-        lines.append(f"smallest ESS over models: {_fmt(ess, 0)}")
+            shown = [(k, v) for k, v in counters.items()
+                     if k != "series_id" and isinstance(v, (int, float)) and not isinstance(v, bool)][:6]
+            lines.append(f"{html.escape(stage)}: " + ", ".join(
+                f"{html.escape(str(k)).replace('_', ' ')} {_fmt(v, 3) if isinstance(v, float) else v}" for k, v in shown))
         self.health.text = "<br>".join(lines)

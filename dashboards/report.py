@@ -99,8 +99,10 @@ def collect_series(messages: Iterable[Message]) -> list[SeriesReport]:
     for sid, result in results.items():
         fit = series[sid].fit
         fit.update({k: v for k, v in result.items() if v is not None and k != "alert"})
-        if series[sid].alert is None and isinstance(result.get("alert"), dict) and result["alert"]:
-            series[sid].alert = result["alert"]
+        alert = result.get("alert")
+        if series[sid].alert is None and isinstance(alert, dict) and isinstance(alert.get("t0"), dict):
+            # the result's alert names its time "time" (beamkin analyze) or "time_s" (alert message)
+            series[sid].alert = {**alert, "time_s": alert.get("time_s", alert.get("time"))}
     reports = [r for r in series.values() if r.fit.get("models")]
     if not reports:
         raise ReportInputError("no posterior or result message with models in the input: nothing to report")

@@ -24,7 +24,8 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,6 +199,15 @@ class SeriesState:
     result: dict[str, Any] | None = None
     recent_alpha: "OrderedDict[int, float]" = field(default_factory=OrderedDict)
     pending_patterns: "OrderedDict[int, dict[str, Any]]" = field(default_factory=OrderedDict)
+    fraction_arrivals: deque = field(default_factory=lambda: deque(maxlen=64))
+
+    def frame_rate_hz(self, now: float | None = None, window_s: float = 5.0) -> float | None:
+        """Fractions received per second (wall clock) over the last ``window_s`` seconds."""
+        now = time.monotonic() if now is None else now
+        recent = [t for t in self.fraction_arrivals if now - t <= window_s]
+        if len(recent) < 2 or recent[-1] <= recent[0]:
+            return None
+        return (len(recent) - 1) / (recent[-1] - recent[0])
 
     @property
     def gas_time_s(self) -> float | None:
@@ -282,6 +292,7 @@ class DashboardState:
 
     def _on_fraction(self, series: SeriesState, message: Message) -> None:
         f = message.fields
+        series.fraction_arrivals.append(time.monotonic())
         alpha = f.get("alpha")
         flagged = f.get("status") != "ok" or alpha is None
         series.fractions.append({
@@ -338,7 +349,8 @@ class DashboardState:
             "t0_lead_mean": _stat(leading, "t0", "mean"), "t0_lead_sd": _stat(leading, "t0", "sd"),
             "k_lead_mean": _stat(leading, "k", "mean"), "k_lead_sd": _stat(leading, "k", "sd"),
             "ess_min": min(ess_values) if ess_values else None,
-            "lag_s": diagnostics.get("lag_s") if isinstance(diagnostics.get("lag_s"), (int, float)) else None,
+            "lag_s": next((float(diagnostics[k]) for k in ("lag_s", "latency_s")
+                           if isinstance(diagnostics.get(k), (int, float))), None),
         })
         row = {"time_s": f["time_s"]}
         for name, model in (f.get("models") or {}).items():

@@ -142,6 +142,18 @@ def test_zmq_sink_publishes_protocol_alert():
         dispatcher.close(timeout=5)
 
 
+def test_shorthand_configuration(receiver_factory):
+    receiver = receiver_factory()
+    dispatcher = AlertDispatcher({"log": False, "webhook": receiver.url,
+                                  "command": f"{sys.executable} -c 'import sys; sys.stdin.read()'"})
+    assert [type(s).__name__ for s in dispatcher.sinks] == ["WebhookSink", "CommandSink"]
+    assert dispatcher.sinks[1].argv == [sys.executable, "-c", "import sys; sys.stdin.read()"]
+    dispatcher.dispatch(make_alert("short"))
+    dispatcher.close(timeout=30)
+    assert [b["series_id"] for b in receiver.bodies] == ["short"]
+    assert (dispatcher.sinks[1].delivered, dispatcher.sinks[1].failed) == (1, 0)
+
+
 def test_bad_configuration_and_bad_alerts_are_named():
     with pytest.raises(AlertConfigError, match="webhook.url"):
         AlertDispatcher({"webhook": {"url": "ftp://x"}})

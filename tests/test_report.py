@@ -88,7 +88,9 @@ def test_report_from_messages(series_messages, tmp_path):
 def test_report_from_analysis_json_and_csv(series_messages, tmp_path):
     result = dict(next(m for m in series_messages if m.type == "result")["result"])
     result.pop("predictive"), result.pop("histograms")  # the analyze --json minimum
-    result["alert"] = next(m for m in series_messages if m.type == "alert").fields
+    alert = dict(next(m for m in series_messages if m.type == "alert").fields)
+    alert["time"] = alert.pop("time_s")  # beamkin analyze names the alert time "time"
+    result["alert"] = alert
     json_path = tmp_path / "run-42.json"
     json_path.write_text(json.dumps(result))
     csv_path = tmp_path / "run-42.csv"
@@ -104,12 +106,24 @@ def test_report_from_analysis_json_and_csv(series_messages, tmp_path):
     page_html = path.read_text()
     assert_self_contained(page_html)
     assert "<h2>Series run-42</h2>" in page_html and f"{len(fractions)} data points" in page_html
-    assert "no posterior predictive" in page_html and "Onset alert at t =" in page_html
+    assert "no posterior predictive" in page_html and f"Onset alert at t = {alert['time']:.3f} s" in page_html
     rows = table_rows(page_html, "run-42")
     k = result["models"]["F2"]["params"]["k"]
     assert rows["F2"][3] == f"{k['mean']:.4f} ± {k['sd']:.4f}"
     names = [f"run-42:{plot}" for plot in PLOTS]
     render_in_browser(path, names)
+
+
+def test_report_without_alert_says_nothing_about_one(tmp_path):
+    result = {"models": {"F1": {"log_evidence": -3.0, "probability": 1.0,
+                                "params": {"t0": {"mean": 7.4, "sd": 0.03, "q05": 7.35, "q50": 7.4, "q95": 7.45},
+                                           "k": {"mean": 0.62, "sd": 0.02, "q05": 0.59, "q50": 0.62, "q95": 0.65}}}},
+              "model_averaged": {}, "alert": {"time": None, "frame_index": None}}
+    path = tmp_path / "quiet.json"
+    path.write_text(json.dumps(result))
+    page_html = build_report(load_analysis_json(path), tmp_path).read_text()
+    assert "Onset alert" not in page_html
+    assert table_rows(page_html, "quiet")["F1"] == ["-3.00", "1.0000", "7.4000 ± 0.0300", "0.6200 ± 0.0200"]
 
 
 def test_report_rejects_input_without_models(tmp_path):
