@@ -24,9 +24,10 @@ models).  Onset probability: sum over models of P(model) * sum_i W_i [t0_i <= no
 
 Random numbers: one numpy Generator per model, seeded from (seed, model index); all
 random numbers are drawn in NumPy and passed to the Numba kernels, which are
-deterministic per particle, so a given seed reproduces the result exactly.  The
-parallel kernels must be called from one Python thread at a time (Numba workqueue
-layer); ``OnlineInference`` is not thread-safe.
+deterministic per particle, so a given seed reproduces the result exactly, with or
+without ``parallel=True`` (prange over particles; only worth it on cores that are not
+shared with other busy processes).  The parallel kernels must be called from one Python
+thread at a time (Numba workqueue layer); ``OnlineInference`` is not thread-safe.
 """
 
 from __future__ import annotations
@@ -168,8 +169,10 @@ class ModelSampler:
     def __init__(self, name: str, priors: Priors, n_particles: int, rng: np.random.Generator,
                  history: FrameHistory, noise_kind: int, student_nu: float, ess_threshold: float,
                  move_fraction: float = 0.99, min_sweeps: int = 4, max_sweeps: int = 30,
-                 independent_fraction: float = 0.5):
+                 independent_fraction: float = 0.5, parallel: bool = False):
         self.name = name
+        self._kernels = ((lk.frame_loglik_parallel, lk.history_loglik_parallel) if parallel
+                         else (lk.frame_loglik, lk.history_loglik))
         self.code = model_code(name)
         self.priors = priors
         self.n = int(n_particles)
@@ -213,14 +216,14 @@ class ModelSampler:
     def _frame_loglik(self, j: int) -> np.ndarray:
         h = self.history
         out = np.empty(self.n)
-        lk.frame_loglik(self.code, self.theta, h.t_lo[j], h.t_hi[j], h.y[j], h.sig2[j],
+        self._kernels[0](self.code, self.theta, h.t_lo[j], h.t_hi[j], h.y[j], h.sig2[j],
                         self.noise_kind, self.nu, out)
         return out
 
     def _history_loglik(self, params: np.ndarray, m_hist: int, pending: int, lam: float) -> np.ndarray:
         h = self.history
         out = np.empty(params.shape[0])
-        lk.history_loglik(self.code, params, int(m_hist), int(pending), float(lam), h.t_lo, h.t_hi, h.y,
+        self._kernels[1](self.code, params, int(m_hist), int(pending), float(lam), h.t_lo, h.t_hi, h.y,
                           h.sig2, h.cy, h.cy2, h.homo_var, self.noise_kind, self.nu, out)
         return out
 
@@ -375,7 +378,7 @@ class OnlineInference:
                  n_particles: int = 4096, seed: int = 0, noise: str = "normal", student_nu: float = 4.0,
                  ess_threshold: float = 0.5, alert_threshold: float = 0.99, alert_consecutive: int = 2,
                  gas_time_s: float | None = None, histogram_bins: int = 60, predictive_points: int = 100,
-                 predictive_draws: int = 200, series_id: str | None = None):
+                 predictive_draws: int = 200, series_id: str | None = None, parallel: bool = False):
         models = tuple(models)
         if not models:
             raise ValueError("at least one kinetic model is needed")
@@ -403,13 +406,14 @@ class OnlineInference:
         self.student_nu = float(student_nu)
         self.gas_time_s = None if gas_time_s is None else float(gas_time_s)
         self.series_id = series_id
+        self.parallel = bool(parallel)
         self.history = FrameHistory()
         kind = lk.NOISE_NORMAL if noise == "normal" else lk.NOISE_STUDENT
         seeds = np.random.SeedSequence(self.seed).spawn(len(MODEL_NAMES))
         self.samplers = {
             name: ModelSampler(name, priors, self.n_particles,
                                np.random.Generator(np.random.PCG64(seeds[model_code(name)])),
-                               self.history, kind, self.student_nu, ess_threshold)
+                               self.history, kind, self.student_nu, ess_threshold, parallel=parallel)
             for name in models
         }
         self.alert = OnsetAlert(alert_threshold, alert_consecutive)
@@ -434,10 +438,12 @@ class OnlineInference:
         params = np.ascontiguousarray(np.tile([0.5, 0.0, math.log(0.02), 1.0, 2.0], (4, 1)))
         out = np.empty(4)
         curves = np.empty((4, 3))
+        frame_k, history_k = ((lk.frame_loglik_parallel, lk.history_loglik_parallel) if self.parallel
+                              else (lk.frame_loglik, lk.history_loglik))
         for kind in (lk.NOISE_NORMAL, lk.NOISE_STUDENT):
-            lk.frame_loglik(0, params, h.t_lo[0], h.t_hi[0], h.y[0], h.sig2[0], kind, 4.0, out)
-            lk.history_loglik(0, params, 2, 2, 0.5, h.t_lo, h.t_hi, h.y, h.sig2, h.cy, h.cy2, h.homo_var,
-                              kind, 4.0, out)
+            frame_k(0, params, h.t_lo[0], h.t_hi[0], h.y[0], h.sig2[0], kind, 4.0, out)
+            history_k(0, params, 2, 2, 0.5, h.t_lo, h.t_hi, h.y, h.sig2, h.cy, h.cy2, h.homo_var,
+                      kind, 4.0, out)
         lk.alpha_curves(0, params, h.t_mid[:3].copy(), curves)
 
     @property
@@ -453,16 +459,45 @@ class OnlineInference:
     def update(self, frame_index: int, time_s: float, exposure_s: float, alpha: float,
                sigma: float | None) -> dict:
         """Assimilate one frame (mid-exposure time and exposure in s); returns the posterior payload."""
+        alert = self.assimilate(frame_index, time_s, exposure_s, alpha, sigma)
+        payload = self._payload(int(frame_index), float(time_s), alert)
+        logger.debug("frame assimilated", extra={"series_id": self.series_id, "frame_index": int(frame_index),
+                                                 "leading_model": payload["leading_model"],
+                                                 "onset_probability": payload["onset_probability"]})
+        return payload
+
+    def assimilate(self, frame_index: int, time_s: float, exposure_s: float, alpha: float,
+                   sigma: float | None) -> dict | None:
+        """``update`` without building the payload (offline analysis); returns the alert or None.
+
+        The posterior, evidence and alert state are exactly those of ``update``.
+        """
         j = self.history.append(frame_index, time_s, exposure_s, alpha, sigma)
         for sampler in self.samplers.values():
             sampler.assimilate(j)
         self.last_time_s = float(time_s)
         self.last_frame_index = int(frame_index)
-        payload = self._payload(int(frame_index), float(time_s))
-        logger.debug("frame assimilated", extra={"series_id": self.series_id, "frame_index": int(frame_index),
-                                                 "leading_model": payload["leading_model"],
-                                                 "onset_probability": payload["onset_probability"]})
-        return payload
+        probs = self.model_probabilities()
+        onset = self.onset_probability(float(time_s), probs)
+        if not self.alert.observe(int(frame_index), float(time_s), onset):
+            return None
+        leading = max(probs, key=probs.get)
+        t0 = self._model_averaged(probs, params=("t0",))["t0"]
+        alert = {"time_s": float(time_s), "frame_index": int(frame_index),
+                 "t0": {"mean": t0["mean"], "q05": t0["q05"], "q95": t0["q95"]},
+                 "t0_minus_ts": None if self.gas_time_s is None else t0["mean"] - self.gas_time_s,
+                 "leading_model": leading, "leading_probability": probs[leading],
+                 "onset_probability": onset}
+        self._alert_payload = alert
+        logger.info("onset alert", extra={"series_id": self.series_id, "frame_index": int(frame_index),
+                                          "t0_mean": t0["mean"], "leading_model": leading})
+        return alert
+
+    def onset_probability(self, time_s: float, probs: dict[str, float] | None = None) -> float:
+        """Model-averaged posterior probability P(t0 <= time_s)."""
+        probs = probs or self.model_probabilities()
+        onset = sum(probs[name] * s.onset_probability(time_s) for name, s in self.samplers.items())
+        return min(1.0, max(0.0, onset))
 
     def result(self) -> dict:
         """Final result (times in s from series start, k in 1/s)."""
@@ -519,8 +554,9 @@ class OnlineInference:
             return out
 
         def bands(c):
-            q05, q50, q95 = np.quantile(c, QUANTILES, axis=0)
-            return {"median": q50.tolist(), "q05": q05.tolist(), "q95": q95.tolist()}
+            c = np.sort(c, axis=0)
+            rows = [int(round(q * (c.shape[0] - 1))) for q in QUANTILES]
+            return {"median": c[rows[1]].tolist(), "q05": c[rows[0]].tolist(), "q95": c[rows[2]].tolist()}
 
         lead = curves(leading, self.predictive_draws)
         p = np.array([probs[m] for m in self.models])
@@ -528,16 +564,13 @@ class OnlineInference:
         mix = np.concatenate([curves(m, int(c)) for m, c in zip(self.models, alloc) if c > 0])
         return {"time_s": times.tolist(), "leading": bands(lead), "model_averaged": bands(mix)}
 
-    def _payload(self, frame_index: int, time_s: float) -> dict:
+    def _payload(self, frame_index: int, time_s: float, alert: dict | None) -> dict:
         probs = self.model_probabilities()
         leading = max(probs, key=probs.get)
         models = {}
-        onset = 0.0
         for name, s in self.samplers.items():
-            onset += probs[name] * s.onset_probability(time_s)
             models[name] = {"log_evidence": float(s.log_evidence), "probability": probs[name],
                             "params": s.summaries(), "diagnostics": self._diagnostics(s)}
-        onset = min(1.0, max(0.0, onset))
         averaged = self._model_averaged(probs)
         active = [m for m in self.models if probs[m] > 1e-12]
         lead_s = self.samplers[leading]
@@ -549,22 +582,11 @@ class OnlineInference:
                     [(self.samplers[m].values(p), probs[m] * self.samplers[m].weights) for m in active], edges),
                 "leading": self._histogram([(lead_s.values(p), lead_s.weights)], edges),
             }
-        alert = None
-        if self.alert.observe(frame_index, time_s, onset):
-            t0 = averaged["t0"]
-            alert = {"time_s": time_s, "frame_index": frame_index,
-                     "t0": {"mean": t0["mean"], "q05": t0["q05"], "q95": t0["q95"]},
-                     "t0_minus_ts": None if self.gas_time_s is None else t0["mean"] - self.gas_time_s,
-                     "leading_model": leading, "leading_probability": probs[leading],
-                     "onset_probability": onset}
-            self._alert_payload = alert
-            logger.info("onset alert", extra={"series_id": self.series_id, "frame_index": frame_index,
-                                              "t0_mean": t0["mean"], "leading_model": leading})
         return {
             "frame_index": frame_index,
             "time_s": time_s,
             "n_frames": self.n_frames,
-            "onset_probability": onset,
+            "onset_probability": self.onset_probability(time_s, probs),
             "leading_model": leading,
             "models": models,
             "model_averaged": averaged,
