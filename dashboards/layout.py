@@ -240,8 +240,8 @@ class DashboardSession:
         self.src_t0_lead = ColumnDataSource({"left": [], "right": [], "top": [], "bottom": []}, name="t0_histogram_leading")
         self.src_k_avg = ColumnDataSource({"left": [], "right": [], "top": [], "bottom": []}, name="k_histogram")
         self.src_k_lead = ColumnDataSource({"left": [], "right": [], "top": [], "bottom": []}, name="k_histogram_leading")
-        self.fig_t0_hist = self._hist_figure("Posterior of onset time t0", "t0 (s)", self.src_t0_avg, self.src_t0_lead)
-        self.fig_k_hist = self._hist_figure("Posterior of rate constant k", "k (1/s)", self.src_k_avg, self.src_k_lead,
+        self.fig_t0_hist = self._hist_figure("Posterior of onset time t0 (dashed: mean, band: 90 %)", "t0 (s)", self.src_t0_avg, self.src_t0_lead)
+        self.fig_k_hist = self._hist_figure("Posterior of rate constant k (dashed: mean, band: 90 %)", "k (1/s)", self.src_k_avg, self.src_k_lead,
                                             x_axis_type="log")
 
         # model probabilities now
@@ -305,7 +305,19 @@ class DashboardSession:
         fig.quad(left="left", right="right", top="top", bottom="bottom", source=src_lead, fill_alpha=0,
                  line_color=COLOR_LEADING, line_width=1.5, legend_label="leading model")
         _legend(fig, "top_right")
+        # model-averaged mean and 90 % interval: readable even when the grid is coarse
+        fig.add_layout(BoxAnnotation(left=0, right=0, fill_color=COLOR_AVERAGED, fill_alpha=0.12, visible=False,
+                                     name=f"{src_avg.name}_interval"))
+        fig.add_layout(Span(location=0, dimension="height", line_color=COLOR_AVERAGED, line_width=2,
+                            line_dash="dashed", visible=False, name=f"{src_avg.name}_mean"))
         return fig
+
+    def _show_summary_marks(self, fig, stat: dict[str, Any]) -> None:
+        box = next(a for a in fig.center if isinstance(a, BoxAnnotation))
+        span = next(a for a in fig.center if isinstance(a, Span))
+        if all(isinstance(stat.get(k), (int, float)) for k in ("mean", "q05", "q95")):
+            box.left, box.right, span.location = stat["q05"], stat["q95"], stat["mean"]
+            box.visible = span.visible = True
 
     # ------------------------------------------------------------------ refresh
     def _reset_counters(self) -> None:
@@ -522,6 +534,9 @@ class DashboardSession:
                 figure_.x_range.start, figure_.x_range.end = _mass_range(quads, log_scale=name == "k")
             if hist.get("edges") and hist.get("leading") is not None:
                 src_lead.data = _hist_quads(hist["edges"], hist["leading"])
+        averaged = posterior.get("model_averaged") or {}
+        self._show_summary_marks(self.fig_t0_hist, averaged.get("t0") or {})
+        self._show_summary_marks(self.fig_k_hist, averaged.get("k") or {})
         leading = posterior.get("leading_model")
         models = posterior.get("models") or {}
         names = sorted(models, key=lambda m: -float(models[m].get("probability") or 0.0))

@@ -224,6 +224,12 @@ def _posterior_figure(report: SeriesReport, name: str, label: str):
             fig.quad(left=edges[:-1], right=edges[1:], bottom=0, top=density, fill_color=color, fill_alpha=fill,
                      line_color=color, legend_label=legend)
         _zoom_to_mass(fig, edges, np.asarray(hist["model_averaged"], dtype=float), log_axis)
+        stat = (report.fit.get("model_averaged") or {}).get(name) or {}
+        if all(isinstance(stat.get(k), (int, float)) for k in ("mean", "q05", "q95")):
+            fig.add_layout(BoxAnnotation(left=stat["q05"], right=stat["q95"], fill_color=COLOR_AVERAGED, fill_alpha=0.12))
+            fig.add_layout(Span(location=stat["mean"], dimension="height", line_color=COLOR_AVERAGED, line_width=2,
+                                line_dash="dashed"))
+            fig.title.text = f"{title} (dashed: mean, band: 90 %)"
         fig.legend.location = "top_right"
         return fig
     return _interval_figure(report, name, label, title + " (90 % intervals, mean ± sd)")
