@@ -35,7 +35,6 @@ import json
 import logging
 import threading
 from collections import Counter
-from fractions import Fraction
 from typing import Any, Iterator, Mapping
 
 import cbor2
@@ -106,7 +105,7 @@ class _TagDecoder:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.unknown_tags: Counter = Counter()
+        self.unknown_tags: Counter | None = None  # created on the first unknown tag
 
     def __call__(self, first: Any, second: Any) -> Any:
         tag = first if isinstance(first, cbor2.CBORTag) else second
@@ -126,6 +125,8 @@ class _TagDecoder:
             return list(value)
         if number == TAG_SELF_DESCRIBE:
             return value
+        if self.unknown_tags is None:
+            self.unknown_tags = Counter()
         self.unknown_tags[number] += 1
         return tag
 
@@ -214,12 +215,12 @@ def decode_message(data: bytes | memoryview, *, max_bytes: int = compression.DEF
         raise StreamDecodeError(f"invalid CBOR: {type(exc).__name__}: {exc}") from exc
     if isinstance(value, cbor2.CBORTag) and value.tag == TAG_SELF_DESCRIBE:
         value = value.value
-    if not isinstance(value, Mapping):
+    if not isinstance(value, dict) and not isinstance(value, Mapping):
         raise StreamDecodeError(f"message is a CBOR {type(value).__name__}, not a map")
     message_type = value.get("type")
     if not isinstance(message_type, str):
         raise StreamDecodeError("message has no text 'type' field")
-    return dict(value), hook.unknown_tags
+    return (value if type(value) is dict else dict(value)), (hook.unknown_tags or Counter())
 
 
 def rational_seconds(value: Any, name: str) -> float:
@@ -233,7 +234,7 @@ def rational_seconds(value: Any, name: str) -> float:
     numerator, denominator = value
     if denominator <= 0:
         raise StreamDecodeError(f"{name} has denominator {denominator}")
-    return float(Fraction(numerator, denominator))
+    return numerator / denominator  # int true division is correctly rounded
 
 
 def json_safe(value: Any, *, max_list: int = 4096, depth: int = 0) -> Any:
@@ -450,7 +451,7 @@ class StreamV2Decoder:
         if not isinstance(image_id, int) or isinstance(image_id, bool) or image_id < 0:
             raise StreamDecodeError(f"image message has invalid image_id {image_id!r:.40}")
         data = raw.get("data")
-        if not isinstance(data, Mapping) or not data:
+        if not isinstance(data, dict) and not isinstance(data, Mapping) or not data:
             raise StreamDecodeError("image message has no data map")
         channel = self.channel if self.channel is not None else next(iter(data))
         image = data.get(channel)
