@@ -125,7 +125,8 @@ def serve_dashboard(subscribe_endpoint: str, address: str = "127.0.0.1", port: i
     ``alert_sinks``: optional ``[alerts]`` configuration; when given, alert messages are also
     sent to those sinks (:class:`dashboards.alerts.AlertDispatcher`).
     ``allow_websocket_origin``: host:port values browsers may connect from; defaults to the
-    served address plus localhost/127.0.0.1 on ``port``. ``port=0`` picks a free port.
+    served address plus localhost/127.0.0.1 (and this host's names when serving on all
+    interfaces) on ``port``. ``port=0`` picks a free port.
     Blocks; safe to call from any thread (it runs its own event loop).
     """
     if not 0 <= int(port) <= 65535:
@@ -135,7 +136,10 @@ def serve_dashboard(subscribe_endpoint: str, address: str = "127.0.0.1", port: i
     if not 0 < alert_threshold <= 1:
         raise ValueError(f"alert_threshold must be in (0, 1], got {alert_threshold}")
     port = int(port) or _free_port(address)
-    origins = allow_websocket_origin or sorted({f"{address}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"})
+    hosts = {address, "localhost", "127.0.0.1"}
+    if address in ("0.0.0.0", "::", ""):  # all interfaces: browsers will use this machine's name
+        hosts |= {socket.gethostname(), socket.getfqdn()}
+    origins = allow_websocket_origin or sorted(f"{host}:{port}" for host in hosts if host)
 
     dispatcher = None
     if alert_sinks:
