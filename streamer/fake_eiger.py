@@ -101,6 +101,11 @@ class StreamV2Sender:
         """True when a message can be sent now without blocking (a receiver is connected and keeping up)."""
         return bool(self._socket.poll(int(timeout_s * 1000), zmq.POLLOUT))
 
+    def writable(self, timeout_s: float = 0.0) -> bool:
+        """True if a message can be sent now without blocking (a receiver is connected and keeping
+        up); waits up to ``timeout_s`` seconds for that."""
+        return bool(self._socket.poll(int(timeout_s * 1000), zmq.POLLOUT))
+
     def send_raw(self, data: bytes) -> None:
         """Send already-encoded bytes as one message (tests use it for corrupt input)."""
         self._socket.send(data, copy=False)
@@ -199,6 +204,10 @@ class StreamV1Sender:
 
     def _dumps(self, value: Any) -> bytes:
         return self._json.dumps(_plain(value)).encode()
+
+    def writable(self, timeout_s: float = 0.0) -> bool:
+        """True if a message can be sent now without blocking; waits up to ``timeout_s`` seconds."""
+        return bool(self._socket.poll(int(timeout_s * 1000), zmq.POLLOUT))
 
     def send_parts(self, parts: list[bytes]) -> None:
         self._socket.send_multipart(parts, copy=False)

@@ -359,17 +359,21 @@ class StreamV2Decoder:
         return None
 
     def _select_channel(self, channels: list[str]) -> str | None:
+        """The configured channel; a channel the detector does not send falls back to the first
+        (counted as ``unknown_channel`` and logged), so a misconfiguration never loses the series."""
         option = self.channel_option
         if option is None:
             return channels[0] if channels else None
         if isinstance(option, int) or (isinstance(option, str) and option.isdigit() and option not in channels):
             index = int(option)
-            if not 0 <= index < len(channels):
-                raise StreamDecodeError(f"channel index {index} is out of range for channels {channels}", "unknown_channel")
-            return channels[index]
-        if channels and option not in channels:
-            raise StreamDecodeError(f"channel {option!r} is not among the active channels {channels}", "unknown_channel")
-        return option
+            if 0 <= index < len(channels):
+                return channels[index]
+        elif not channels or option in channels:
+            return option
+        self.counters["unknown_channel"] += 1
+        log.error("channel %r is not among the active channels %s; reducing %r instead", option, channels,
+                  channels[0] if channels else None)
+        return channels[0] if channels else None
 
     def _channel_array(self, mapping: Any, name: str, expected_shape: tuple[int, int] | None) -> np.ndarray | None:
         if mapping is None:

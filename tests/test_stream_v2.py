@@ -255,6 +255,15 @@ def test_channel_selection(option, expected):
     assert out[1].arrays["image"][0, 0] == 10 * expected
 
 
+def test_unknown_channel_falls_back_to_the_first_and_is_counted():
+    start = start_msg(channels=["threshold_1", "threshold_2"])
+    data = {f"threshold_{c}": mdarray(np.full((NY, NX), 10 * c, np.uint32)) for c in (1, 2)}
+    decoder = StreamV2Decoder(channel="threshold_9")
+    out = feed(decoder, start, image_msg(0, data))
+    assert [m.type for m in out] == ["start", "frame"] and out[1].arrays["image"][0, 0] == 10
+    assert decoder.counters["unknown_channel"] == 1
+
+
 def test_frame_time_fallback_without_rational_times():
     msg = image_msg(2, {"threshold_1": mdarray(np.zeros((NY, NX), np.uint16))})
     for key in ("start_time", "stop_time", "real_time"):
@@ -365,8 +374,10 @@ def test_fake_eiger_to_source_over_zeromq(compression):
             if message.type == "end":
                 stop.set()
 
+    assert not sender.writable(0.0)  # nobody connected yet: a send would block
     thread = threading.Thread(target=consume)
     thread.start()
+    assert sender.writable(10.0)
     rng = np.random.default_rng(3)
     images = [rng.poisson(5, size=(64, 48)).astype(np.uint32) for _ in range(4)]
     mask = (rng.random((64, 48)) < 0.01).astype(np.uint32)
