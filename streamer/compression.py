@@ -58,6 +58,11 @@ def compress_lz4(data: bytes | memoryview | np.ndarray, block_bytes: int = 1 << 
     return b"".join(parts)
 
 
+def max_lz4_output(compressed_bytes: int) -> int:
+    """Upper bound of what ``compressed_bytes`` of LZ4 data can expand to (ratio <= 255, plus slack)."""
+    return 256 * compressed_bytes + 1024
+
+
 def declared_size(data: bytes | memoryview) -> int:
     """Uncompressed size in bytes declared by an HDF5-framed buffer's header."""
     if len(data) < _HEADER.size:
@@ -75,6 +80,8 @@ def decompress(data: bytes | memoryview, algorithm: str, elem_size: int, *, max_
     total = declared_size(data)
     if total > max_bytes:
         raise StreamDecodeError(f"compressed buffer declares {total} bytes, more than the limit {max_bytes}")
+    if total > max_lz4_output(len(data)):
+        raise StreamDecodeError(f"{len(data)} compressed bytes cannot hold the declared {total} bytes (LZ4 ratio <= 255)")
     try:
         out = _dectris_decompress(bytes(data), algorithm, elem_size=elem_size if algorithm == "bslz4" else 1)
     except (RuntimeError, ValueError) as exc:

@@ -12,9 +12,10 @@ The file is an append-only message log plus stacked arrays::
     /series/<id>/<type>/<array>        (rows, *shape) the arrays of that series' messages of that type,
                                        one row per message; a change of shape or dtype starts <array>.1, ...
 
-Raw detector images (``frame`` messages' ``image``) are kept only with ``raw_frames=True``,
-compressed with bitshuffle+LZ4 (hdf5plugin.Bitshuffle), one chunk per frame; everything else
-(patterns, fractions, posteriors, alerts, start masks, 1D profiles) is always kept. After each
+Raw detector images (``frame`` messages' ``image``) are kept only with ``raw_frames=True``;
+everything else (patterns, fractions, posteriors, alerts, start masks, 1D profiles) is always
+kept. Arrays of 1024 elements or more are compressed with bitshuffle+LZ4 (hdf5plugin.Bitshuffle),
+one chunk per message. After each
 message the file is flushed, so a recorder killed with SIGKILL leaves a file that opens and
 holds every message up to the last flushed one (readers take the shortest /log dataset's length).
 
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_NAME = "beamkin-recording"
 FORMAT_VERSION = 1
+#: Arrays of at least this many elements (images, masks, long patterns) are stored bitshuffle+LZ4 compressed.
+COMPRESS_MIN_ELEMENTS = 1024
 LOG_FIELDS = ("received_s", "type", "series_id", "frame_index", "header", "arrays")
 _STR = h5py.string_dtype("utf-8")
 
@@ -135,7 +138,7 @@ class Recorder:
 
     def _create_array_dataset(self, group: h5py.Group, key: str, message: Message, name: str, array: np.ndarray) -> h5py.Dataset:
         options: dict[str, Any] = {}
-        if message.type == "frame" and name == "image" and array.ndim == 2 and array.size:
+        if array.size >= COMPRESS_MIN_ELEMENTS and array.dtype.kind in "biuf":
             options = dict(hdf5plugin.Bitshuffle(nelems=0, cname="lz4"))
         return group.create_dataset(
             key, shape=(0, *array.shape), maxshape=(None, *array.shape), dtype=array.dtype,

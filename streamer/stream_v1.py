@@ -85,6 +85,8 @@ def decode_blob(blob: bytes, shape_yx: tuple[int, int], dtype: np.dtype, encodin
     nbytes = shape_yx[0] * shape_yx[1] * dtype.itemsize
     if nbytes > max_bytes:
         raise StreamDecodeError(f"image of {nbytes} bytes exceeds the limit {max_bytes}")
+    if encoding != "<" and nbytes > compression.max_lz4_output(len(blob)):
+        raise StreamDecodeError(f"{len(blob)} compressed bytes cannot hold a {list(shape_yx)} {dtype} image")
     if encoding == "<":
         raw = blob
     elif encoding == "lz4<":

@@ -168,3 +168,37 @@ def test_fake_eiger_v1_mode_over_zeromq(compression):
     np.testing.assert_array_equal(received[0].arrays["pixel_mask"], mask)
     for i in range(3):
         np.testing.assert_array_equal(received[1 + i].arrays["image"], img(i, np.uint32))
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+VALID_V1 = [header(1, detail="all", mask=np.zeros((NY, NX), np.uint32), appendix={"gas_time_s": 1.0}),
+            image(1, 0, img(0), "bs16-lz4< framed"), image(1, 1, img(1), "lz4<"), end(1)]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, len(VALID_V1) - 1), st.integers(0, 10), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)),
+                                                                      max_size=6),
+       st.integers(0, 10**6), st.lists(st.binary(max_size=40), max_size=3))
+def test_fuzz_v1_multiparts_never_escape(which, part, flips, cut, extra):
+    parts = [bytearray(p) for p in VALID_V1[which]]
+    target = parts[part % len(parts)]
+    for position, value in flips:
+        if target:
+            target[position % len(target)] = value
+    parts[part % len(parts)] = target[: cut % (len(target) + 1)]
+    parts = [bytes(p) for p in parts] + extra
+    decoder = StreamV1Decoder()
+    decoder.feed(VALID_V1[0])
+    decoder.feed(parts)
+    decoder.feed(VALID_V1[2])
+
+
+def test_lz4_image_claiming_an_impossible_size_is_rejected():
+    decoder = StreamV1Decoder()
+    bogus = [j({"htype": "dimage-1.0", "series": 1, "frame": 0, "hash": ""}),
+             j({"htype": "dimage_d-1.0", "shape": [8000, 8000], "type": "uint32", "encoding": "lz4<", "size": 4}),
+             b"\x00\x00\x00\x00"]  # 256 MB (below the size limit) from 4 bytes: impossible for LZ4
+    assert [m.type for m in feed(decoder, header(1), bogus)] == ["start"]
+    assert decoder.counters["malformed"] == 1
