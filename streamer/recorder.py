@@ -159,8 +159,9 @@ class Recorder:
 
 
 def run_recorder(endpoints: Iterable[str], path: str | Path, raw_frames: bool, stop_event: threading.Event,
-                 *, poll_ms: int = 100) -> Counter:
-    """SUBscribe to every message on the PUB ``endpoints`` and record them until ``stop_event`` is set.
+                 *, poll_ms: int = 100, drain_ms: int = 200) -> Counter:
+    """SUBscribe to every message on the PUB ``endpoints`` and record them until ``stop_event`` is set
+    (then until no message has arrived for ``drain_ms``).
 
     Returns the recorder's counters (messages per type, malformed, repeated).
     """
@@ -186,8 +187,8 @@ def run_recorder(endpoints: Iterable[str], path: str | Path, raw_frames: bool, s
                 log.warning("recorder dropping malformed message: %s", exc)
                 continue
             recorder.write(message)
-        # drain what already arrived
-        while poller.poll(0):
+        # record what is still arriving: stop only after drain_ms without a message
+        while poller.poll(drain_ms):
             try:
                 _, message = recv(socket)
             except ProtocolError:

@@ -105,7 +105,9 @@ def test_raw_frames_off_keeps_headers_and_everything_else(tmp_path):
 
 def test_run_recorder_records_everything_published(tmp_path):
     context = zmq.Context.instance()
-    raw, results = context.socket(zmq.PUB), context.socket(zmq.PUB)
+    # XPUB instead of PUB: it tells us when the recorder's subscription has arrived, so nothing
+    # is published before the recorder can receive it (no sleep for the slow-joiner problem)
+    raw, results = context.socket(zmq.XPUB), context.socket(zmq.XPUB)
     raw_port = raw.bind_to_random_port("tcp://127.0.0.1")
     results_port = results.bind_to_random_port("tcp://127.0.0.1")
     stop = threading.Event()
@@ -114,7 +116,9 @@ def test_run_recorder_records_everything_published(tmp_path):
     thread = threading.Thread(target=lambda: outcome.update(counters=run_recorder(
         [f"tcp://127.0.0.1:{raw_port}", f"tcp://127.0.0.1:{results_port}"], path, True, stop, poll_ms=20)))
     thread.start()
-    time.sleep(0.5)  # let the SUB connections complete (PUB drops messages before that)
+    for publisher in (raw, results):
+        assert publisher.poll(20_000), "the recorder never subscribed"
+        assert publisher.recv() == b"\x01"  # subscribe to everything
     send(raw, start_message())
     send(results, start_message())
     for i in range(5):
@@ -122,7 +126,9 @@ def test_run_recorder_records_everything_published(tmp_path):
         send(results, make("fraction", series_id="s1", frame_index=i, time_s=0.5 * i + 0.2, exposure_s=0.4,
                            alpha=0.1 * i, sigma_alpha=0.02, status="ok", reason=None))
     send(raw, make("end", series_id="s1", n_frames=5, reason="completed"))
-    time.sleep(0.5)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not any(m.type == "end" for _, m in read_messages(path, with_arrays=False)):
+        time.sleep(0.05)  # the file is readable while it is being written (flushed per message)
     stop.set()
     thread.join(timeout=10)
     raw.close(0)
