@@ -26,7 +26,7 @@ def frame(i, dtype=np.int32):
     return ((np.arange(24 * 30).reshape(24, 30) * 3 + 11 * i) % 1000).astype(dtype)
 
 
-def slow_write(path, data: bytes, pieces=4, pause=0.08):
+def slow_write(path, data: bytes, pieces=4, pause=0.06):
     """Write a file in pieces with pauses, as a detector writing over a network share would."""
     with open(path, "wb") as handle:
         for k in range(pieces):
@@ -43,7 +43,7 @@ def encoded(writer, tmp_path, name):
 
 
 def run_source(folder, options, writer, until_ends=1, timeout=60):
-    source = open_source(f"files:{folder}", {"poll_s": 0.03, "settle_polls": 2, **options})
+    source = open_source(f"files:{folder}", {"poll_s": 0.03, "settle_polls": 5, **options})
     stop = threading.Event()
     out = []
     thread = threading.Thread(target=writer)
