@@ -72,6 +72,7 @@ __all__ = [
     "windows_from_phases",
     "q_to_two_theta_deg",
     "load_reference_pattern",
+    "shifted_center_deg",
 ]
 
 FLAGGED_SIGMA = math.inf
@@ -243,6 +244,12 @@ class FractionConfig:
     optional sigma) of the pure phases recorded with equal flux and exposure; they set rho when
     reference_ratio_b_to_a is None (peak fits on both) and, background-subtracted, serve as the
     whole-pattern references (otherwise the model phases do).
+    position_search_rel, position_step_rel, position_min_snr: per frame, the lines of a phase
+    whose summed area exceeds position_min_snr standard deviations are moved together by the
+    relative change eps of sin(theta) in [-search, +search] that minimises chi^2 (grid of
+    position_step_rel, refined by a parabola through the best three points); a weaker phase keeps
+    the shift last determined confidently in the series (0 until then), since a shift chosen from
+    noise would inflate its area. 0 disables.
     """
 
     windows: list[WindowSpec]
@@ -258,6 +265,9 @@ class FractionConfig:
     background_terms: int = 6
     reference_pattern_a: str | None = None
     reference_pattern_b: str | None = None
+    position_search_rel: float = 0.004
+    position_step_rel: float = 0.0005
+    position_min_snr: float = 20.0
     phases: tuple[Phase, Phase] | None = None   # model phases (whole-pattern references)
 
     def __post_init__(self) -> None:
@@ -281,6 +291,8 @@ class FractionConfig:
                                  "(with reference_scale_a or pre-gas frames to learn R_A)")
         if self.background_terms < 1:
             raise ReductionError("background_terms must be >= 1")
+        if not (0.0 <= self.position_search_rel < 0.05 and self.position_step_rel > 0):
+            raise ReductionError("position_search_rel must be in [0, 0.05) and position_step_rel > 0")
 
     def span_deg(self) -> tuple[float, float]:
         """Smallest 2theta range (degrees) the configuration needs."""
@@ -313,6 +325,8 @@ class FractionConfig:
         out = {"method": self.method, "reference_ratio_b_to_a": self.reference_ratio_b_to_a,
                "learn_reference_frames": self.learn_reference_frames, "min_signal_sigma": self.min_signal_sigma,
                "n_reweight": self.n_reweight, "background_terms": self.background_terms,
+               "position_search_rel": self.position_search_rel, "position_step_rel": self.position_step_rel,
+               "position_min_snr": self.position_min_snr,
                "windows": [w.to_dict() for w in self.windows]}
         for key in ("reference_scale_a", "reference_scale_b", "wavelength_A", "whole_pattern_range_deg",
                     "reference_pattern_a", "reference_pattern_b"):
@@ -339,6 +353,7 @@ class FractionResult:
     sigma_amount_a: float = 0.0
     sigma_amount_b: float = 0.0
     time_s: float | None = None
+    position_shift_rel: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def flagged(cls, reason: str, time_s: float | None = None, peaks=None) -> "FractionResult":
@@ -353,33 +368,44 @@ def _bin_half_widths(x: np.ndarray) -> np.ndarray:
     return 0.5 * np.abs(np.gradient(x))
 
 
-def _line_response(response, line: Line) -> np.ndarray:
-    """Pattern bins of one area-normalised line through a pattern's model_response."""
-    half = np.zeros(1)
-
+def _line_law(center_deg: float, fwhm_deg: float, eta: float):
+    """Scattering law of one area-normalised line: pV at pixel-centre 2theta values (degrees)."""
     def law(tth):
+        tth = np.ascontiguousarray(tth, dtype=np.float64)
         out = np.zeros(tth.shape[0])
-        near = np.abs(tth - line.center_deg) < 60.0 * line.fwhm_deg
+        near = np.abs(tth - center_deg) < 60.0 * fwhm_deg
         xs = np.ascontiguousarray(tth[near])
-        out[near] = pseudo_voigt_bin_average(xs, np.broadcast_to(half, xs.shape).copy(), line.center_deg,
-                                             line.fwhm_deg, line.eta)
+        out[near] = pseudo_voigt_bin_average(xs, np.zeros(xs.shape[0]), center_deg, fwhm_deg, eta)
         return out
-    return response(law)
+    return law
+
+
+def shifted_center_deg(center_deg: float, eps: float) -> float:
+    """Line centre after a relative change eps of sin(theta) (d -> d / (1 + eps)):
+    2theta' = 2 asin((1 + eps) sin(2theta / 2)), degrees."""
+    s = (1.0 + eps) * math.sin(math.radians(center_deg) / 2.0)
+    return math.degrees(2.0 * math.asin(min(max(s, -1.0), 1.0)))
 
 
 class _PeaksModel:
     """Global linear model of all windows on one radial grid.
 
-    Line profiles come from the pattern's model_response when it has one (2D integration: the
-    exact binning and pixel sampling), else they are averaged analytically over each bin.
     Parameters: for each window w and each phase P with a line centred in w, a_P,w (the integrated
     intensity of those lines); for each window a constant and a slope. Lines of P near but not
     centred in w (tails reaching in) are scaled by the phase's mean amount per unit relative
-    intensity, sum_w' a_P,w' / sum_w' T_P,w', which keeps the model linear. Line profiles are
-    averaged over each bin (pseudo_voigt_bin_average)."""
+    intensity, sum_w' a_P,w' / sum_w' T_P,w', which keeps the model linear.
 
-    def __init__(self, windows: Sequence[WindowSpec], x_all: np.ndarray, response=None):
-        h_all = _bin_half_widths(x_all)
+    Line profiles come from the pattern's model_response when it has one (2D integration: the
+    exact binning and pixel sampling, restricted to the window bins), else they are averaged
+    analytically over each bin. Each phase's lines can be moved together by a relative change eps
+    of sin(theta) (lattice strain, miscalibration); the phase's columns are precomputed on a grid
+    of eps values and computed on demand elsewhere."""
+
+    def __init__(self, windows: Sequence[WindowSpec], x_all: np.ndarray, response=None,
+                 eps_grid: np.ndarray | None = None):
+        self.x_all = x_all
+        self.h_all = _bin_half_widths(x_all)
+        self.response = response
         self.windows = list(windows)
         self.rows = []          # pattern indices per window
         self.areas = []         # (window index, phase, parameter index, T_P,w)
@@ -398,49 +424,76 @@ class _PeaksModel:
             self.bg_index.append((n_par, n_par + 1))
             n_par += 2
         self.n_par = n_par
-        total_t = {p: sum(t for (_, q, _, t) in self.areas if q == p) for p in ("A", "B")}
-        self.total_t = total_t
-        row_offsets = np.cumsum([0] + [r.shape[0] for r in self.rows])
-        design = np.zeros((row_offsets[-1], n_par))
-        self.centers, self.fwhm = {}, {}
-        for wi, spec in enumerate(self.windows):
-            sel = self.rows[wi]
-            x, h = x_all[sel], h_all[sel]
-            r0, r1 = row_offsets[wi], row_offsets[wi + 1]
-            for p in ("A", "B"):
-                centred = np.zeros(x.shape[0])
-                tail = np.zeros(x.shape[0])
-                for l in spec.lines:
-                    if l.phase != p:
-                        continue
-                    if response is None:
-                        shape = pseudo_voigt_bin_average(x, h, l.center_deg, l.fwhm_deg, l.eta)
-                    else:
-                        shape = _line_response(response, l)[sel]
-                    prof = l.relative_intensity * shape
-                    if spec.lo_deg <= l.center_deg <= spec.hi_deg:
-                        centred += prof
-                    else:
-                        tail += prof
-                own = [(j, t) for (w2, q, j, t) in self.areas if w2 == wi and q == p]
-                if own:
-                    j, t = own[0]
-                    design[r0:r1, j] += centred / t
-                    ls = [l for l in spec.lines if l.phase == p and spec.lo_deg <= l.center_deg <= spec.hi_deg]
-                    self.centers[(wi, p)] = sum(l.center_deg * l.relative_intensity for l in ls) / t
-                    self.fwhm[(wi, p)] = max(ls, key=lambda l: l.relative_intensity).fwhm_deg
-                if np.any(tail) and total_t[p] > 0:
-                    for (_, q, j2, _) in self.areas:
-                        if q == p:
-                            design[r0:r1, j2] += tail / total_t[p]
-            mid = 0.5 * (spec.lo_deg + spec.hi_deg)
-            half = 0.5 * (spec.hi_deg - spec.lo_deg)
-            b0, b1 = self.bg_index[wi]
-            design[r0:r1, b0] = 1.0
-            design[r0:r1, b1] = (x - mid) / half
-        self.design = design
+        self.total_t = {p: sum(t for (_, q, _, t) in self.areas if q == p) for p in ("A", "B")}
+        self.row_offsets = np.cumsum([0] + [r.shape[0] for r in self.rows])
         self.pattern_rows = np.concatenate(self.rows)
         self.row_window = np.repeat(np.arange(len(self.windows)), [r.shape[0] for r in self.rows])
+        base = np.zeros((self.row_offsets[-1], n_par))
+        for wi, spec in enumerate(self.windows):
+            x = x_all[self.rows[wi]]
+            r0, r1 = self.row_offsets[wi], self.row_offsets[wi + 1]
+            b0, b1 = self.bg_index[wi]
+            base[r0:r1, b0] = 1.0
+            base[r0:r1, b1] = (x - 0.5 * (spec.lo_deg + spec.hi_deg)) / (0.5 * (spec.hi_deg - spec.lo_deg))
+        self.base = base
+        self.centers, self.fwhm = {}, {}
+        for (wi, p, j, t) in self.areas:
+            spec = self.windows[wi]
+            ls = [l for l in spec.lines if l.phase == p and spec.lo_deg <= l.center_deg <= spec.hi_deg]
+            self.centers[(wi, p)] = sum(l.center_deg * l.relative_intensity for l in ls) / t
+            self.fwhm[(wi, p)] = max(ls, key=lambda l: l.relative_intensity).fwhm_deg
+        self.eps_grid = np.zeros(1) if eps_grid is None else np.asarray(eps_grid, float)
+        self.grid_columns = {p: np.stack([self.phase_columns(p, e) for e in self.eps_grid]) for p in ("A", "B")}
+        self.i0 = int(np.argmin(np.abs(self.eps_grid)))
+        self._cache: dict[str, dict[float, np.ndarray]] = {}
+        self.design = self.base + self.grid_columns["A"][self.i0] + self.grid_columns["B"][self.i0]
+
+    def _profile(self, wi: int, line: Line, eps: float) -> np.ndarray:
+        sel = self.rows[wi]
+        c = shifted_center_deg(line.center_deg, eps) if eps else line.center_deg
+        if self.response is None:
+            return pseudo_voigt_bin_average(self.x_all[sel], self.h_all[sel], c, line.fwhm_deg, line.eta)
+        return self.response(_line_law(c, line.fwhm_deg, line.eta), rows=sel)
+
+    def phase_columns(self, phase: str, eps: float) -> np.ndarray:
+        """Design-matrix contribution (rows x parameters) of one phase's lines moved by eps."""
+        cols = np.zeros_like(self.base)
+        for wi, spec in enumerate(self.windows):
+            r0, r1 = self.row_offsets[wi], self.row_offsets[wi + 1]
+            centred = np.zeros(r1 - r0)
+            tail = np.zeros(r1 - r0)
+            for l in spec.lines:
+                if l.phase != phase:
+                    continue
+                prof = l.relative_intensity * self._profile(wi, l, eps)
+                if spec.lo_deg <= l.center_deg <= spec.hi_deg:
+                    centred += prof
+                else:
+                    tail += prof
+            own = [(j, t) for (w2, q, j, t) in self.areas if w2 == wi and q == phase]
+            if own:
+                j, t = own[0]
+                cols[r0:r1, j] += centred / t
+            if np.any(tail) and self.total_t[phase] > 0:
+                for (_, q, j2, _) in self.areas:
+                    if q == phase:
+                        cols[r0:r1, j2] += tail / self.total_t[phase]
+        return cols
+
+    def columns_at(self, phase: str, eps: float) -> np.ndarray:
+        """phase_columns from the grid, a small cache of recent off-grid values, or computed."""
+        k = np.flatnonzero(np.isclose(self.eps_grid, eps, rtol=0, atol=1e-12))
+        if k.size:
+            return self.grid_columns[phase][k[0]]
+        cache = self._cache.setdefault(phase, {})
+        if eps not in cache:
+            if len(cache) >= 8:
+                cache.pop(next(iter(cache)))
+            cache[eps] = self.phase_columns(phase, eps)
+        return cache[eps]
+
+    def design_at(self, eps_a: float, eps_b: float) -> np.ndarray:
+        return self.base + self.columns_at("A", eps_a) + self.columns_at("B", eps_b)
 
 
 def _bernstein(x: np.ndarray, lo: float, hi: float, n_terms: int) -> np.ndarray:
@@ -466,6 +519,7 @@ class PhaseFractionEstimator:
         self._model: _PeaksModel | None = None
         self._wp_cache = None
         self._learned_scale_a: list[float] = []
+        self._last_eps = {"A": 0.0, "B": 0.0}   # latest confident line shifts, used for weak phases
         self._reference_patterns = None
         self._rho = config.reference_ratio_b_to_a
         self.reference_scale_a = config.reference_scale_a
@@ -538,7 +592,12 @@ class PhaseFractionEstimator:
             return
         valid_lo, valid_hi = float(np.min(x)), float(np.max(x))
         self.check_range((valid_lo, valid_hi))
-        self._model = _PeaksModel(self.config.windows, x, response) if self.config.method == "peaks" else None
+        cfg = self.config
+        eps_grid = None
+        if cfg.position_search_rel > 0:
+            n = int(round(cfg.position_search_rel / cfg.position_step_rel))
+            eps_grid = np.arange(-n, n + 1) * cfg.position_step_rel
+        self._model = _PeaksModel(cfg.windows, x, response, eps_grid) if cfg.method == "peaks" else None
         self._response = response
         self._wp_cache = None
         self._grid_key = key
@@ -559,39 +618,78 @@ class PhaseFractionEstimator:
             return self._estimate_whole_pattern(x, y, s, ok, time_s)
         return self._estimate_peaks(y, s, ok, time_s)
 
+    def _refine_shift(self, m: "_PeaksModel", good, yy, ss, c, eps: dict, phase: str) -> float:
+        """eps of one phase minimising chi^2 on the grid (weights fixed from the current model),
+        refined by a parabola through the best grid point and its neighbours."""
+        pos = (yy > 0) & (ss > 0)
+        gmed = float(np.median(ss[pos] ** 2 / yy[pos])) if pos.any() else 1.0
+        g = np.where(pos, ss * ss / np.where(pos, yy, 1.0), gmed)
+        model = np.ascontiguousarray(m.design_at(eps["A"], eps["B"])[good]) @ c
+        var = g * np.maximum(model, 1e-3 * np.max(np.abs(model)))
+        grid = m.eps_grid
+        chi2 = np.empty(grid.shape[0])
+        other = "B" if phase == "A" else "A"
+        fixed = m.base + m.columns_at(other, eps[other])
+        for k in range(grid.shape[0]):
+            design = np.ascontiguousarray((fixed + m.grid_columns[phase][k])[good])
+            chi2[k] = weighted_linear_fit(design, yy, var)[2]
+        k = int(np.argmin(chi2))
+        if 0 < k < grid.shape[0] - 1:
+            curv = chi2[k - 1] - 2 * chi2[k] + chi2[k + 1]
+            if curv > 0:
+                step = grid[k + 1] - grid[k]
+                return float(grid[k] + 0.5 * step * (chi2[k - 1] - chi2[k + 1]) / curv)
+        return float(grid[k])
+
     def _fit_windows(self, y, s, ok):
         """Global fit of all windows. Returns (sums {P: S_P}, 2x2 covariance of (S_A, S_B),
-        reference sums {P: T_P}, peaks list) or a str reason when the frame cannot be fitted."""
+        reference sums {P: T_P}, peaks list, eps {P: shift}) or a str reason when the frame cannot
+        be fitted."""
         m = self._model
         good = ok[m.pattern_rows]
         n_good = np.bincount(m.row_window[good], minlength=len(m.windows))
         for wi, spec in enumerate(m.windows):
             if n_good[wi] < len(spec.phases_present()) + 3:
                 return f"window {spec.phase} [{spec.lo_deg}, {spec.hi_deg}] has {int(n_good[wi])} valid bins"
-        design = np.ascontiguousarray(m.design[good])
         yy = np.ascontiguousarray(y[m.pattern_rows][good])
         ss = np.ascontiguousarray(s[m.pattern_rows][good])
+        idx = {"A": np.array([j for (_, q, j, _) in m.areas if q == "A"]),
+               "B": np.array([j for (_, q, j, _) in m.areas if q == "B"])}
+        search = m.eps_grid.shape[0] > 1
+        eps = dict(self._last_eps) if search else {"A": 0.0, "B": 0.0}
+        design = np.ascontiguousarray(m.design_at(eps["A"], eps["B"])[good] if search else m.design[good])
         try:
             c, cv, chi2 = irls_linear_fit(design, yy, ss, self.config.n_reweight)
+            if search and np.all(np.isfinite(c)):
+                start = dict(eps)
+                confident = []
+                for p in ("A", "B"):
+                    var_p = cv[np.ix_(idx[p], idx[p])].sum()
+                    if var_p > 0 and c[idx[p]].sum() > self.config.position_min_snr * math.sqrt(var_p):
+                        eps[p] = self._refine_shift(m, good, yy, ss, c, eps, p)
+                        confident.append(p)
+                if eps != start:
+                    design = np.ascontiguousarray(m.design_at(eps["A"], eps["B"])[good])
+                    c, cv, chi2 = irls_linear_fit(design, yy, ss, self.config.n_reweight)
+                for p in confident:
+                    self._last_eps[p] = eps[p]
         except Exception as exc:  # singular normal equations
             return f"peak fit failed: {exc}"
         if not (np.all(np.isfinite(c)) and np.all(np.isfinite(cv))):
             return "non-finite peak fit"
         chi2_red = float(chi2 / max(design.shape[0] - design.shape[1], 1))
-        sel = {"A": [], "B": []}
         peaks = []
         for (wi, p, j, t) in m.areas:
-            sel[p].append(j)
             spec = m.windows[wi]
-            peaks.append({"phase": p, "center_deg": float(m.centers[(wi, p)]), "lo_deg": spec.lo_deg,
-                          "hi_deg": spec.hi_deg, "area": float(c[j]),
+            peaks.append({"phase": p, "center_deg": shifted_center_deg(m.centers[(wi, p)], eps[p]),
+                          "lo_deg": spec.lo_deg, "hi_deg": spec.hi_deg, "area": float(c[j]),
                           "sigma_area": float(math.sqrt(max(cv[j, j], 0.0))), "fwhm_deg": float(m.fwhm[(wi, p)]),
                           "chi2_reduced": chi2_red})
-        ia, ib = np.array(sel["A"]), np.array(sel["B"])
+        ia, ib = idx["A"], idx["B"]
         sums = {"A": float(c[ia].sum()), "B": float(c[ib].sum())}
         cov = np.array([[cv[np.ix_(ia, ia)].sum(), cv[np.ix_(ia, ib)].sum()],
                         [cv[np.ix_(ib, ia)].sum(), cv[np.ix_(ib, ib)].sum()]])
-        return sums, cov, dict(m.total_t), peaks
+        return sums, cov, dict(m.total_t), peaks, eps
 
     def _learn(self, scale_a: float, time_s: float | None) -> None:
         """Accumulate R_A from pre-gas frames (time_s < gas_time_s)."""
@@ -638,8 +736,10 @@ class PhaseFractionEstimator:
         fit = self._fit_windows(y, s, ok)
         if isinstance(fit, str):
             return FractionResult.flagged(fit, time_s)
-        sums, cov, tsum, peaks = fit
-        return self._finish(sums["A"], sums["B"], cov, tsum["A"], tsum["B"], peaks, time_s)
+        sums, cov, tsum, peaks, eps = fit
+        result = self._finish(sums["A"], sums["B"], cov, tsum["A"], tsum["B"], peaks, time_s)
+        result.position_shift_rel = dict(eps)
+        return result
 
     # ---------------------------------------------------------------- whole pattern
     def set_reference_patterns(self, ref_a: Pattern | tuple, ref_b: Pattern | tuple) -> None:
@@ -726,7 +826,7 @@ class PhaseFractionEstimator:
             fit = self._fit_windows(np.asarray(pat.intensity, float), np.asarray(pat.sigma, float), pat.valid)
             if isinstance(fit, str):
                 raise ReductionError(f"reference pattern {phase}: {fit}")
-            sums, _, tsum, _ = fit
+            sums, _, tsum, _, _ = fit
             res.append(sums[phase] / tsum[phase])
         self._grid_key = None   # the next frame sets up its own grid
         if not (res[0] > 0 and res[1] > 0):
