@@ -118,10 +118,11 @@ def read_master_start(path: str | Path, series_id: str, source: str) -> tuple[di
         raise StreamDecodeError(f"cannot read EIGER master file {path}: {exc}") from exc
 
 
-def iter_master_frames(path: str | Path, start_index: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+def iter_master_frames(path: str | Path, start_index: int = 0, *, missing_ok: bool = True) -> Iterator[tuple[int, np.ndarray]]:
     """(frame_index, image) of an EIGER master file's data, from ``start_index`` on, in order.
 
-    Stops at the first data file that is missing (a file series still being written).
+    A data file that cannot be opened ends the iteration (``missing_ok``: a file series still being
+    written) or raises KeyError.
     """
     index = 0
     with h5py.File(path, "r") as f:
@@ -129,7 +130,9 @@ def iter_master_frames(path: str | Path, start_index: int = 0) -> Iterator[tuple
             try:
                 dataset = f["entry/data"][name]
             except KeyError:
-                return
+                if missing_ok:
+                    return
+                raise
             for i in range(dataset.shape[0]):
                 if index >= start_index:
                     yield index, dataset[i]

@@ -204,8 +204,9 @@ class FolderSource:
             if not binary_section_complete(path, seen.size):
                 raise StreamDecodeError(f"{path.name}: binary section incomplete", "incomplete_file")
             if path.name.lower().endswith(MASTER_SUFFIX):
+                out = self._start_master(path)
                 self._done.add(path)
-                return self._start_master(path)
+                return out
             if path.name.lower().endswith(PROFILE_SUFFIXES):
                 two_theta, counts, sigma = read_profile(path)
                 arrays = {"two_theta_deg": two_theta, "counts": counts}
@@ -280,8 +281,8 @@ class FolderSource:
         return out
 
     def _start_master(self, path: Path) -> list[Message]:
-        out = self._end_series() if self.series.is_open else []
         fields, arrays = read_master_start(path, path.name[: -len(MASTER_SUFFIX)], self.spec)
+        out = self._end_series() if self.series.is_open else []
         if self.options.get("gas_time_s") is not None:
             fields["gas_time_s"] = float(self.options["gas_time_s"])
         out.extend(self.series.start(fields, arrays))
@@ -296,7 +297,7 @@ class FolderSource:
             for index, image in iter_master_frames(self._master, self._index):
                 out.extend(self.series.frame(None, index, {"image": image}))
                 self._index = index + 1
-        except (OSError, KeyError, ValueError) as exc:  # a data file still being written
+        except (OSError, KeyError, ValueError, RuntimeError) as exc:  # a data file still being written
             log.debug("EIGER data not readable yet (%s); retrying", exc)
         announced = self.series.start_fields.get("n_frames") if self.series.is_open else None
         if announced is not None and self._index >= announced:

@@ -144,14 +144,19 @@ class EigerMasterReplay:
         yield from assembler.start(fields, arrays)
         pacer = _Pacer(self.speed, stop_event)
         progress = _Progress(self.path.name, fields["n_frames"], self.progress)
-        stopped = False
-        for index, image in iter_master_frames(self.path):
-            if not pacer.wait(index * fields["frame_time_s"]):
-                stopped = True
-                break
-            yield from assembler.frame(None, index, {"image": image})
-            progress.update(index + 1)
-        yield from (assembler.close() if stopped else assembler.end(None))
+        aborted = False
+        try:
+            for index, image in iter_master_frames(self.path, missing_ok=False):
+                if not pacer.wait(index * fields["frame_time_s"]):
+                    aborted = True
+                    break
+                yield from assembler.frame(None, index, {"image": image})
+                progress.update(index + 1)
+        except (OSError, KeyError, ValueError, RuntimeError) as exc:  # missing or corrupt data file
+            self.counters["malformed"] += 1
+            log.error("cannot read the frames of %s: %s", self.path, exc, extra={"series_id": assembler.series_id})
+            aborted = True
+        yield from (assembler.close() if aborted else assembler.end(None))
 
 
 def open_replay(path: str, options: Mapping[str, Any] | None = None, *, spec: str | None = None):

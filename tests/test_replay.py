@@ -131,3 +131,13 @@ def test_replay_of_something_else_is_refused(tmp_path):
     path.write_bytes(b"not hdf5")
     with pytest.raises(ValueError, match="neither"):
         open_source(f"replay:{path}")
+
+
+def test_eiger_master_with_a_missing_data_file_ends_aborted(tmp_path):
+    images = np.arange(5 * 4 * 6, dtype=np.uint16).reshape(5, 4, 6)
+    master = write_eiger_master(tmp_path / "m_master.h5", images, frames_per_file=2, frame_time=0.1)
+    (tmp_path / "m_data_000002.h5").write_bytes(b"corrupt")
+    source = open_source(f"replay:{master}", {"speed": 0, "progress": False})
+    replayed = [m for _, m in collect(source)]
+    assert [m.type for m in replayed] == ["start", "frame", "frame", "end"]
+    assert replayed[-1]["reason"] == "aborted" and source.counters["malformed"] == 1
