@@ -88,31 +88,36 @@ class RecordingReplay:
 
     def messages(self, stop_event: threading.Event) -> Iterator[Message]:
         pacer = _Pacer(self.speed, stop_event)
-        total = sum(1 for _ in read_messages(self.path, self.types, with_arrays=False))
-        progress = _Progress(self.path.name, total, self.progress)
         open_series: str | None = None
         emitted = 0
-        for received_s, message in read_messages(self.path, self.types):
-            if not pacer.wait(received_s):
-                break
-            if message.type == "frame" and "image" not in message.arrays and "counts" not in message.arrays:
-                self.counters["frames_not_recorded"] += 1
-                continue
-            if message.type == "start":
-                if open_series is not None:
-                    self.counters["missing_end"] += 1
-                    yield make("end", series_id=open_series, n_frames=self.counters["frames_in_series"], reason="aborted")
-                open_series = message.series_id
-                self.counters["frames_in_series"] = 0
-            elif message.type == "frame":
-                self.counters["frames_in_series"] += 1
-                self.counters["frames"] += 1
-            elif message.type == "end" and message.series_id == open_series:
-                open_series = None
-            emitted += 1
-            self.counters["messages"] += 1
-            yield message
-            progress.update(emitted)
+        try:
+            total = sum(1 for _ in read_messages(self.path, self.types, with_arrays=False))
+            progress = _Progress(self.path.name, total, self.progress)
+            for received_s, message in read_messages(self.path, self.types):
+                if not pacer.wait(received_s):
+                    break
+                if message.type == "frame" and "image" not in message.arrays and "counts" not in message.arrays:
+                    self.counters["frames_not_recorded"] += 1
+                    continue
+                if message.type == "start":
+                    if open_series is not None:
+                        self.counters["missing_end"] += 1
+                        yield make("end", series_id=open_series, n_frames=self.counters["frames_in_series"], reason="aborted")
+                    open_series = message.series_id
+                    self.counters["frames_in_series"] = 0
+                elif message.type == "frame":
+                    self.counters["frames_in_series"] += 1
+                    self.counters["frames"] += 1
+                elif message.type == "end" and message.series_id == open_series:
+                    open_series = None
+                emitted += 1
+                self.counters["messages"] += 1
+                yield message
+                progress.update(emitted)
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:  # a damaged recording
+            self.counters["malformed"] += 1
+            log.error("replay of %s stopped at a damaged message: %s", self.path, exc)
+            progress = _Progress(self.path.name, None, self.progress)
         if open_series is not None:
             self.counters["missing_end"] += 1
             yield make("end", series_id=open_series, n_frames=self.counters["frames_in_series"], reason="aborted")

@@ -141,3 +141,16 @@ def test_eiger_master_with_a_missing_data_file_ends_aborted(tmp_path):
     replayed = [m for _, m in collect(source)]
     assert [m.type for m in replayed] == ["start", "frame", "frame", "end"]
     assert replayed[-1]["reason"] == "aborted" and source.counters["malformed"] == 1
+
+
+def test_damaged_recording_stops_cleanly(tmp_path):
+    import h5py
+
+    path = tmp_path / "rec.h5"
+    recorded_series(path, n_frames=4)
+    with h5py.File(path, "r+") as f:
+        f["log/header"][3] = "{not json"  # message 3 is the second frame
+    source = open_source(f"replay:{path}", {"speed": 0, "progress": False})
+    replayed = [m for _, m in collect(source)]
+    assert [m.type for m in replayed] == ["start", "frame", "end"]
+    assert replayed[-1]["reason"] == "aborted" and source.counters["malformed"] == 1
