@@ -211,6 +211,17 @@ def is_recording(path: str | Path) -> bool:
         return False
 
 
+def count_messages(path: str | Path, types: Iterable[str] | None = None) -> int:
+    """Number of messages (of the given types) in a recording, without decoding them."""
+    with h5py.File(path, "r") as f:
+        group = f["log"]
+        n = min(group[name].shape[0] for name in LOG_FIELDS)
+        if types is None:
+            return n
+        wanted = set(types)
+        return sum(1 for t in group["type"].asstr()[:n] if t in wanted)
+
+
 def read_messages(path: str | Path, types: Iterable[str] | None = None, *, with_arrays: bool = True):
     """Yield (received_s, Message) of a recording in recorded order; ``types`` filters by message type.
 

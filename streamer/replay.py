@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping
 from beamkin.protocol import Message, make
 from streamer.eiger_h5 import is_eiger_master, iter_master_frames, read_master_start
 from streamer.errors import StreamDecodeError
-from streamer.recorder import is_recording, read_messages
+from streamer.recorder import count_messages, is_recording, read_messages
 from streamer.series import SeriesAssembler
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class RecordingReplay:
         open_series: str | None = None
         emitted = 0
         try:
-            total = sum(1 for _ in read_messages(self.path, self.types, with_arrays=False))
+            total = count_messages(self.path, self.types)
             progress = _Progress(self.path.name, total, self.progress)
             for received_s, message in read_messages(self.path, self.types):
                 if not pacer.wait(received_s):
