@@ -71,10 +71,17 @@ class SeriesReport:
 
 
 def collect_series(messages: Iterable[Message]) -> list[SeriesReport]:
-    """Group messages by series; the ``result`` of a series overrides its last ``posterior``."""
+    """Group messages by series; the ``result`` of a series overrides its last ``posterior``.
+
+    Items may also be ``(received_s, Message)`` pairs, as ``streamer.recorder.read_messages``
+    yields them.
+    """
     series: dict[str, SeriesReport] = {}
     results: dict[str, dict] = {}
-    for message in messages:
+    for item in messages:
+        message = item[-1] if isinstance(item, tuple) else item
+        if not isinstance(message, Message):
+            raise ReportInputError(f"report input item is {type(message).__name__}, not a beamkin Message")
         sid = message.series_id
         if sid is None:
             continue

@@ -121,7 +121,8 @@ def test_report_without_alert_says_nothing_about_one(tmp_path):
               "model_averaged": {}, "alert": {"time": None, "frame_index": None}}
     path = tmp_path / "quiet.json"
     path.write_text(json.dumps(result))
-    page_html = build_report(load_analysis_json(path), tmp_path).read_text()
+    recorded = [(float(i), m) for i, m in enumerate(load_analysis_json(path))]  # as read_messages yields them
+    page_html = build_report(recorded, tmp_path).read_text()
     assert "Onset alert" not in page_html
     assert table_rows(page_html, "quiet")["F1"] == ["-3.00", "1.0000", "7.4000 ± 0.0300", "0.6200 ± 0.0200"]
 
@@ -133,6 +134,8 @@ def test_report_rejects_input_without_models(tmp_path):
         load_analysis_json(bad)
     with pytest.raises(ReportInputError, match="nothing to report"):
         build_report([], tmp_path)
+    with pytest.raises(ReportInputError, match="not a beamkin Message"):
+        build_report([{"type": "result"}], tmp_path)
     data = tmp_path / "data.csv"
     data.write_text("when,value\n1,2\n")
     good = tmp_path / "good.json"
