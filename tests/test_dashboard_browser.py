@@ -7,7 +7,6 @@ the paper-like F1 series of DESIGN.md section 7 (t0 = 7.4461 s, k = 0.6192 1/s, 
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 import urllib.request
