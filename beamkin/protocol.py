@@ -132,9 +132,10 @@ MESSAGE_FIELDS: dict[str, tuple[FieldSpec, ...]] = {
         _f("counters", dict),
     ),
     # reducer worker <-> streamer load balancing (DEALER -> ROUTER)
-    "ready": (
+    "ready": (  # sent on connection and every second as a heartbeat
         _f("worker", str),
-        _f("credit", int),  # how many more frames the worker accepts now
+        _f("capacity", int),  # how many frames the worker holds at once
+        _f("quiet_s", *_NUMBER, required=False),  # it may be silent this long (building an integrator)
     ),
     "done": (
         _f("worker", str),

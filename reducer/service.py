@@ -1,11 +1,10 @@
 """The reducer stage: worker processes that turn frames into 1D patterns and phase fractions.
 
 Each worker connects a DEALER socket to the streamer's ROUTER, announces how many frames it can
-hold (credit), and for every frame received sends a ``pattern`` and a ``fraction`` message to
-the inference stage, then ``done`` to the streamer (which frees the frame and returns the
-credit). Silence is a heartbeat failure: a worker sends ``ready`` with zero credit every second
-while idle so the streamer knows it is alive. The integrator is built once per series per
-worker (reducer.integrate) from the series' start message and reused for every frame.
+hold (``ready`` with its capacity, repeated every second as a heartbeat), and for every frame
+received sends a ``pattern`` and a ``fraction`` message to the inference stage, then ``done`` to
+the streamer (which forgets the frame). The integrator is built once per series per worker
+(reducer.integrate) from the series' start message and reused for every frame.
 
 ``beamkin reduce --workers N`` runs N such workers as child processes and restarts one that dies.
 """
@@ -93,67 +92,89 @@ def fraction_message(frame: protocol.Message, alpha, sigma_alpha, status: str, r
     )
 
 
-def run_worker(config: dict[str, Any], stop: threading.Event, name: str) -> int:
-    reducer_config = config["reducer"]
-    context = zmq.Context()
-    dealer = context.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.IDENTITY, name.encode())
-    dealer.setsockopt(zmq.LINGER, 1000)
-    dealer.connect(config["endpoints"]["frames"])
-    to_inference = sockets.pusher(context, config["endpoints"]["reduced"])
-    series: collections.OrderedDict[str, SeriesReduction | Exception] = collections.OrderedDict()
-    protocol.send(dealer, protocol.make("ready", worker=name, credit=int(reducer_config["credit"])))
-    log.info("reducer worker %s connected to %s", name, config["endpoints"]["frames"])
-    signal_ready()
-    last_sent = time.monotonic()
-    frames_reduced = 0
-    while not stop.is_set():
-        if not dealer.poll(200):
-            if time.monotonic() - last_sent >= HEARTBEAT_S:
-                protocol.send(dealer, protocol.make("ready", worker=name, credit=0))
-                last_sent = time.monotonic()
-            continue
+class Worker:
+    """One reducer worker: frames in from the streamer (DEALER), patterns and fractions out (PUSH).
+
+    Building the integrator of a new series (the pyFAI CSR matrix) takes seconds for a 1M-pixel
+    detector and holds the GIL, so no heartbeat can go out meanwhile: the worker first announces
+    how long it may be silent (``ready`` with ``quiet_s``), and the streamer waits that long
+    before declaring it lost.
+    """
+
+    def __init__(self, config: dict[str, Any], name: str):
+        self.name = name
+        self.reducer_config = config["reducer"]
+        self.capacity = max(1, int(self.reducer_config["credit"]))
+        self.context = zmq.Context()
+        self.dealer = self.context.socket(zmq.DEALER)
+        # a restarted worker must not inherit the frames its predecessor held: identity per process
+        self.dealer.setsockopt(zmq.IDENTITY, f"{name}/{os.getpid()}".encode())
+        self.dealer.setsockopt(zmq.LINGER, 1000)
+        self.dealer.connect(config["endpoints"]["frames"])
+        self.to_inference = sockets.pusher(self.context, config["endpoints"]["reduced"])
+        self.series: collections.OrderedDict[str, SeriesReduction | Exception] = collections.OrderedDict()
+        self.frames_reduced = 0
+        self.last_heartbeat = 0.0
+
+    def heartbeat(self, quiet_s: float = 0.0) -> None:
+        protocol.send(self.dealer, protocol.make("ready", worker=self.name, capacity=self.capacity, quiet_s=quiet_s))
+        self.last_heartbeat = time.monotonic()
+
+    def start_series(self, start: protocol.Message) -> None:
+        series_id = start["series_id"]
+        self.heartbeat(quiet_s=float(self.reducer_config["build_quiet_s"]))
+        began = time.perf_counter()
         try:
-            _, message = protocol.recv(dealer)
-        except protocol.ProtocolError as exc:
-            log.warning("malformed message from the streamer: %s", exc)
-            continue
-        if message.type == "start":
-            series_id = message["series_id"]
-            began = time.perf_counter()
-            try:
-                series[series_id] = SeriesReduction(message, reducer_config)
-                log.info("integrator ready in %.2f s", time.perf_counter() - began, extra={"series_id": series_id})
-            except Exception as exc:  # bad geometry etc.: every frame of the series gets flagged
-                series[series_id] = exc
-                log.error("cannot reduce series: %s", exc, extra={"series_id": series_id})
-            while len(series) > SERIES_KEPT:
-                series.popitem(last=False)
-            continue
-        if message.type != "frame":
-            log.warning("unexpected %s message from the streamer", message.type)
-            continue
-        context_ids = {"series_id": message["series_id"], "frame_index": message["frame_index"]}
-        reduction = series.get(message["series_id"])
+            self.series[series_id] = SeriesReduction(start, self.reducer_config)
+            log.info("integrator ready in %.2f s", time.perf_counter() - began, extra={"series_id": series_id})
+        except Exception as exc:  # bad geometry etc.: every frame of the series gets flagged
+            self.series[series_id] = exc
+            log.error("cannot reduce series: %s", exc, extra={"series_id": series_id})
+        self.heartbeat()
+        while len(self.series) > SERIES_KEPT:
+            self.series.popitem(last=False)
+
+    def reduce(self, frame: protocol.Message) -> None:
+        ids = {"series_id": frame["series_id"], "frame_index": frame["frame_index"]}
+        reduction = self.series.get(frame["series_id"])
         try:
             if reduction is None:
                 raise LookupError("no start message was received for this series")
             if isinstance(reduction, Exception):
                 raise reduction
-            pattern_message, fraction = reduction.reduce(message)
-            protocol.send(to_inference, pattern_message)
+            pattern_message, fraction = reduction.reduce(frame)
+            protocol.send(self.to_inference, pattern_message)
         except Exception as exc:  # the frame is flagged, never lost and never a crash
-            log.warning("frame not reduced: %s", exc, extra=context_ids)
-            fraction = fraction_message(message, None, None, "flagged", f"{type(exc).__name__}: {exc}")
-        protocol.send(to_inference, fraction)
-        protocol.send(dealer, protocol.make("done", worker=name, **{k: context_ids[k] for k in context_ids}))
-        last_sent = time.monotonic()
-        frames_reduced += 1
-    log.info("reducer worker %s stopping after %d frames", name, frames_reduced)
-    dealer.close(linger=0)
-    to_inference.close(linger=2000)
-    context.term()
-    return 0
+            log.warning("frame not reduced: %s", exc, extra=ids)
+            fraction = fraction_message(frame, None, None, "flagged", f"{type(exc).__name__}: {exc}")
+        protocol.send(self.to_inference, fraction)
+        protocol.send(self.dealer, protocol.make("done", worker=self.name, **ids))
+        self.frames_reduced += 1
+
+    def run(self, stop: threading.Event) -> int:
+        log.info("reducer worker %s connected to %s", self.name, self.dealer.getsockopt_string(zmq.LAST_ENDPOINT))
+        signal_ready()
+        while not stop.is_set():
+            if time.monotonic() - self.last_heartbeat >= HEARTBEAT_S:
+                self.heartbeat()
+            if not self.dealer.poll(100):
+                continue
+            try:
+                _, message = protocol.recv(self.dealer)
+            except protocol.ProtocolError as exc:
+                log.warning("malformed message from the streamer: %s", exc)
+                continue
+            if message.type == "start":
+                self.start_series(message)
+            elif message.type == "frame":
+                self.reduce(message)
+            else:
+                log.warning("unexpected %s message from the streamer", message.type)
+        log.info("reducer worker %s stopping after %d frames", self.name, self.frames_reduced)
+        self.dealer.close(linger=0)
+        self.to_inference.close(linger=2000)
+        self.context.term()
+        return 0
 
 
 def run_reducer(config: dict[str, Any], stop: threading.Event, worker_name: str | None = None) -> int:
@@ -161,7 +182,7 @@ def run_reducer(config: dict[str, Any], stop: threading.Event, worker_name: str 
     workers = int(config["reducer"]["workers"])
     base = worker_name or f"{socket.gethostname()}-{os.getpid()}"
     if workers <= 1:
-        return run_worker(config, stop, base if worker_name else f"{base}-0")
+        return Worker(config, base if worker_name else f"{base}-0").run(stop)
     supervisor = Supervisor(config)
     names = [f"{base}-{i}" for i in range(workers)]
     for name in names:

@@ -2,9 +2,10 @@
 
 Layers (after OnDA/OM): the *source* (streamer.sources) retrieves and normalises detector
 messages in its own thread; this module handles *parallelisation*: a ROUTER socket hands frames
-to reducer workers that ask for them (credit-based load balancing, like pyFAI's worker pool but
-across processes and hosts), remembers which worker holds which frame until the worker says
-``done``, and hands the frames of a worker that goes silent to another one, so no frame is lost.
+to the reducer workers that announced themselves (each holds at most its `capacity` frames;
+the least loaded gets the next one), remembers which worker holds which frame until the worker
+says ``done``, and hands the frames of a worker that goes silent to another one, so no frame is
+lost. A worker declared lost that speaks again simply joins anew.
 
 Messages: ``start``/``end`` go to the inference (PUSH) and to every worker before its first
 frame of that series; every message is published on the raw PUB for the recorder.
@@ -34,8 +35,9 @@ STATUS_PERIOD_S = 1.0
 class WorkerState:
     identity: bytes
     name: str
-    credit: int = 0
+    capacity: int = 0
     last_seen: float = field(default_factory=time.monotonic)
+    quiet_s: float = 0.0  # announced silence (building an integrator) on top of the timeout
     in_flight: dict[tuple[str, int], protocol.Message] = field(default_factory=dict)
     series_started: set[str] = field(default_factory=set)
 
@@ -65,11 +67,11 @@ class FrameDispatcher:
             log.info("reducer worker %s joined", worker.name)
         worker.last_seen = time.monotonic()
         if message.type == "ready":
-            worker.credit += message["credit"]
+            worker.capacity = message["capacity"]
+            worker.quiet_s = float(message.get("quiet_s", 0.0))
         elif message.type == "done":
             key = (message["series_id"], message["frame_index"])
             if worker.in_flight.pop(key, None) is not None:
-                worker.credit += 1
                 self.counters["frames_done"] += 1
         else:
             self.counters["unexpected_worker_messages"] += 1
@@ -78,7 +80,7 @@ class FrameDispatcher:
     def expire_silent_workers(self) -> None:
         now = time.monotonic()
         for identity, worker in list(self.workers.items()):
-            if now - worker.last_seen > self.worker_timeout_s:
+            if now - worker.last_seen > self.worker_timeout_s + worker.quiet_s:
                 self._lose_worker(identity, f"silent for {now - worker.last_seen:.1f} s")
 
     def _lose_worker(self, identity: bytes, why: str) -> None:
@@ -93,12 +95,12 @@ class FrameDispatcher:
 
     # -- dispatch ----------------------------------------------------------------------
     def dispatch(self) -> None:
-        """Send pending frames to workers with credit, the one with most credit first."""
+        """Send pending frames to workers below capacity, the least loaded first."""
         while self.pending:
-            ready = [w for w in self.workers.values() if w.credit > 0]
+            ready = [w for w in self.workers.values() if len(w.in_flight) < w.capacity]
             if not ready:
                 return
-            worker = max(ready, key=lambda w: w.credit)
+            worker = min(ready, key=lambda w: len(w.in_flight) / w.capacity)
             frame = self.pending.popleft()
             series_id = frame["series_id"]
             try:
@@ -110,7 +112,6 @@ class FrameDispatcher:
                 self.pending.appendleft(frame)
                 self._lose_worker(worker.identity, f"unreachable ({exc})")
                 continue
-            worker.credit -= 1
             worker.in_flight[(series_id, frame["frame_index"])] = frame
             self.counters["frames_dispatched"] += 1
 

@@ -29,7 +29,7 @@ EXAMPLES = {
                   leading_model="F1", leading_probability=0.9, onset_probability=0.995),
     "result": dict(series_id="s1", result={"models": {}}),
     "status": dict(stage="inference", series_id="s1", counters={"frames_received": 3}),
-    "ready": dict(worker="w1", credit=2),
+    "ready": dict(worker="w1", capacity=2),
     "done": dict(worker="w1", series_id="s1", frame_index=3),
 }
 
