@@ -97,10 +97,6 @@ class StreamV2Sender:
         self._series_number = 0
         self._series: dict[str, Any] | None = None
 
-    def writable(self, timeout_s: float) -> bool:
-        """True when a message can be sent now without blocking (a receiver is connected and keeping up)."""
-        return bool(self._socket.poll(int(timeout_s * 1000), zmq.POLLOUT))
-
     def writable(self, timeout_s: float = 0.0) -> bool:
         """True if a message can be sent now without blocking (a receiver is connected and keeping
         up); waits up to ``timeout_s`` seconds for that."""
