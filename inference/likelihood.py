@@ -245,3 +245,61 @@ def alpha_curves(code, params, times, out):
         n = params[i, 4]
         for g in range(times.shape[0]):
             out[i, g] = A * alpha_of_x(code, k * (times[g] - t0), n)
+
+
+def _mh_sweep_impl(code, theta, cur_ll, free_cols, lo, hi, mean, chol, chol_inv, rw_step, z, use_ind, log_u,
+                   m, pending, lam, t_lo, t_hi, y, sig2, cy, cy2, homo_var, kind, nu, accepted):
+    """One Metropolis-Hastings sweep over all particles (in place), random numbers given.
+
+    Proposal per particle i (free coordinates x, d of them; L = chol, cov = L L^T):
+    independent x' = mean + L z_i when use_ind[i], else random walk x' = x + rw_step L z_i.
+    Accept when x' is inside the prior box [lo, hi] and
+    log_u[i] < loglik(x') - loglik(x) + [independent: log q(x) - log q(x')].
+    """
+    sc = _student_const(nu)
+    d = free_cols.shape[0]
+    for i in numba.prange(theta.shape[0]):
+        prop = theta[i].copy()
+        step = np.zeros(d)
+        for a in range(d):
+            acc = 0.0
+            for b in range(a + 1):
+                acc += chol[a, b] * z[i, b]
+            step[a] = acc
+        inside = True
+        log_q = 0.0
+        if use_ind[i]:
+            maha_x = 0.0
+            maha_p = 0.0
+            for a in range(d):
+                acc = 0.0
+                for b in range(a + 1):
+                    acc += chol_inv[a, b] * (theta[i, free_cols[b]] - mean[b])
+                maha_x += acc * acc
+                maha_p += z[i, a] * z[i, a]
+            log_q = -0.5 * maha_x + 0.5 * maha_p
+        for a in range(d):
+            c = free_cols[a]
+            if use_ind[i]:
+                v = mean[a] + step[a]
+            else:
+                v = theta[i, c] + rw_step * step[a]
+            if not (v >= lo[a] and v <= hi[a]):
+                inside = False
+            prop[c] = v
+        accepted[i] = False
+        if not inside:
+            continue
+        ll = particle_history_loglik(code, prop, m, t_lo, t_hi, y, sig2, cy, cy2, homo_var, kind, nu, sc)
+        if pending >= 0 and lam > 0.0:
+            ll += lam * _particle_frame_loglik(code, prop, t_lo[pending], t_hi[pending], y[pending],
+                                               sig2[pending], kind, nu, sc)
+        if log_u[i] < ll - cur_ll[i] + log_q:
+            for c in range(theta.shape[1]):
+                theta[i, c] = prop[c]
+            cur_ll[i] = ll
+            accepted[i] = True
+
+
+mh_sweep = numba.njit(cache=True)(_mh_sweep_impl)
+mh_sweep_parallel = numba.njit(cache=True, parallel=True)(_mh_sweep_impl)

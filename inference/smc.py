@@ -168,11 +168,11 @@ class ModelSampler:
 
     def __init__(self, name: str, priors: Priors, n_particles: int, rng: np.random.Generator,
                  history: FrameHistory, noise_kind: int, student_nu: float, ess_threshold: float,
-                 move_fraction: float = 0.99, min_sweeps: int = 4, max_sweeps: int = 30,
+                 move_fraction: float = 0.95, min_sweeps: int = 3, max_sweeps: int = 30,
                  independent_fraction: float = 0.5, parallel: bool = False):
         self.name = name
-        self._kernels = ((lk.frame_loglik_parallel, lk.history_loglik_parallel) if parallel
-                         else (lk.frame_loglik, lk.history_loglik))
+        self._kernels = ((lk.frame_loglik_parallel, lk.history_loglik_parallel, lk.mh_sweep_parallel) if parallel
+                         else (lk.frame_loglik, lk.history_loglik, lk.mh_sweep))
         self.code = model_code(name)
         self.priors = priors
         self.n = int(n_particles)
@@ -277,7 +277,6 @@ class ModelSampler:
         self.tempering_steps = steps
         if self.ess() < self.ess_threshold * self.n:
             self._resample_move(m_hist=j + 1, pending=-1, lam=0.0)
-        self._version += 1
 
     # ------------------------------------------------------------------ rejuvenation
     def _resample_move(self, m_hist: int, pending: int, lam: float) -> None:
@@ -286,6 +285,7 @@ class ModelSampler:
         self.cur_ll = self.cur_ll[idx]
         self.logw = np.full(self.n, -math.log(self.n))
         self.rejuvenations += 1
+        self._version += 1  # particle values changed: cached sort orders are stale
         if self.free:
             self._move(m_hist, pending, lam)
 
@@ -305,34 +305,24 @@ class ModelSampler:
         chol_inv = np.linalg.inv(chol)
         rw_step = 2.38 / math.sqrt(d) * self.rw_scale
         moved = np.zeros(self.n, dtype=bool)
+        accept = np.zeros(self.n, dtype=np.bool_)
         tried = accepted = 0
         tried_rw = accepted_rw = 0
-        proposal = self.theta.copy()
+        h = self.history
         for sweep in range(self.max_sweeps):
             z = self.rng.standard_normal((self.n, d))
             use_ind = self.rng.random(self.n) < self.independent_fraction
             log_u = np.log(self.rng.random(self.n))
-            x = self.theta[:, cols]
-            step = z @ chol.T
-            prop = np.where(use_ind[:, None], mean + step, x + rw_step * step)
-            # independent proposal ratio log q(x) - log q(prop), q = N(mean, cov)
-            maha_x = np.sum(((x - mean) @ chol_inv.T) ** 2, axis=1)
-            maha_p = np.sum(z * z, axis=1)
-            log_q_ratio = np.where(use_ind, -0.5 * maha_x + 0.5 * maha_p, 0.0)
-            inside = np.all((prop >= self.lo) & (prop <= self.hi), axis=1)
-            proposal[:, cols] = prop
-            ll_prop = self._history_loglik(proposal, m_hist, pending, lam)
-            with np.errstate(invalid="ignore"):
-                log_ratio = ll_prop - self.cur_ll + log_q_ratio
-            accept = inside & (log_u < log_ratio)
-            self.theta[accept] = proposal[accept]
-            self.cur_ll[accept] = ll_prop[accept]
+            self._kernels[2](self.code, self.theta, self.cur_ll, cols, self.lo, self.hi, mean, chol, chol_inv,
+                             rw_step, z, use_ind, log_u, int(m_hist), int(pending), float(lam), h.t_lo, h.t_hi,
+                             h.y, h.sig2, h.cy, h.cy2, h.homo_var, self.noise_kind, self.nu, accept)
             moved |= accept
             tried += self.n
-            accepted += int(accept.sum())
+            n_acc = int(accept.sum())
+            accepted += n_acc
             rw = ~use_ind
             tried_rw += int(rw.sum())
-            accepted_rw += int((accept & rw).sum())
+            accepted_rw += n_acc - int((accept & use_ind).sum())
             if sweep + 1 >= self.min_sweeps and moved.mean() >= self.move_fraction:
                 break
         self.acceptance_rate = accepted / tried
@@ -445,6 +435,12 @@ class OnlineInference:
             history_k(0, params, 2, 2, 0.5, h.t_lo, h.t_hi, h.y, h.sig2, h.cy, h.cy2, h.homo_var,
                       kind, 4.0, out)
         lk.alpha_curves(0, params, h.t_mid[:3].copy(), curves)
+        sweep = lk.mh_sweep_parallel if self.parallel else lk.mh_sweep
+        cols = np.array([0, 1, 2], dtype=np.int64)
+        eye = np.eye(3)
+        sweep(0, params, out, cols, np.full(3, -10.0), np.full(3, 10.0), np.zeros(3), eye, eye, 0.1,
+              np.zeros((4, 3)), np.zeros(4, dtype=np.bool_), np.full(4, -1.0), 2, 2, 0.5, h.t_lo, h.t_hi,
+              h.y, h.sig2, h.cy, h.cy2, h.homo_var, lk.NOISE_NORMAL, 4.0, np.zeros(4, dtype=np.bool_))
 
     @property
     def n_frames(self) -> int:
