@@ -785,8 +785,8 @@ class PhaseFractionEstimator:
             pa = np.interp(xs, xa, ya, left=0.0, right=0.0)
             pb = np.interp(xs, xb, yb, left=0.0, right=0.0)
         elif self.config.phases is not None and self._response is not None:
-            pa = self._response(self.config.phases[0].pattern)[sel]
-            pb = self._response(self.config.phases[1].pattern)[sel]
+            pa = self._response(self.config.phases[0].pattern, rows=sel)
+            pb = self._response(self.config.phases[1].pattern, rows=sel)
         elif self.config.phases is not None:
             width = 2.0 * _bin_half_widths(xs)
             pa = self.config.phases[0].pattern(xs, bin_width_deg=width)
