@@ -12,6 +12,7 @@ import json
 import logging
 import signal
 import sys
+import tempfile
 import threading
 from typing import Any, Callable
 
@@ -135,7 +136,11 @@ def _supervised(config: dict[str, Any], with_simulator: bool, once: bool) -> int
         config["streamer"]["once"] = True
         config["inference"]["once"] = True
     if with_simulator:
-        config["streamer"]["source"] = "dectris2:" + config["simulator"]["endpoint"]
+        from streamer.simulator import source_for
+        if config["simulator"]["mode"] == "profile" and not config["simulator"]["profile_folder"]:
+            config["simulator"]["profile_folder"] = tempfile.mkdtemp(prefix="beamkin-profiles-")
+        config["streamer"]["source"], source_options = source_for(config["simulator"])
+        config["streamer"].update(source_options)
     supervisor = Supervisor(config)
     dash = config["dashboard"]
     try:

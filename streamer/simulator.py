@@ -7,15 +7,20 @@ fraction follows a kinetic model (inference.models): for frame j with exposure w
     alpha_j = (1/e) * integral over the window of  A * alpha_model( k (t - t0) ) dt,   alpha = 0 for t < t0,
 
 with t0 in seconds from the series start, k in 1/s and A the final extent. Frames go out as
-DECTRIS Stream V2 (CBOR, bslz4) on a bound PUSH socket (port 31001 by default), paced at the
-experiment's frame rate times ``speed``, so the whole real receiving path is exercised.
+DECTRIS Stream V2 (CBOR, bslz4; or Stream V1 JSON multipart with ``protocol = "v1"``) on a bound
+PUSH socket (port 31001 by default), paced at the experiment's frame rate times ``speed``, so
+the whole real receiving path is exercised. With ``mode = "profile"`` the simulator is a
+MYTHEN-like strip detector instead: each frame is a 1D profile (2theta step 0.006 degrees)
+written as a three-column ``.xye`` file into a folder, the way BL02B2 data appear on disk.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,9 +74,56 @@ def stream_v2_start_fields(metadata: dict[str, Any], options: dict[str, Any]) ->
     return {k: v for k, v in fields.items() if v is not None}
 
 
+def stream_v1_config(metadata: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """The SIMPLON detector configuration (Stream V1 dheader "config" part) of the experiment."""
+    v2 = stream_v2_start_fields(metadata, options)
+    return {
+        "description": v2["detector_description"],
+        "x_pixels_in_detector": v2["image_size_x"], "y_pixels_in_detector": v2["image_size_y"],
+        "x_pixel_size": v2["pixel_size_x"], "y_pixel_size": v2["pixel_size_y"],
+        "beam_center_x": v2["beam_center_x"], "beam_center_y": v2["beam_center_y"],
+        "detector_distance": v2["detector_distance"], "wavelength": v2["incident_wavelength"],
+        "count_time": v2["count_time"], "frame_time": v2["frame_time"],
+        "nimages": v2["number_of_images"], "ntrigger": 1,
+        "countrate_correction_count_cutoff": v2.get("saturation_value"),
+    }
+
+
+class ProfileFolderWriter:
+    """MYTHEN-like output: frame i becomes FOLDER/PREFIX_iiiii.xye (2theta deg, counts, sigma).
+
+    Each file is written under a temporary name and renamed, so a reader never sees half a file.
+    """
+
+    def __init__(self, folder: str, prefix: str):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+
+    def write(self, index: int, two_theta_deg: np.ndarray, counts: np.ndarray, start_s: float, exposure_s: float) -> Path:
+        path = self.folder / f"{self.prefix}_{index:05d}.xye"
+        partial = path.with_suffix(".partial")
+        sigma = np.sqrt(np.maximum(counts, 1.0))
+        header = f"beamkin simulated MYTHEN profile, frame {index}, start {start_s:.6f} s, exposure {exposure_s:.6f} s\n2theta_deg counts sigma"
+        np.savetxt(partial, np.column_stack([two_theta_deg, counts, sigma]), fmt=("%.4f", "%.0f", "%.3f"), header=header)
+        os.replace(partial, path)
+        return path
+
+
+def source_for(options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The streamer source spec (and source options) that receives what the simulator sends."""
+    if options.get("mode", "image") == "profile":
+        timing = {key: options[key] for key in ("frame_time_s", "exposure_s", "n_frames", "gas_time_s")}
+        from streamer.synthetic import default_metadata
+        timing["wavelength_A"] = default_metadata()["geometry"]["wavelength_A"]
+        return f"files:{options['profile_folder']}", timing
+    scheme = "dectris1" if options.get("protocol", "v2") == "v1" else "dectris2"
+    return f"{scheme}:{options['endpoint']}", {}
+
+
 def run_simulator(options: dict[str, Any], stop: threading.Event) -> int:
-    """Send `repeat` simulated series on options['endpoint'] (see defaults.toml [simulator])."""
-    from streamer.fake_eiger import StreamV2Sender
+    """Send `repeat` simulated series (see defaults.toml [simulator])."""
+    from streamer.fake_eiger import StreamV1Sender, StreamV2Sender
     from streamer.synthetic import SyntheticPowderDetector, default_metadata
 
     frame_time, exposure = float(options["frame_time_s"]), float(options["exposure_s"])
@@ -85,16 +137,37 @@ def run_simulator(options: dict[str, Any], stop: threading.Event) -> int:
     alphas = exposure_averaged_alpha(options["model"], options["t0_s"], options["k_per_s"], options["extent"],
                                      options["n_exponent"], mid_times, exposure)
     speed = float(options["speed"])
-    sender = StreamV2Sender(options["endpoint"], compression="bslz4")
-    log.info("fake EIGER bound at %s: %s kinetics, t0 = %.4f s, k = %.4f 1/s, %d frames of %.3f s, speed x%g",
-             sender.endpoint, options["model"], options["t0_s"], options["k_per_s"], n_frames, frame_time, speed)
+    mode, wire = options.get("mode", "image"), options.get("protocol", "v2")
+    if mode not in ("image", "profile"):
+        raise ValueError(f"simulator mode must be 'image' or 'profile', not {mode!r}")
+    if wire not in ("v1", "v2"):
+        raise ValueError(f"simulator protocol must be 'v1' or 'v2', not {wire!r}")
+    if mode == "profile":
+        if not options.get("profile_folder"):
+            raise ValueError("simulator mode 'profile' needs profile_folder")
+        sender = None
+        where = f"profiles in {options['profile_folder']}"
+    else:
+        sender = (StreamV2Sender if wire == "v2" else StreamV1Sender)(options["endpoint"], compression="bslz4")
+        where = f"fake EIGER (Stream {wire.upper()}) bound at {sender.endpoint}"
+    log.info("%s: %s kinetics, t0 = %.4f s, k = %.4f 1/s, %d frames of %.3f s, speed x%g", where,
+             options["model"], options["t0_s"], options["k_per_s"], n_frames, frame_time, speed)
     pixel_mask = detector.gap_mask.astype(np.uint32)
     try:
         for repeat in range(int(options.get("repeat", 1))):
             fields = stream_v2_start_fields(metadata, options)
-            if repeat and "series_unique_id" in fields:
-                fields["series_unique_id"] += f"-{repeat}"
-            sender.send_start(fields, pixel_mask=pixel_mask)
+            series_name = fields.get("series_unique_id") or time.strftime("sim_%Y%m%d_%H%M%S")
+            if repeat:
+                series_name += f"-{repeat}"
+                if "series_unique_id" in fields:
+                    fields["series_unique_id"] = series_name
+            if sender is None:
+                writer = ProfileFolderWriter(options["profile_folder"], series_name)
+            elif wire == "v2":
+                sender.send_start(fields, pixel_mask=pixel_mask)
+            else:
+                sender.send_start(stream_v1_config(metadata, options), pixel_mask=pixel_mask,
+                                  appendix=fields["user_data"])
             began = time.monotonic()
             for index in range(n_frames):
                 start_s = index * frame_time
@@ -102,18 +175,24 @@ def run_simulator(options: dict[str, Any], stop: threading.Event) -> int:
                     delay = began + (start_s + exposure) / speed - time.monotonic()
                     if delay > 0 and stop.wait(delay):
                         break
-                image = detector.image(float(alphas[index]), exposure)
-                while not stop.is_set() and not sender.writable(0.2):
-                    pass  # no receiver, or it is behind: wait (backpressure), but stay stoppable
-                if stop.is_set():
-                    break
-                sender.send_image(index, image, start_s, start_s + exposure)
+                if sender is None:
+                    two_theta, counts = detector.profile(float(alphas[index]), exposure)
+                    writer.write(index, two_theta, counts, start_s, exposure)
+                else:
+                    image = detector.image(float(alphas[index]), exposure)
+                    while not stop.is_set() and not sender.writable(0.2):
+                        pass  # no receiver, or it is behind: wait (backpressure), but stay stoppable
+                    if stop.is_set():
+                        break
+                    sender.send_image(index, image, start_s, start_s + exposure)
                 if index % 10 == 0 or index == n_frames - 1:
                     log.info("sent frame %d/%d (t = %.2f s, true alpha = %.3f)", index + 1, n_frames,
                              mid_times[index], alphas[index], extra={"frame_index": index})
             if stop.is_set():
                 break
-            sender.send_end()
+            if sender is not None:
+                sender.send_end()
     finally:
-        sender.close(linger_s=0 if stop.is_set() else 5.0)
+        if sender is not None:
+            sender.close(linger_s=0 if stop.is_set() else 5.0)
     return 0

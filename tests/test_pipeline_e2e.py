@@ -20,6 +20,7 @@ import pytest
 import zmq
 
 from beamkin import protocol
+from streamer.recorder import read_messages
 from beamkin.loopback import LoopbackPorts, beamkin_process, processes_with_environment, results_listener
 
 TRUE_T0_S = 7.4461
@@ -38,7 +39,9 @@ def test_demo_pipeline_recovers_simulated_kinetics(tmp_path, ports):
     result_path = tmp_path / "result.json"
     context = zmq.Context()
     listener = results_listener(context, ports)
-    demo = beamkin_process("demo", "--once", "--speed", "4", "--json", str(result_path), *ports.options(),
+    recording = tmp_path / "series.h5"
+    demo = beamkin_process("demo", "--once", "--speed", "4", "--json", str(result_path), "--record", str(recording),
+                           *ports.options(),
                    "--simulator.n_frames", str(N_FRAMES), "--simulator.seed", "3")
     messages: list[protocol.Message] = []
     dashboard_page = None
@@ -83,6 +86,11 @@ def test_demo_pipeline_recovers_simulated_kinetics(tmp_path, ports):
     assert first_frame_after_onset <= alerts[0]["frame_index"] <= first_frame_after_onset + 3
     assert result["alert"]["frame_index"] == alerts[0]["frame_index"]
 
+    # the recorder kept every fraction and posterior of the series
+    recorded = [message for _, message in read_messages(recording, types=("fraction", "posterior"), with_arrays=False)]
+    for kind in ("fraction", "posterior"):
+        assert sorted(m["frame_index"] for m in recorded if m.type == kind) == list(range(N_FRAMES))
+
     # the dashboard served the Bokeh document while the series ran
     status, page = dashboard_page
     assert status == 200 and "Bokeh" in page
@@ -122,3 +130,22 @@ def test_ctrl_c_stops_every_stage(ports):
     assert demo.returncode == 130
     time.sleep(0.5)
     assert processes_with_environment("BEAMKIN_TEST_RUN", marker) == [], "a stage outlived Ctrl-C"
+
+
+@pytest.mark.parametrize("source_options", [["--simulator.protocol", "v1"], ["--simulator.mode", "profile"]],
+                         ids=["stream-v1", "mythen-profile-files"])
+def test_other_detector_paths_reach_the_same_answer(tmp_path, ports, source_options):
+    """The simulator as a Stream V1 EIGER, and as a MYTHEN writing .xye files into a folder."""
+    result_path = tmp_path / "result.json"
+    run = beamkin_process("demo", "--once", "--speed", "0", "--json", str(result_path), *ports.options(),
+                          "--inference.particles", "1024", *source_options,
+                          "--simulator.profile_folder", str(tmp_path / "profiles"))
+    output, _ = run.communicate(timeout=400)
+    assert run.returncode == 0, output[-4000:]
+    result = json.loads(result_path.read_text())
+    assert result["n_frames"] == N_FRAMES and result["diagnostics"]["frames_missing"] == 0
+    t0, k = result["model_averaged"]["t0"], result["model_averaged"]["k"]
+    assert abs(t0["mean"] - TRUE_T0_S) < 3 * t0["sd"], t0
+    assert abs(k["mean"] - TRUE_K_PER_S) < 3 * k["sd"], k
+    if "profile" in source_options:
+        assert len(list((tmp_path / "profiles").glob("*.xye"))) == N_FRAMES
