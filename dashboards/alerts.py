@@ -112,13 +112,20 @@ class _Sink(threading.Thread):
             log.error("%s alert queue full, alert dropped", self.name, extra={"series_id": alert.get("series_id")})
 
     def run(self) -> None:
-        self.setup()
+        setup_error = None
+        try:
+            self.setup()
+        except Exception as exc:  # e.g. address in use: every alert of this sink then fails, loudly
+            setup_error = exc
+            log.error("%s could not start: %s", self.name, exc)
         try:
             while True:
                 alert = self.queue.get()
                 if alert is _STOP:
                     return
                 try:
+                    if setup_error is not None:
+                        raise RuntimeError(f"sink not started: {setup_error}")
                     self.deliver(alert)
                     self.delivered += 1
                 except Exception as exc:  # a failing sink must not stop the others
@@ -159,6 +166,7 @@ class ZmqSink(_Sink):
             raise AlertConfigError(f"alerts.zmq.endpoint must look like tcp://host:port, got {endpoint!r}")
         self.endpoint = endpoint
         self.bind = bool(config.get("bind", True))
+        self.bound_endpoint: str | None = None
         self.ready = threading.Event()
         self.socket = None
 
@@ -167,7 +175,11 @@ class ZmqSink(_Sink):
 
         self.socket = zmq.Context.instance().socket(zmq.PUB)
         self.socket.setsockopt(zmq.LINGER, 1000)
-        (self.socket.bind if self.bind else self.socket.connect)(self.endpoint)
+        if self.bind:
+            self.socket.bind(self.endpoint)  # "tcp://127.0.0.1:*" binds a free port
+            self.bound_endpoint = self.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+        else:
+            self.socket.connect(self.endpoint)
         self.ready.set()
 
     def deliver(self, alert: dict[str, Any]) -> None:

@@ -119,16 +119,13 @@ def test_command_gets_alert_as_json_and_environment(tmp_path):
 
 def test_zmq_sink_publishes_protocol_alert():
     context = zmq.Context.instance()
-    probe = context.socket(zmq.PUB)
-    probe.bind("tcp://127.0.0.1:0")
-    endpoint = probe.getsockopt(zmq.LAST_ENDPOINT).decode()
-    probe.close(linger=0)  # a free port for the sink to bind
-    dispatcher = AlertDispatcher({"log": False, "zmq": {"endpoint": endpoint}})
+    dispatcher = AlertDispatcher({"log": False, "zmq": {"endpoint": "tcp://127.0.0.1:*"}})
+    sink = dispatcher.sinks[0]
     sub = context.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"alert")
-    sub.connect(endpoint)
     try:
-        assert dispatcher.sinks[0].ready.wait(10)
+        assert sink.ready.wait(10) and sink.bound_endpoint.startswith("tcp://127.0.0.1:")
+        sub.connect(sink.bound_endpoint)
         received = None
         for attempt in range(50):  # PUB drops until the subscription arrives: new series each try
             dispatcher.dispatch(make_alert(f"s{attempt}"))
@@ -140,6 +137,22 @@ def test_zmq_sink_publishes_protocol_alert():
     finally:
         sub.close(linger=0)
         dispatcher.close(timeout=5)
+
+
+def test_sink_that_cannot_start_counts_failures_and_others_still_deliver(receiver_factory):
+    receiver = receiver_factory()
+    blocker = zmq.Context.instance().socket(zmq.PUB)
+    blocker.bind("tcp://127.0.0.1:*")
+    taken = blocker.getsockopt(zmq.LAST_ENDPOINT).decode()
+    try:
+        dispatcher = AlertDispatcher({"log": False, "zmq": {"endpoint": taken}, "webhook": receiver.url})
+        dispatcher.dispatch(make_alert("busy"))
+        dispatcher.close(timeout=10)
+    finally:
+        blocker.close(linger=0)
+    zmq_sink, webhook = dispatcher.sinks
+    assert (zmq_sink.delivered, zmq_sink.failed) == (0, 1)
+    assert (webhook.delivered, [b["series_id"] for b in receiver.bodies]) == (1, ["busy"])
 
 
 def test_shorthand_configuration(receiver_factory):
