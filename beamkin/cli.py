@@ -261,7 +261,29 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from dashboards.report import ReportInputError, build_report, load_analysis_json
+    from streamer.recorder import is_recording, read_messages
+
+    try:
+        if is_recording(args.input):
+            messages = (message for _, message in read_messages(args.input))
+        else:
+            messages = load_analysis_json(args.input, args.data)
+        print(build_report(messages, args.out))
+    except (ReportInputError, OSError) as exc:
+        print(f"beamkin report: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _add_offline_commands(commands) -> None:
+    report = commands.add_parser("report", help="self-contained HTML report of a recording or an analyze --json result")
+    report.add_argument("input", help="beamkin recording (.h5) or the JSON written by --json")
+    report.add_argument("--out", metavar="DIR", required=True, help="folder for report.html")
+    report.add_argument("--data", metavar="CSV", help="with a JSON result: the data it was fitted to")
+    report.set_defaults(func=_report)
+
     replay = commands.add_parser("replay", help="run the pipeline on a recording or an EIGER master file")
     configuration.add_arguments(replay)
     replay.add_argument("file", help="beamkin recording (.h5) or EIGER HDF5 master file")

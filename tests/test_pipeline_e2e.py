@@ -91,6 +91,18 @@ def test_demo_pipeline_recovers_simulated_kinetics(tmp_path, ports):
     for kind in ("fraction", "posterior"):
         assert sorted(m["frame_index"] for m in recorded if m.type == kind) == list(range(N_FRAMES))
 
+    # the recording turns into a report and spreadsheets
+    report = beamkin_process("report", str(recording), "--out", str(tmp_path / "report"))
+    report_output, _ = report.communicate(timeout=120)
+    assert report.returncode == 0, report_output
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "Kinetic models" in page and all(name in page for name in ("F1", "A2", "A3", "R3", "D3"))
+    export = beamkin_process("export", str(recording), "--csv", str(tmp_path / "csv"))
+    export_output, _ = export.communicate(timeout=120)
+    assert export.returncode == 0, export_output
+    fraction_csv = next((tmp_path / "csv").glob("*fraction*.csv"))
+    assert len(fraction_csv.read_text().strip().splitlines()) == N_FRAMES + 1  # header + one row per frame
+
     # the dashboard served the Bokeh document while the series ran
     status, page = dashboard_page
     assert status == 200 and "Bokeh" in page
