@@ -622,8 +622,13 @@ class PhaseFractionEstimator:
         s = np.asarray(pattern.sigma, float)
         ok = pattern.valid
         if self.config.method == "whole_pattern":
-            return self._estimate_whole_pattern(x, y, s, ok, time_s)
-        return self._estimate_peaks(y, s, ok, time_s)
+            result = self._estimate_whole_pattern(x, y, s, ok, time_s)
+        else:
+            result = self._estimate_peaks(y, s, ok, time_s)
+        if result.status != "ok":
+            logger.info("phase fraction flagged at t = %s s: %s", time_s, result.reason,
+                        extra={"series_id": self.series_id})
+        return result
 
     def _refine_shift(self, m: "_PeaksModel", good, yy, ss, c, eps: dict, phase: str) -> float:
         """eps of one phase minimising chi^2 on the grid (weights fixed from the current model),

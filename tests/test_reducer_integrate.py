@@ -236,3 +236,22 @@ def test_model_pattern_rows_match_full_integration(md, detector, method):
     # a pixel moves it by up to ~1 %, which is why the fit uses these responses, not analytic shapes.
     step = pat.radial[1] - pat.radial[0]
     assert np.sum(full) * step == pytest.approx(1.0, rel=0.02)
+
+
+def test_signed_frames_and_config_table(md, detector):
+    """int32 frames mark bad pixels with -1 (all ones); the [reducer] table sets npt and method."""
+    clean = detector.image(0.5, 1.0, seed=16).astype(np.int64)
+    gaps = detector.gap_mask
+    block = (slice(640, 646), slice(470, 480))
+    mask = np.zeros(clean.shape, bool)
+    mask[block] = True
+    signed = np.where(gaps, -1, clean).astype(np.int32)
+    signed[block] = -1
+    integ = Integrator.from_metadata(md, config={"npt": 900, "method": "bbox,csr,cython", "unit": "2th_deg",
+                                                 "mask_file": "", "poni_file": "", "workers": 2})
+    assert integ.npt == 900 and integ.method == ("bbox", "csr", "cython")
+    ref = Integrator.from_metadata(md, mask=mask, npt=900, method=("bbox", "csr", "cython"))
+    np.testing.assert_allclose(integ.integrate(signed).intensity,
+                               ref.integrate(np.where(gaps, 2**32 - 1, clean).astype(np.uint32)).intensity, rtol=1e-6)
+    with pytest.raises(ReductionError, match="method"):
+        Integrator.from_metadata(md, method="csr")
