@@ -129,3 +129,19 @@ def test_profile_counts_and_steps(detector):
         detector.profile(1.5, 1.0)
     with pytest.raises(ValueError, match="exposure"):
         detector.image(0.5, 0.0)
+
+
+def test_pattern_sum_matches_numpy_sum_of_lines():
+    rng = np.random.default_rng(5)
+    centres = np.sort(rng.uniform(3, 8, 25))
+    fwhm = rng.uniform(0.01, 0.05, 25)
+    areas = rng.uniform(0.1, 10, 25)
+    x = rng.uniform(2.5, 8.5, 500)          # unsorted on purpose
+    half = rng.uniform(0, 0.004, 500)
+    eta = 0.4
+    ref = np.zeros_like(x)
+    for c, f, a in zip(centres, fwhm, areas):
+        ref += a * phases.pseudo_voigt_bin_average(x, half, c, f, eta)
+    got = phases.pattern_sum(x, half, centres, fwhm, areas, eta)
+    # Lines are cut at 60 FWHM: the Lorentzian tail beyond is below eta * 2/(pi * 4 * 60^2 * FWHM) per unit area.
+    np.testing.assert_allclose(got, ref, rtol=0, atol=areas.sum() * eta / (2 * np.pi * 3600 * fwhm.min()))
