@@ -194,7 +194,7 @@ class DashboardSession:
 
         # onset probability
         self.src_history = ColumnDataSource(_empty(self.HISTORY_COLUMNS), name="onset_history")
-        fig = _figure("Onset probability P(t0 ≤ t | data)", "time since series start (s)", "probability", 520, 380,
+        fig = _figure("Onset probability P(t0 ≤ t | data) (red line: alert)", "time since series start (s)", "probability", 520, 380,
                       x_range=self.fig_alpha.x_range, y_range=Range1d(-0.03, 1.05))
         fig.line("time_s", "onset_probability", source=self.src_history, color="#6a1b9a", line_width=2,
                  legend_label="onset probability")
@@ -204,6 +204,9 @@ class DashboardSession:
         self.span_ts_onset = Span(location=0, dimension="height", line_color=COLOR_TS, line_width=2,
                                   line_dash="dotted", visible=False)
         fig.add_layout(self.span_ts_onset)
+        self.span_alert = Span(location=0, dimension="height", line_color=COLOR_LEADING, line_width=2,
+                               visible=False, name="alert_time")
+        fig.add_layout(self.span_alert)
         _legend(fig)
         self.fig_onset = fig
 
@@ -376,6 +379,7 @@ class DashboardSession:
             line.visible = False
         self.src_model_history.data = {"time_s": []}
         self.banner.visible = False
+        self.span_alert.visible = False
 
     def _collect(self, series: SeriesState) -> dict[str, Any]:
         """Copy (under the state lock) what changed since the last refresh of this session."""
@@ -577,6 +581,9 @@ class DashboardSession:
             f"onset probability {_fmt(alert.get('onset_probability'), 4)}")
         self.banner.visible = True
         self.alert_shown = True
+        if isinstance(alert.get("time_s"), (int, float)):
+            self.span_alert.location = float(alert["time_s"])
+            self.span_alert.visible = True
 
     def _show_header(self, update: dict[str, Any], start: dict[str, Any]) -> None:
         geometry = start.get("geometry") or {}

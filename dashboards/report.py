@@ -353,6 +353,9 @@ def _summary_html(report: SeriesReport) -> str:
                      f"onset probability {_num(a.get('onset_probability')):.4f}.</p>")
     if not (report.fit.get("predictive") or {}).get("time_s"):
         parts.append("<p class='note'>The input has no posterior predictive: the α(t) plot shows the data only.</p>")
+    settings = report.fit.get("settings")
+    if settings:
+        parts.append(f"<p class='priors'>Sampler settings: <code>{html.escape(json.dumps(settings))}</code></p>")
     priors = report.fit.get("priors")
     if priors:
         parts.append(f"<p class='priors'>Priors: <code>{html.escape(json.dumps(priors))}</code></p>")

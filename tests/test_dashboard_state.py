@@ -93,6 +93,8 @@ def test_session_streams_increments_and_follows_series():
     fractions = [m for m in messages if m.type == "fraction"]
     assert list(session.src_alpha.data["alpha"]) == pytest.approx([m["alpha"] for m in fractions])
     assert session.banner.visible and "ONSET DETECTED in series a" in session.banner.text
+    alert = next(m for m in messages if m.type == "alert")
+    assert session.span_alert.visible and session.span_alert.location == alert["time_s"]
     assert session.span_ts.visible and session.span_ts.location == 7.0
     assert session.box_t0.left < session.span_t0.location < session.box_t0.right
     assert set(session.src_model_history.data) == {"time_s", "F1", "F2"}
