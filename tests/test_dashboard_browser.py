@@ -1,8 +1,9 @@
-"""The live dashboard in a real headless browser while a synthetic inference stream is published.
+"""The live dashboard in a real headless browser while a simulated run's messages arrive.
 
-Chromium from Debian (/usr/bin/chromium, `make browser`) driven by Playwright. The stream is
-the paper-like F1 series of DESIGN.md section 7 (t0 = 7.4461 s, k = 0.6192 1/s, frames every
-1/3 s for 12 s) with exact grid posteriors (dashboards.synthetic_feed).
+Chromium from Debian (/usr/bin/chromium, `make browser`) driven by Playwright. The messages are
+those the inference stage published during a real `beamkin demo` run (tests/conftest.py): the
+paper-like F1 series of DESIGN.md section 7 (t0 = 7.4461 s, k = 0.6192 1/s, frames every 1/3 s
+for 12 s). The test publishes them in bursts so it can check the page after each burst.
 """
 
 from __future__ import annotations
@@ -17,15 +18,12 @@ import zmq
 
 from beamkin import protocol
 from dashboards.server import _free_port, serve_dashboard
-from dashboards.synthetic_feed import SyntheticSeries
+from tests.conftest import GAS_TIME_S, N_FRAMES, TRUE_T0_S
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ROOT = Path(__file__).resolve().parent.parent
-TRUE_T0_S = 7.4461
-
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium missing (run `make browser`)")
 
 JS_COLUMN = """([name, column]) => {
   const doc = Bokeh.documents[0];
@@ -95,12 +93,13 @@ def dashboard(publisher):
     assert not thread.is_alive(), "serve_dashboard did not return after stop_event was set"
 
 
-def test_dashboard_grows_and_alerts_in_browser(publisher, dashboard):
+def test_dashboard_grows_and_alerts_in_browser(publisher, dashboard, pipeline_messages):
     from playwright.sync_api import sync_playwright
 
+    assert Path(CHROMIUM).exists(), "Debian chromium missing: `make test` installs it (make browser)"
     pub, _ = publisher
-    series = SyntheticSeries(series_id="paper-f1", seed=3)
-    messages = list(series.messages(alert_threshold=0.99))
+    messages = pipeline_messages
+    series_id = next(m.series_id for m in messages if m.type == "start")
     alert = next(m for m in messages if m.type == "alert")
     published_alpha = [m["alpha"] for m in messages if m.type == "fraction"]
     n_frames = len(published_alpha)
@@ -136,7 +135,7 @@ def test_dashboard_grows_and_alerts_in_browser(publisher, dashboard):
                 wait_for(lambda: [len(column(page, name, "time_s") or []) for name in ("alpha_points", "onset_history")]
                          == [expected, expected], 20, f"{expected} alpha points and posteriors")
                 shown.append(expected)
-            assert shown == [9, 18, 27, n_frames] and n_frames == 36
+            assert shown == [9, 18, 27, n_frames] and n_frames == N_FRAMES
             assert column(page, "alpha_points", "alpha") == pytest.approx(published_alpha, abs=1e-12)
 
             # heat map has one row per frame (fewer than the row capacity), pattern is thinned
@@ -160,14 +159,15 @@ def test_dashboard_grows_and_alerts_in_browser(publisher, dashboard):
             peak = max(range(len(density)), key=density.__getitem__)
             assert abs(0.5 * (left[peak] + right[peak]) - TRUE_T0_S) < 0.1
             onset = column(page, "onset_history", "onset_probability")
-            assert len(onset) == n_frames and max(onset[:15]) < 0.2 and onset[-1] > 0.99  # frames 0-14: t < 5 s
+            before_gas = sum(m["time_s"] < GAS_TIME_S for m in messages if m.type == "fraction")
+            assert len(onset) == n_frames and max(onset[:before_gas]) < 0.01 and onset[-1] > 0.99
 
             # a second browser that joins late sees the whole series too
             late = browser.new_page(viewport={"width": 1200, "height": 800})
             late.goto(dashboard)
             late.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0", timeout=30000)
             wait_for(lambda: len(column(late, "alpha_points", "time_s") or []) == n_frames, 10, "late session data")
-            assert "paper-f1" in model_attr(late, "series_select", "options")
+            assert series_id in model_attr(late, "series_select", "options")
             late.close()
 
             page.wait_for_timeout(1200)  # let the final heat map and histograms render

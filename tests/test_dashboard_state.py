@@ -9,7 +9,25 @@ from bokeh.document import Document
 from beamkin import protocol
 from dashboards.layout import FOLLOW_LATEST, DashboardSession
 from dashboards.state import DashboardState, PatternHeatmap, RollingColumns, thin_pattern
-from dashboards.synthetic_feed import SyntheticSeries
+from tests.conftest import DEMO_MODELS, GAS_TIME_S
+
+
+def renamed(messages, series_id: str, until_posterior: int | None = None,
+            frames: int | None = None) -> list[protocol.Message]:
+    """The pipeline run's messages as series `series_id`: cut before the posterior of frame
+    `until_posterior`, or only those of the first `frames` frames (and none of the series end)."""
+    out = []
+    for message in messages:
+        if until_posterior is not None and message.type == "posterior" and message["frame_index"] >= until_posterior:
+            break
+        if frames is not None and (message.type in ("alert", "result", "end")
+                                   or (message.frame_index is not None and message.frame_index >= frames)):
+            continue
+        fields = dict(message.fields)
+        if "series_id" in fields and fields["series_id"] is not None:
+            fields["series_id"] = series_id
+        out.append(protocol.Message(message.type, fields, message.arrays))
+    return out
 
 
 def test_rolling_columns_return_increments_and_keep_capacity():
@@ -51,35 +69,26 @@ def test_heatmap_decimates_pairwise_when_full():
     assert heat.times[:4].tolist() == [0.5, 2.5, 4.5, 6.5]
 
 
-def test_state_keeps_at_most_max_series_and_flat_memory():
+def test_state_keeps_at_most_max_series_and_flat_memory(pipeline_messages):
     state = DashboardState(max_series=2)
     for i in range(3):
-        series = SyntheticSeries(series_id=f"s{i}", duration_s=2.0, n_t0=50, n_k=20, pattern_points=300)
-        for message in series.messages():
+        for message in renamed(pipeline_messages, f"s{i}", frames=6):
             state.apply(message)
     assert state.series_ids() == ["s1", "s2"]
     s2 = state.get("s2")
     assert s2.fractions.total == 6 and s2.reference_a["frame_index"] == 0
     assert s2.heatmap.n_rows == 6 and s2.latest_pattern["frame_index"] == 5
-    assert set(state.global_status) == {"inference"}
+    assert set(state.global_status) == {"inference", "streamer"}  # both stages report their health
 
 
-def feed(state: DashboardState, series: SyntheticSeries, until_frame: int | None = None):
-    for message in series.messages():
-        if until_frame is not None and message.type == "posterior" and message["frame_index"] >= until_frame:
-            return
-        state.apply(message)
-
-
-def test_session_streams_increments_and_follows_series():
+def test_session_streams_increments_and_follows_series(pipeline_messages):
     state = DashboardState()
     doc = Document()
     session = DashboardSession(doc, state, alert_threshold=0.99, max_refresh_hz=5.0)
     session.refresh()  # nothing yet
     assert session.src_alpha.data["time_s"] == [] and "no status messages yet" in session.health.text
 
-    series = SyntheticSeries(series_id="a", duration_s=12.0, n_t0=200, n_k=40, pattern_points=600)
-    messages = list(series.messages())
+    messages = renamed(pipeline_messages, "a")
     frames_before_refresh = 20
     cut = [i for i, m in enumerate(messages) if m.type == "posterior"][frames_before_refresh - 1] + 1
     for message in messages[:cut]:
@@ -95,14 +104,14 @@ def test_session_streams_increments_and_follows_series():
     assert session.banner.visible and "ONSET DETECTED in series a" in session.banner.text
     alert = next(m for m in messages if m.type == "alert")
     assert session.span_alert.visible and session.span_alert.location == alert["time_s"]
-    assert session.span_ts.visible and session.span_ts.location == 7.0
+    assert session.span_ts.visible and session.span_ts.location == GAS_TIME_S
     assert session.box_t0.left < session.span_t0.location < session.box_t0.right
-    assert set(session.src_model_history.data) == {"time_s", "F1", "F2"}
+    assert set(session.src_model_history.data) == {"time_s", *DEMO_MODELS}
     assert "(ended (completed))" in session.header.text
 
     # a second series appears: the session follows it and starts from empty plots
-    other = SyntheticSeries(series_id="b", duration_s=3.0, n_t0=50, n_k=20, pattern_points=300)
-    feed(state, other, until_frame=4)
+    for message in renamed(pipeline_messages, "b", until_posterior=4):
+        state.apply(message)
     session.refresh()
     # stopped before the posterior of frame 4: five fractions, four posteriors
     assert session.series_id == "b" and len(session.src_alpha.data["time_s"]) == 5

@@ -10,18 +10,22 @@ from pathlib import Path
 import pytest
 
 from dashboards.report import REPORT_FILENAME, ReportInputError, build_report, load_analysis_json
-from dashboards.synthetic_feed import SyntheticSeries
+from tests.conftest import DEMO_MODELS, TRUE_K_PER_S, TRUE_T0_S
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-TRUE_T0_S, TRUE_K_PER_S = 7.4461, 0.6192
 PLOTS = ("alpha_fit", "t0_posterior", "k_posterior", "model_probabilities")
 
 
 @pytest.fixture(scope="module")
-def series_messages():
-    return list(SyntheticSeries(series_id="paper-f1", seed=5).messages())
+def series_messages(pipeline_messages):
+    return pipeline_messages
+
+
+@pytest.fixture(scope="module")
+def series_id(pipeline_messages):
+    return next(m.series_id for m in pipeline_messages if m.type == "start")
 
 
 def table_rows(page_html: str, series_id: str) -> dict[str, list[str]]:
@@ -38,8 +42,7 @@ def assert_self_contained(page_html: str) -> None:
 
 def render_in_browser(path: Path, names: list[str]) -> None:
     """Open the report offline in Chromium: every named plot exists and no console error occurs."""
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian chromium missing (run `make browser`)")
+    assert Path(CHROMIUM).exists(), "Debian chromium missing: `make test` installs it (make browser)"
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -62,14 +65,14 @@ def render_in_browser(path: Path, names: list[str]) -> None:
             browser.close()
 
 
-def test_report_from_messages(series_messages, tmp_path):
+def test_report_from_messages(series_messages, series_id, tmp_path):
     path = build_report(series_messages, tmp_path / "out")
     assert path == tmp_path / "out" / REPORT_FILENAME
     page_html = path.read_text()
     assert_self_contained(page_html)
     result = next(m for m in series_messages if m.type == "result")["result"]
-    rows = table_rows(page_html, "paper-f1")
-    assert set(rows) == {"F1", "F2", "model average"}
+    rows = table_rows(page_html, series_id)
+    assert set(rows) == {*DEMO_MODELS, "model average"}
     f1 = result["models"]["F1"]
     assert rows["F1"][:2] == [f"{f1['log_evidence']:.2f}", f"{f1['probability']:.4f}"]
     t0 = f1["params"]["t0"]
@@ -79,7 +82,7 @@ def test_report_from_messages(series_messages, tmp_path):
     assert abs(f1["params"]["k"]["mean"] - TRUE_K_PER_S) < 4 * f1["params"]["k"]["sd"]
     assert f1["probability"] > 0.99 and "class='leading'><td>F1</td>" in page_html
     assert "Onset alert at t =" in page_html and "no posterior predictive" not in page_html
-    names = [f"paper-f1:{plot}" for plot in PLOTS]
+    names = [f"{series_id}:{plot}" for plot in PLOTS]
     for name in names:
         assert f'"name":"{name}"' in page_html
     render_in_browser(path, names)
@@ -87,7 +90,8 @@ def test_report_from_messages(series_messages, tmp_path):
 
 def test_report_from_analysis_json_and_csv(series_messages, tmp_path):
     result = dict(next(m for m in series_messages if m.type == "result")["result"])
-    result.pop("predictive"), result.pop("histograms")  # the analyze --json minimum
+    for key in ("predictive", "histograms", "series_id"):  # the analyze --json minimum
+        result.pop(key, None)
     alert = dict(next(m for m in series_messages if m.type == "alert").fields)
     alert["time"] = alert.pop("time_s")  # beamkin analyze names the alert time "time"
     result["alert"] = alert
@@ -108,8 +112,8 @@ def test_report_from_analysis_json_and_csv(series_messages, tmp_path):
     assert "<h2>Series run-42</h2>" in page_html and f"{len(fractions)} data points" in page_html
     assert "no posterior predictive" in page_html and f"Onset alert at t = {alert['time']:.3f} s" in page_html
     rows = table_rows(page_html, "run-42")
-    k = result["models"]["F2"]["params"]["k"]
-    assert rows["F2"][3] == f"{k['mean']:.4f} ± {k['sd']:.4f}"
+    k = result["models"]["A2"]["params"]["k"]
+    assert rows["A2"][3] == f"{k['mean']:.4f} ± {k['sd']:.4f}"
     names = [f"run-42:{plot}" for plot in PLOTS]
     render_in_browser(path, names)
 

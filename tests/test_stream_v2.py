@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import struct
 import threading
-import time
 
 import bitshuffle
 import lz4.block
