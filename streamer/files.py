@@ -34,7 +34,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from beamkin.protocol import Message
-from streamer.eiger_h5 import is_eiger_master, iter_master_frames, read_master_start
+from streamer.eiger_h5 import iter_master_frames, read_master_start
 from streamer.errors import StreamDecodeError
 from streamer.profiles import PROFILE_SUFFIXES, read_profile
 from streamer.series import SeriesAssembler, make_detector, make_geometry

@@ -110,7 +110,10 @@ class Recorder:
         values = (received_s, message.type, message.series_id or "",
                   -1 if message.frame_index is None else int(message.frame_index), header,
                   json.dumps(refs, separators=(",", ":")))
-        for name, value in zip(LOG_FIELDS, values):
+        # "type" goes last: a row whose type is still empty (a reader looking while this runs,
+        # or a writer killed right here) is incomplete and readers skip it
+        ordered = sorted(zip(LOG_FIELDS, values), key=lambda item: item[0] == "type")
+        for name, value in ordered:
             dataset = self._log[name]
             dataset.resize((row + 1,))
             dataset[row] = value
@@ -165,6 +168,7 @@ def run_recorder(endpoints: Iterable[str], path: str | Path, raw_frames: bool, s
 
     Returns the recorder's counters (messages per type, malformed, repeated).
     """
+    recorder = Recorder(path, raw_frames)  # the file exists, with its log, before anything is subscribed
     context = zmq.Context.instance()
     socket = context.socket(zmq.SUB)
     socket.setsockopt(zmq.LINGER, 0)
@@ -175,7 +179,6 @@ def run_recorder(endpoints: Iterable[str], path: str | Path, raw_frames: bool, s
         log.info("recorder SUB %s", endpoint)
     poller = zmq.Poller()
     poller.register(socket, zmq.POLLIN)
-    recorder = Recorder(path, raw_frames)
     try:
         while not stop_event.is_set():
             if not poller.poll(poll_ms):
@@ -216,10 +219,7 @@ def count_messages(path: str | Path, types: Iterable[str] | None = None) -> int:
     with h5py.File(path, "r") as f:
         group = f["log"]
         n = min(group[name].shape[0] for name in LOG_FIELDS)
-        if types is None:
-            return n
-        wanted = set(types)
-        return sum(1 for t in group["type"].asstr()[:n] if t in wanted)
+        return sum(1 for t in group["type"].asstr()[:n] if t and (types is None or t in set(types)))
 
 
 def read_messages(path: str | Path, types: Iterable[str] | None = None, *, with_arrays: bool = True):
@@ -243,8 +243,8 @@ def read_messages(path: str | Path, types: Iterable[str] | None = None, *, with_
         refs_column = group["arrays"].asstr()
         for i in range(n):
             message_type = types_column[i]
-            if wanted is not None and message_type not in wanted:
-                continue
+            if not message_type or (wanted is not None and message_type not in wanted):
+                continue  # an empty type marks a row whose writing was not finished
             fields = json.loads(headers[i])
             arrays = {}
             if with_arrays:
