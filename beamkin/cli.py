@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -137,8 +138,10 @@ def _supervised(config: dict[str, Any], with_simulator: bool, once: bool) -> int
         config["inference"]["once"] = True
     if with_simulator:
         from streamer.simulator import source_for
-        if config["simulator"]["mode"] == "profile" and not config["simulator"]["profile_folder"]:
-            config["simulator"]["profile_folder"] = tempfile.mkdtemp(prefix="beamkin-profiles-")
+        if config["simulator"]["mode"] == "profile":
+            if not config["simulator"]["profile_folder"]:
+                config["simulator"]["profile_folder"] = tempfile.mkdtemp(prefix="beamkin-profiles-")
+            os.makedirs(config["simulator"]["profile_folder"], exist_ok=True)
         config["streamer"]["source"], source_options = source_for(config["simulator"])
         config["streamer"].update(source_options)
     supervisor = Supervisor(config)

@@ -132,7 +132,8 @@ def run_simulator(options: dict[str, Any], stop: threading.Event) -> int:
     n_frames = int(options["n_frames"])
     metadata = default_metadata(frame_time_s=frame_time, exposure_s=exposure, n_frames=n_frames,
                                 gas_time_s=options.get("gas_time_s"))
-    detector = SyntheticPowderDetector(metadata, seed=int(options["seed"]))
+    scale_key = "profile_counts_scale" if options.get("mode") == "profile" else "counts_scale"
+    detector = SyntheticPowderDetector(metadata, seed=int(options["seed"]), counts_scale=float(options[scale_key]))
     mid_times = np.arange(n_frames) * frame_time + exposure / 2
     alphas = exposure_averaged_alpha(options["model"], options["t0_s"], options["k_per_s"], options["extent"],
                                      options["n_exponent"], mid_times, exposure)
