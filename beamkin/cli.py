@@ -281,6 +281,12 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _add_offline_commands(commands) -> None:
+    from inference import analyze
+
+    offline = commands.add_parser("analyze", help="offline Bayesian analysis of a CSV of phase fractions")
+    analyze.add_arguments(offline)
+    offline.set_defaults(func=analyze.main)
+
     report = commands.add_parser("report", help="self-contained HTML report of a recording or an analyze --json result")
     report.add_argument("input", help="beamkin recording (.h5) or the JSON written by --json")
     report.add_argument("--out", metavar="DIR", required=True, help="folder for report.html")

@@ -70,7 +70,7 @@ class Supervisor:
         self._config_file.close()
         self.stages: dict[str, Stage] = {}
 
-    def start(self, name: str, command: str, *extra: str) -> Stage:
+    def start(self, name: str, command: str, *extra: str, env: dict[str, str] | None = None) -> Stage:
         argv = [sys.executable, "-m", "beamkin", command, "--resolved-config", self._config_file.name, *extra]
         # a Ctrl-C between fork and bookkeeping would leave a stage nobody stops: hold it back
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
@@ -78,6 +78,7 @@ class Supervisor:
             process = subprocess.Popen(
                 argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                 text=True, bufsize=1, start_new_session=True, preexec_fn=_die_with_parent,
+                env=None if env is None else {**os.environ, **env},
             )
             stage = Stage(name, process)
             self.stages[name] = stage

@@ -184,9 +184,11 @@ def run_reducer(config: dict[str, Any], stop: threading.Event, worker_name: str 
     if workers <= 1:
         return Worker(config, base if worker_name else f"{base}-0").run(stop)
     supervisor = Supervisor(config)
+    # pyFAI's CSR engine runs OpenMP threads: N workers each using every core slow each other down
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
     names = [f"{base}-{i}" for i in range(workers)]
     for name in names:
-        supervisor.start(name, "reduce", "--workers", "1", "--worker-name", name)
+        supervisor.start(name, "reduce", "--workers", "1", "--worker-name", name, env={"OMP_NUM_THREADS": threads})
     try:
         supervisor.wait_ready()
         signal_ready()
@@ -195,7 +197,8 @@ def run_reducer(config: dict[str, Any], stop: threading.Event, worker_name: str 
                 supervisor.check()
             except StageFailed as failure:
                 log.error("reducer %s; restarting it", failure)
-                supervisor.start(failure.name, "reduce", "--workers", "1", "--worker-name", failure.name)
+                supervisor.start(failure.name, "reduce", "--workers", "1", "--worker-name", failure.name,
+                                 env={"OMP_NUM_THREADS": threads})
             stop.wait(0.5)
     finally:
         supervisor.stop_all()

@@ -138,12 +138,27 @@ def _read_source(source, stop: threading.Event, inbox: queue.Queue) -> None:
         inbox.put(None)
 
 
+#: [streamer] keys whose "unknown" value in TOML (which has no null) is 0, [] or negative
+_UNKNOWN_WHEN_EMPTY = ("n_frames", "frame_time_s", "exposure_s", "wavelength_A", "distance_m",
+                       "beam_center_px", "pixel_size_m", "gas_time_s")
+
+
+def source_options(streamer_config: dict[str, Any]) -> dict[str, Any]:
+    """The [streamer] table as source options: unknown values (0, [], negative) become None."""
+    options = dict(streamer_config)
+    for key in _UNKNOWN_WHEN_EMPTY:
+        value = options.get(key)
+        if value is not None and (value == [] or (isinstance(value, (int, float)) and value <= 0)):
+            options[key] = None
+    return options
+
+
 def run_streamer(config: dict[str, Any], stop: threading.Event) -> int:
     from streamer.sources import open_source
 
     options = config["streamer"]
     endpoints = config["endpoints"]
-    source = open_source(options["source"], options)
+    source = open_source(options["source"], source_options(options))
     context = zmq.Context()
     router = context.socket(zmq.ROUTER)
     router.setsockopt(zmq.ROUTER_MANDATORY, 1)
