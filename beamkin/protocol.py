@@ -238,13 +238,13 @@ def encode(message: Message) -> list[bytes | memoryview]:
         "arrays": descriptors,
     }
     try:
-        header_bytes = json.dumps(header, separators=(",", ":"), default=_json_default).encode()
+        header_bytes = json.dumps(header, separators=(",", ":"), default=json_default).encode()
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"{message.type} message header is not JSON-serialisable: {exc}") from exc
     return [message.type.encode("ascii"), header_bytes, *buffers]
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
     """Let numpy scalars and small arrays appear in headers as plain JSON numbers and lists."""
     if isinstance(value, np.generic):
         return value.item()

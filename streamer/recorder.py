@@ -38,7 +38,7 @@ import hdf5plugin
 import numpy as np
 import zmq
 
-from beamkin.protocol import Message, ProtocolError, recv
+from beamkin.protocol import Message, ProtocolError, json_default, recv
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,6 @@ def group_name(series_id: str | None) -> str:
     if series_id is None or series_id == "":
         return "_none"
     return series_id.replace("%", "%25").replace("/", "%2F").replace(".", "%2E")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
 class Recorder:
@@ -89,7 +81,7 @@ class Recorder:
         """Append one message (arrays first, then its log row) and flush the file."""
         received_s = time.time() if received_s is None else received_s
         try:
-            header = json.dumps(message.fields, separators=(",", ":"), default=_json_default)
+            header = json.dumps(message.fields, separators=(",", ":"), default=json_default)
         except (TypeError, ValueError) as exc:
             self.counters["unserialisable"] += 1
             log.warning("not recording %s message: %s", message.type, exc, extra={"series_id": message.series_id})
