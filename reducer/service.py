@@ -41,15 +41,9 @@ class SeriesReduction:
         self.series_id = start["series_id"]
         self.kind = start["kind"]
         metadata = {**start.fields, **start.arrays}  # pixel_mask / flatfield when the detector sent them
-        if reducer_config.get("poni_file"):
-            metadata["geometry"] = {**metadata["geometry"], "poni_file": reducer_config["poni_file"]}
         self.integrator = None
-        if self.kind == "image":
-            options = {"npt": int(reducer_config["npt"]), "unit": reducer_config["unit"],
-                       "mask_file": reducer_config.get("mask_file") or None}
-            if reducer_config.get("method"):  # e.g. "bbox,csr,cython" -> pyFAI method triple
-                options["method"] = tuple(part.strip() for part in reducer_config["method"].split(","))
-            self.integrator = Integrator.from_metadata(metadata, **options)
+        if self.kind == "image":  # npt, unit, method, poni_file, mask_file from [reducer]
+            self.integrator = Integrator.from_metadata(metadata, config=reducer_config)
         self.estimator = PhaseFractionEstimator.from_config(reducer_config, metadata)
 
     def reduce(self, frame: protocol.Message) -> tuple[protocol.Message, protocol.Message]:
