@@ -332,15 +332,15 @@ class ModelSampler:
             cov = np.diag(np.diag(cov)) + jitter
             chol = np.linalg.cholesky(cov)
         chol_inv = np.linalg.inv(chol)
-        rw_step = 2.38 / math.sqrt(d) * self.rw_scale
         moved = np.zeros(self.n, dtype=bool)
         accept = np.zeros(self.n, dtype=np.bool_)
         tried = accepted = 0
-        tried_rw = accepted_rw = 0
+        p_independent = self.independent_fraction
         h = self.history
         for sweep in range(self.max_sweeps):
+            rw_step = 2.38 / math.sqrt(d) * self.rw_scale
             z = self.rng.standard_normal((self.n, d))
-            use_ind = self.rng.random(self.n) < self.independent_fraction
+            use_ind = self.rng.random(self.n) < p_independent
             log_u = np.log(self.rng.random(self.n))
             self._kernels[2](self.code, self.theta, self.cur_ll, cols, self.lo, self.hi, mean, chol, chol_inv,
                              rw_step, z, use_ind, log_u, int(m_hist), int(pending), float(lam), h.t_lo, h.t_hi,
@@ -349,20 +349,21 @@ class ModelSampler:
             tried += self.n
             n_acc = int(accept.sum())
             accepted += n_acc
-            rw = ~use_ind
-            tried_rw += int(rw.sum())
-            accepted_rw += n_acc - int((accept & use_ind).sum())
+            n_ind = int(use_ind.sum())
+            acc_ind = int((accept & use_ind).sum())
+            # adapt between sweeps from the population's acceptance: random-walk scale towards
+            # 15-45 % acceptance; fewer independent proposals when the Gaussian fit is poor
+            rate_rw = (n_acc - acc_ind) / max(1, self.n - n_ind)
+            if rate_rw < 0.15:
+                self.rw_scale = max(0.02, self.rw_scale * 0.7)
+            elif rate_rw > 0.45:
+                self.rw_scale = min(3.0, self.rw_scale * 1.3)
+            p_independent = self.independent_fraction if acc_ind >= 0.1 * max(1, n_ind) else 0.1
             if self.light and sweep + 1 >= LIGHT_SWEEPS:
                 break
             if sweep + 1 >= self.min_sweeps and moved.mean() >= self.move_fraction:
                 break
         self.acceptance_rate = accepted / tried
-        if tried_rw:
-            rate = accepted_rw / tried_rw
-            if rate < 0.15:
-                self.rw_scale = max(0.05, self.rw_scale * 0.7)
-            elif rate > 0.45:
-                self.rw_scale = min(3.0, self.rw_scale * 1.3)
 
     # ------------------------------------------------------------------ summaries
     def values(self, param: str) -> np.ndarray:
