@@ -378,6 +378,13 @@ class ModelSampler:
             self._cache[key] = np.argsort(self.values(param), kind="stable")
         return self._cache[key]
 
+    def sorted_values(self, param: str) -> np.ndarray:
+        """Particle values of ``param`` in increasing order (cached until the particles change)."""
+        key = ("sorted", param, self._version)
+        if key not in self._cache:
+            self._cache[key] = self.values(param)[self.order(param)]
+        return self._cache[key]
+
     def summaries(self) -> dict:
         w = self.weights
         return {p: _summary(self.values(p), w, self.order(p)) for p in self.reported}
@@ -582,10 +589,12 @@ class OnlineInference:
     def _model_averaged(self, probs: dict[str, float], params=("t0", "k")) -> dict:
         active = [m for m in self.models if probs[m] > 1e-12]
         out = {}
+        weights = {m: self.samplers[m].weights for m in active}
         for p in params:
-            values = np.concatenate([self.samplers[m].values(p) for m in active])
-            weights = np.concatenate([probs[m] * self.samplers[m].weights for m in active])
-            out[p] = _summary(values, weights)
+            # concatenation of per-model sorted runs: the stable (merge) sort only merges them
+            values = np.concatenate([self.samplers[m].sorted_values(p) for m in active])
+            w = np.concatenate([probs[m] * weights[m][self.samplers[m].order(p)] for m in active])
+            out[p] = _summary(values, w, np.argsort(values, kind="stable"))
         return out
 
     def _histogram(self, values_weights, edges) -> list[float]:
