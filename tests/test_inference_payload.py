@@ -1,0 +1,61 @@
+"""Shape and JSON-cleanliness of the per-frame payload and the final result."""
+
+import json
+import math
+
+import numpy as np
+
+from inference.models import alpha_numpy
+from inference.priors import Priors
+from inference.smc import OnlineInference
+
+STAT_KEYS = {"mean", "sd", "q05", "q50", "q95"}
+
+
+def plain(obj):
+    """True when obj is built only from dict/list/str/bool/int/float/None (no numpy scalars)."""
+    if isinstance(obj, dict):
+        return all(isinstance(k, str) and plain(v) for k, v in obj.items())
+    if isinstance(obj, list):
+        return all(plain(v) for v in obj)
+    return obj is None or type(obj) in (str, bool, int, float)
+
+
+def test_payload_schema_and_result():
+    t = np.arange(30) / 3.0
+    y = alpha_numpy("F1", 0.8 * (t - 4.0)) + np.random.default_rng(0).normal(0, 0.02, t.size)
+    engine = OnlineInference(models=("F1", "An", "R3"), priors=Priors.for_series(10.0, gas_time_s=1.0),
+                             n_particles=256, seed=0, histogram_bins=40, predictive_points=50, gas_time_s=1.0)
+    engine.warm_up()
+    for j, (tj, yj) in enumerate(zip(t, y)):
+        payload = engine.update(100 + 2 * j, float(tj), 0.05, float(yj), 0.02)
+        assert plain(payload), "payload must hold plain Python types only"
+        json.dumps(payload, allow_nan=False)
+    assert payload["frame_index"] == 100 + 2 * 29 and payload["n_frames"] == 30
+    assert set(payload["models"]) == {"F1", "An", "R3"}
+    assert math.isclose(sum(m["probability"] for m in payload["models"].values()), 1.0, rel_tol=1e-12)
+    for name, m in payload["models"].items():
+        expected = {"t0", "k", "A", "s"} | ({"n"} if name == "An" else set())
+        assert set(m["params"]) == expected
+        for stats in m["params"].values():
+            assert set(stats) == STAT_KEYS and stats["q05"] <= stats["q50"] <= stats["q95"]
+        assert set(m["diagnostics"]) == {"ess", "acceptance_rate", "rejuvenations", "tempering_steps"}
+    assert payload["leading_model"] == max(payload["models"], key=lambda k: payload["models"][k]["probability"])
+    for p in ("t0", "k"):
+        h = payload["histograms"][p]
+        assert len(h["edges"]) == 41 and len(h["model_averaged"]) == 40 and len(h["leading"]) == 40
+        widths = np.diff(h["edges"])
+        assert math.isclose(float(np.dot(widths, h["model_averaged"])), 1.0, rel_tol=1e-9)  # densities
+    assert h["edges"][0] == 0.01 and h["edges"][-1] == 100.0  # k grid: the prior range
+    assert payload["histograms"]["t0"]["edges"][0] == 1.0  # t0 grid: the prior window from ts
+    pred = payload["predictive"]
+    assert len(pred["time_s"]) == 50
+    for band in (pred["leading"], pred["model_averaged"]):
+        assert np.all(np.array(band["q05"]) <= np.array(band["median"]) + 1e-12)
+        assert np.all(np.array(band["median"]) <= np.array(band["q95"]) + 1e-12)
+    result = engine.result()
+    assert plain(result)
+    json.dumps(result, allow_nan=False)
+    assert result["n_frames"] == 30 and result["priors"]["t0"]["low"] == 1.0
+    assert result["alert"]["frame_index"] is not None and result["alert"]["t0_minus_ts"] is not None
+    assert set(result["model_averaged"]) == {"t0", "k"}
