@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 STATUS_PERIOD_S = 1.0
 EARLY_FRAMES_KEPT = 1000  # fractions held for a series whose start has not arrived yet
+PATTERNS_REMEMBERED = 100_000  # (series, frame) keys kept to publish each pattern once
 
 
 def make_engine(inference_config: dict[str, Any], start: protocol.Message | None):
@@ -89,6 +90,7 @@ class InferenceStage:
         # frames released by the reorder buffers, waiting for the sampler (received promptly,
         # processed one at a time, so the socket is drained between two sampler updates)
         self.work: collections.deque = collections.deque()
+        self.patterns_seen: dict[tuple[str, int], None] = {}  # insertion-ordered, bounded
         self.counters = collections.Counter()
         self.finished_series = 0
         self.alert_dispatcher = None
@@ -105,7 +107,7 @@ class InferenceStage:
         if kind == "start":
             self._start(message)
         elif kind == "pattern":
-            self.publish(message)
+            self._pattern(message)
         elif kind == "fraction":
             self._fraction(message)
         elif kind == "end":
@@ -136,6 +138,18 @@ class InferenceStage:
         self.publish(start)
         for fraction in self.early.pop(series_id, []):
             self._released(series, series.buffer.add(fraction["frame_index"], fraction))
+
+    def _pattern(self, pattern: protocol.Message) -> None:
+        """Publish a pattern as it arrives (the dashboard needs no order), each frame's once:
+        a frame handed to a second worker after its first was declared lost comes back twice."""
+        key = (pattern["series_id"], pattern["frame_index"])
+        if key in self.patterns_seen:
+            self.counters["duplicate_patterns"] += 1
+            return
+        self.patterns_seen[key] = None
+        while len(self.patterns_seen) > PATTERNS_REMEMBERED:
+            self.patterns_seen.pop(next(iter(self.patterns_seen)))
+        self.publish(pattern)
 
     def _fraction(self, fraction: protocol.Message) -> None:
         series = self.series.get(fraction["series_id"])
