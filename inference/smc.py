@@ -14,7 +14,9 @@ frame:
    Metropolis-Hastings moves that leave the current (tempered) posterior invariant:
    a mixture of a random walk with the particle covariance (scaled 2.38/sqrt(d),
    adapted) and an independent Gaussian fitted to the particles, repeated until 95 % of
-   the particles have moved (at least 3 sweeps).  Optionally (``light_probability``),
+   the particles have moved (at least 3 sweeps) and the mean squared Mahalanobis jump
+   from the start of the move reaches 2 d (that of independent posterior draws), at
+   most 30 sweeps.  Optionally (``light_probability``),
    models whose probability is below that value before the frame get a single sweep per
    rejuvenation: their evidence stays unbiased but noisier.
 
@@ -56,6 +58,10 @@ QUANTILES = (0.05, 0.5, 0.95)
 #: sweeps per rejuvenation (their evidence stays unbiased, only its variance grows: measured
 #: 0.37 nat error for a model 24 nat behind); off by default
 LIGHT_SWEEPS = 1
+#: a move also needs a mean squared Mahalanobis jump >= JUMP_TARGET * d from its start (0: off);
+#: 2 d is the distance between two independent posterior draws. Measured (F1 + A2, paper data,
+#: N = 4096, 8 seeds): evidence sd F1 0.07, A2 0.055 nat with 2.0; A2 0.17 nat without, at half the time
+JUMP_TARGET = 2.0
 
 
 # --------------------------------------------------------------------------- frame store
@@ -190,6 +196,7 @@ class ModelSampler:
         self.ess_threshold = float(ess_threshold)
         self.temper_threshold = min(float(temper_threshold), self.ess_threshold)
         self.move_fraction = move_fraction
+        self.jump_target = JUMP_TARGET
         self.min_sweeps = min_sweeps
         #: True while the model's posterior probability is negligible: rejuvenate with fewer sweeps
         self.light = False
@@ -334,6 +341,7 @@ class ModelSampler:
         chol_inv = np.linalg.inv(chol)
         moved = np.zeros(self.n, dtype=bool)
         accept = np.zeros(self.n, dtype=np.bool_)
+        start = self.theta[:, cols].copy()
         tried = accepted = 0
         p_independent = self.independent_fraction
         h = self.history
@@ -362,7 +370,13 @@ class ModelSampler:
             if self.light and sweep + 1 >= LIGHT_SWEEPS:
                 break
             if sweep + 1 >= self.min_sweeps and moved.mean() >= self.move_fraction:
-                break
+                if self.jump_target <= 0.0:
+                    break
+                # mean squared Mahalanobis jump from the start of the move; two independent
+                # posterior draws are 2 d apart on average
+                jump = (self.theta[:, cols] - start) @ chol_inv.T
+                if float(np.mean(np.sum(jump * jump, axis=1))) >= self.jump_target * d:
+                    break
         self.acceptance_rate = accepted / tried
 
     # ------------------------------------------------------------------ summaries
