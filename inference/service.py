@@ -48,6 +48,10 @@ def make_engine(inference_config: dict[str, Any], start: protocol.Message | None
         n_particles=int(inference_config["particles"]), seed=int(inference_config["seed"]),
         noise=inference_config["noise"], student_nu=float(inference_config["student_nu"]),
         ess_threshold=float(inference_config["ess_threshold"]),
+        defer_rejuvenation=bool(inference_config["defer_rejuvenation"]),
+        temper_threshold=float(inference_config["temper_threshold"]) or None,
+        light_probability=float(inference_config["light_probability"]),
+        histogram_bins=int(inference_config["histogram_bins"]),
         alert_threshold=float(inference_config["alert_threshold"]),
         alert_consecutive=int(inference_config["alert_consecutive"]),
         gas_time_s=gas_time_s, series_id=start["series_id"] if start is not None else None,
@@ -164,10 +168,11 @@ class InferenceStage:
             return
         self._released(series, series.buffer.add(fraction["frame_index"], fraction))
 
-    def poll_buffers(self) -> None:
-        """Let the reorder buffers release what their timeouts allow (call when idle)."""
+    def idle(self) -> None:
+        """Nothing to assimilate: run deferred resample-moves, let timeouts release gaps."""
         for series in list(self.series.values()):
             if not series.finished:
+                series.engine.rejuvenate()
                 self._released(series, series.buffer.poll())
 
     def _released(self, series: SeriesInference, events) -> None:
@@ -296,7 +301,7 @@ def run_inference(config: dict[str, Any], stop: threading.Event) -> int:
         if stage.work:
             stage.process_one()
         else:
-            stage.poll_buffers()
+            stage.idle()
         if time.monotonic() - last_status >= STATUS_PERIOD_S:
             last_status = time.monotonic()
             stage.status()
