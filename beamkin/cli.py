@@ -283,7 +283,7 @@ def _report(args: argparse.Namespace) -> int:
 def _add_offline_commands(commands) -> None:
     from inference import analyze
 
-    offline = commands.add_parser("analyze", help="offline Bayesian analysis of a CSV of phase fractions")
+    offline = commands.add_parser("analyze", help="offline Bayesian analysis of phase fractions (CSV or recording)")
     analyze.add_arguments(offline)
     offline.set_defaults(func=analyze.main)
 

@@ -43,12 +43,16 @@ class Series:
     sigma: np.ndarray | None
     exposure_s: np.ndarray
     source: str = ""
+    t_end_s: float | None = None  # end of the series window when the source knows it (s)
+    gas_time_s: float | None = None  # gas-introduction time ts when the source knows it (s)
 
     def __len__(self) -> int:
         return int(self.time_s.size)
 
     def default_t_end(self) -> float:
-        """Last time plus the median frame spacing (s)."""
+        """The series end when known, else the last time plus the median frame spacing (s)."""
+        if self.t_end_s is not None:
+            return float(self.t_end_s)
         if len(self) < 2:
             return float(self.time_s[-1] + max(self.exposure_s[-1], 1.0))
         return float(self.time_s[-1] + np.median(np.diff(self.time_s)))
@@ -109,8 +113,44 @@ def load_csv_series(path: str | pathlib.Path) -> Series:
                   source=path)
 
 
-#: file suffix -> reader; the lead adds the recording reader here.
-READERS: dict[str, Callable[[str | pathlib.Path], Series]] = {".csv": load_csv_series}
+def load_recording_series(path: str | pathlib.Path) -> Series:
+    """The phase fractions of the first series of a beamkin recording (HDF5, streamer.recorder).
+
+    Frames the reducer flagged are left out, as the live sampler left them out; the series
+    window (n_frames x frame time) and ts come from the recorded start message, so the offline
+    priors are those of the live run.
+    """
+    from streamer.recorder import is_recording, read_messages
+
+    path = str(path)
+    if not is_recording(path):
+        raise SeriesFormatError(f"{path}: not a beamkin recording")
+    start, fractions = None, {}
+    for _, message in read_messages(path, types=("start", "fraction"), with_arrays=False):
+        if start is None and message.type == "start":
+            start = message
+        elif (start is not None and message.type == "fraction" and message.series_id == start.series_id
+              and message["status"] == "ok" and message["alpha"] is not None):
+            fractions.setdefault(message["frame_index"], message)
+    if start is None:
+        raise SeriesFormatError(f"{path}: the recording has no series start message")
+    if not fractions:
+        raise SeriesFormatError(f"{path}: series {start.series_id} has no usable phase fractions")
+    rows = [fractions[index] for index in sorted(fractions)]
+    n_frames, frame_time = start.get("n_frames"), start.get("frame_time_s")
+    return Series(time_s=np.array([m["time_s"] for m in rows], dtype=float),
+                  alpha=np.array([m["alpha"] for m in rows], dtype=float),
+                  sigma=np.array([m["sigma_alpha"] for m in rows], dtype=float),
+                  exposure_s=np.array([m["exposure_s"] for m in rows], dtype=float),
+                  source=f"{path} (series {start.series_id})",
+                  t_end_s=n_frames * frame_time if n_frames and frame_time else None,
+                  gas_time_s=start.get("gas_time_s"))
+
+
+#: file suffix -> reader
+READERS: dict[str, Callable[[str | pathlib.Path], Series]] = {
+    ".csv": load_csv_series, ".h5": load_recording_series, ".hdf5": load_recording_series,
+}
 
 
 def load_series(path: str | pathlib.Path) -> Series:
@@ -167,7 +207,7 @@ def format_table(result: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", help="series file: CSV with time_s, alpha[, sigma][, exposure_s]")
+    parser.add_argument("input", help="CSV with time_s, alpha[, sigma][, exposure_s], or a beamkin recording (.h5)")
     parser.add_argument("--models", default=",".join(MODEL_NAMES),
                         help="comma-separated kinetic models (default: all 16)")
     parser.add_argument("--prior", action="append", default=[], metavar="NAME=LO:HI",
@@ -183,8 +223,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", default=None, help="write the result as JSON ('-' = stdout)")
 
 
+def gas_time_from(args: argparse.Namespace, series: Series) -> float | None:
+    """ts from --gas-time, else from the series' source (a recording's start message)."""
+    return args.gas_time if args.gas_time is not None else series.gas_time_s
+
+
 def priors_from_args(args: argparse.Namespace, series: Series) -> Priors:
-    t_lo = 0.0 if args.gas_time is None else float(args.gas_time)
+    gas_time_s = gas_time_from(args, series)
+    t_lo = 0.0 if gas_time_s is None else float(gas_time_s)
     values: dict = {"t0": (t_lo, series.default_t_end())}
     for text in args.prior:
         name, bounds = parse_prior_option(text)
@@ -216,7 +262,8 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         result = analyze_series(series, models=models, priors=priors, n_particles=args.particles, seed=args.seed,
-                                noise=args.noise, student_nu=args.student_nu, gas_time_s=args.gas_time,
+                                noise=args.noise, student_nu=args.student_nu,
+                                gas_time_s=gas_time_from(args, series),
                                 progress=progress)
     except ValueError as exc:
         print(f"beamkin analyze: {exc}", file=sys.stderr)

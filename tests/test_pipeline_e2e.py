@@ -122,6 +122,19 @@ def test_demo_pipeline_recovers_simulated_kinetics(tmp_path, ports):
         for param, summary in model["params"].items():
             assert replayed["models"][name]["params"][param] == pytest.approx(summary, abs=1e-9), (name, param)
 
+    # the offline analysis of the recorded fractions is the live posterior (DESIGN §1)
+    offline_path = tmp_path / "offline.json"
+    offline = beamkin_process("analyze", str(recording), "--models", ",".join(result["models"]),
+                              "--json", str(offline_path))
+    offline_output, _ = offline.communicate(timeout=300)
+    assert offline.returncode == 0, offline_output[-4000:]
+    offline_result = json.loads(offline_path.read_text())
+    assert offline_result["priors"] == result["priors"]
+    for name, model in result["models"].items():
+        assert offline_result["models"][name]["log_evidence"] == pytest.approx(model["log_evidence"], abs=1e-9)
+        for param, summary in model["params"].items():
+            assert offline_result["models"][name]["params"][param] == pytest.approx(summary, abs=1e-9), (name, param)
+
     # the dashboard served the Bokeh document while the series ran
     status, page = dashboard_page
     assert status == 200 and "Bokeh" in page
