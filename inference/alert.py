@@ -1,7 +1,7 @@
 """Onset alert rule (DESIGN section 5).
 
 The alert fires on the first frame at which the model-averaged onset probability
-P(t0 <= now) has been >= ``threshold`` for ``consecutive`` frames in a row, and never
+P(t0 <= now) (now = the end of the latest frame's exposure) has been >= ``threshold`` for ``consecutive`` frames in a row, and never
 again in the same series.
 """
 

@@ -488,6 +488,7 @@ class OnlineInference:
         self.predictive_draws = int(predictive_draws)
         self.last_time_s: float | None = None
         self.last_frame_index: int | None = None
+        self.last_readout_s: float | None = None  # end of the latest frame's exposure (s)
 
     # ------------------------------------------------------------------ public API
     def warm_up(self) -> None:
@@ -545,8 +546,11 @@ class OnlineInference:
             sampler.assimilate(j, defer=self.defer_rejuvenation)
         self.last_time_s = float(time_s)
         self.last_frame_index = int(frame_index)
+        # "now" for the onset is the end of this frame's exposure (when it was read out): a frame
+        # whose window holds the onset says t0 <= its end, not t0 <= its middle
+        self.last_readout_s = float(time_s) + 0.5 * float(exposure_s)
         probs = self.model_probabilities()
-        onset = self.onset_probability(float(time_s), probs)
+        onset = self.onset_probability(self.last_readout_s, probs)
         if not self.alert.observe(int(frame_index), float(time_s), onset):
             return None
         leading = max(probs, key=probs.get)
@@ -662,7 +666,7 @@ class OnlineInference:
             "frame_index": frame_index,
             "time_s": time_s,
             "n_frames": self.n_frames,
-            "onset_probability": self.onset_probability(time_s, probs),
+            "onset_probability": self.onset_probability(self.last_readout_s, probs),
             "leading_model": leading,
             "models": models,
             "model_averaged": averaged,
