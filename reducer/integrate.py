@@ -179,10 +179,15 @@ def _gap_mask(name: str | None, shape: tuple[int, int]) -> np.ndarray | None:
         return None
     import pyFAI.detectors
 
-    try:
-        det = pyFAI.detectors.detector_factory(name.replace(" ", ""))
-    except Exception:
+    key = name.replace(" ", "").lower()
+    if key not in pyFAI.detectors.ALL_DETECTORS:  # asking the factory would log an ERROR
         logger.info("detector %r unknown to pyFAI: module gaps come from the all-ones pixel value only", name)
+        return None
+    try:
+        det = pyFAI.detectors.detector_factory(key)
+    except Exception as exc:
+        logger.info("pyFAI cannot build detector %r (%s): module gaps come from the all-ones pixel value only",
+                    name, exc)
         return None
     if det.max_shape is None or tuple(det.max_shape) != tuple(shape):
         return None
