@@ -62,9 +62,7 @@ class SeriesInference:
     """One series: its start message, sampler, reorder buffer and counters."""
 
     def __init__(self, start: protocol.Message, config: dict[str, Any]):
-        self.start = start
         self.series_id = start["series_id"]
-        self.config = config
         self.engine = make_engine(config, start)
         self.buffer = ReorderBuffer(int(config["reorder_window"]), float(config["missing_timeout_s"]))
         self.counters = collections.Counter()
@@ -72,7 +70,6 @@ class SeriesInference:
         self.alert: dict[str, Any] | None = None
         self.finish_queued = False
         self.finished = False
-        self.last_posterior: protocol.Message | None = None
 
     def diagnostics(self) -> dict[str, Any]:
         return {
@@ -219,7 +216,6 @@ class InferenceStage:
         if received is not None:
             diagnostics["latency_s"] = time.time() - float(received)
         posterior = protocol.make("posterior", series_id=series.series_id, diagnostics=diagnostics, **payload)
-        series.last_posterior = posterior
         self.publish(posterior)
         if alert is not None and series.alert is None:
             series.alert = alert
