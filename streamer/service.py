@@ -173,14 +173,18 @@ def run_streamer(config: dict[str, Any], stop: threading.Event) -> int:
     log.info("streamer reading %s; workers connect to %s", options["source"], endpoints["frames"])
     signal_ready()
 
-    poller = zmq.Poller()
-    poller.register(router, zmq.POLLIN)
+    def send_status() -> None:
+        counters = {**dispatcher.counters, **getattr(source, "counters", {}),
+                    "workers": len(dispatcher.workers), "frames_pending": len(dispatcher.pending),
+                    "frames_in_flight": dispatcher.in_flight}
+        protocol.send(to_inference, protocol.make("status", stage="streamer", series_id=None, counters=counters))
+
     source_done = False
     series_ended = 0
     last_status = time.monotonic()
     while not stop.is_set():
-        for socket, _ in poller.poll(20):
-            while router.poll(0, zmq.POLLIN):
+        if router.poll(20):
+            while router.poll(0):
                 dispatcher.handle_worker_message()
         while not source_done and len(dispatcher.pending) < options["max_pending_frames"]:
             try:
@@ -207,13 +211,11 @@ def run_streamer(config: dict[str, Any], stop: threading.Event) -> int:
         now = time.monotonic()
         if now - last_status >= STATUS_PERIOD_S:
             last_status = now
-            counters = {**dispatcher.counters, **getattr(source, "counters", {}),
-                        "workers": len(dispatcher.workers), "frames_pending": len(dispatcher.pending),
-                        "frames_in_flight": dispatcher.in_flight}
-            protocol.send(to_inference, protocol.make("status", stage="streamer", series_id=None, counters=counters))
+            send_status()
         idle = not dispatcher.pending and dispatcher.in_flight == 0
         if idle and ((options["once"] and series_ended >= 1) or source_done):
             break
+    send_status()  # the final counts, for the dashboard's health panel
     log.info("streamer stopping: %s", dict(dispatcher.counters))
     stop.set()
     reader.join(timeout=2)
