@@ -38,7 +38,8 @@ def test_p21c_absences_and_cell():
     assert not np.any((h == 0) & (l == 0) & (k % 2 == 1)), "0k0 with k odd must be absent (2_1 screw)"
     assert [0, 1, 0] not in a.hkl.tolist() and [0, 2, 0] in a.hkl.tolist()
     # Ar loading expands the cell (a few % in volume) and moves lines to lower angle.
-    assert 1.02 < b.cell.volume_A3 / a.cell.volume_A3 < 1.06
+    expansion = b.cell.volume_A3 / a.cell.volume_A3  # Ar loading swells the cell by 2-6 %
+    assert expansion == pytest.approx(1.04, abs=0.02)
     i011 = a.hkl.tolist().index([0, 1, 1])
     shift = (a.two_theta_deg[i011] - b.two_theta_deg[i011]) / a.two_theta_deg[i011]
     assert 0.01 < shift < 0.03
