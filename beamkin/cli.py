@@ -248,8 +248,11 @@ def _replay(args: argparse.Namespace) -> int:
     """Run the pipeline on a recording or EIGER master file, re-emitted with its timing / speed."""
     config = configuration.from_arguments(args)
     logs.configure("replay", config["logging"]["level"], config["logging"]["format"])
-    config["streamer"]["source"] = f"replay:{args.file}"
-    config["streamer"]["speed"] = args.speed
+    if os.path.isdir(args.file):  # a file series: its frames in acquisition order (not paced)
+        config["streamer"]["source"] = f"files:{args.file}"
+    else:
+        config["streamer"]["source"] = f"replay:{args.file}"
+        config["streamer"]["speed"] = args.speed
     if args.json:
         config["inference"]["json"] = args.json
     if args.record:
@@ -293,9 +296,9 @@ def _add_offline_commands(commands) -> None:
     report.add_argument("--data", metavar="CSV", help="with a JSON result: the data it was fitted to")
     report.set_defaults(func=_report)
 
-    replay = commands.add_parser("replay", help="run the pipeline on a recording or an EIGER master file")
+    replay = commands.add_parser("replay", help="run the pipeline on a recording, an EIGER master file or a folder of frames")
     configuration.add_arguments(replay)
-    replay.add_argument("file", help="beamkin recording (.h5) or EIGER HDF5 master file")
+    replay.add_argument("file", help="beamkin recording (.h5), EIGER HDF5 master file, or a folder of frames / profiles")
     replay.add_argument("--speed", type=float, default=1.0,
                         help="X times the original pace (0 = as fast as possible; default 1)")
     replay.add_argument("--json", metavar="FILE", help="write the final result as JSON")
