@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -60,7 +61,18 @@ def bare_frames_per_second(metadata, gap_mask, frames, npt: int) -> float:
     return best
 
 
-def stage_frames_per_second(metadata, gap_mask, frames, workers: int) -> tuple[float, list[int]]:
+def bare_one_thread_frames_per_second(n_frames: int, npt: int) -> float:
+    """The baseline with OMP_NUM_THREADS=1 (one core, as one worker of N gets), in a child process
+    on the same frames (same seed)."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import bench_reduce_stage as b; "
+            f"m, g, f = b.make_frames({n_frames}); print(b.bare_frames_per_second(m, g, f, {npt}))")
+    output = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, check=True).stdout
+    return float(output.strip().splitlines()[-1])
+
+
+def stage_frames_per_second(metadata, gap_mask, frames, workers: int,
+                            threads: int | None = None) -> tuple[float, list[int]]:
     ports = LoopbackPorts.free()
     marker = uuid.uuid4().hex
     context = zmq.Context()
@@ -69,8 +81,8 @@ def stage_frames_per_second(metadata, gap_mask, frames, workers: int) -> tuple[f
     router.bind(f"tcp://127.0.0.1:{ports.frames}")
     pull = context.socket(zmq.PULL)
     pull.bind(f"tcp://127.0.0.1:{ports.reduced}")
-    stage = beamkin_process("reduce", "--workers", str(workers), *ports.options()[:8],
-                            env={"BEAMKIN_BENCH_RUN": marker})
+    env = {"BEAMKIN_BENCH_RUN": marker, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    stage = beamkin_process("reduce", "--workers", str(workers), *ports.options()[:8], env=env)
     dispatcher = FrameDispatcher(router, worker_timeout_s=60.0)
     series_id = metadata["series_id"]
     dispatcher.starts[series_id] = protocol.make("start", {"pixel_mask": gap_mask.astype(np.uint32)},
@@ -126,12 +138,17 @@ def main() -> None:
     metadata, gap_mask, frames = make_frames(args.frames + WARM_UP_FRAMES * max(args.workers))
     print(f"{len(frames)} Pilatus 1M-size frames, npt {npt}, method {','.join(DEFAULT_METHOD)}, {os.cpu_count()} cores")
     bare = bare_frames_per_second(metadata, gap_mask, frames, npt)
-    print(f"baseline: bare integrate1d in one process: {bare:.1f} frames/s")
+    bare_1 = bare_one_thread_frames_per_second(args.frames + WARM_UP_FRAMES * max(args.workers), npt)
+    print(f"baseline: bare integrate1d in one process: {bare:.1f} frames/s on all cores, "
+          f"{bare_1:.1f} frames/s with one OpenMP thread")
+    rate, peaks = stage_frames_per_second(metadata, gap_mask, frames, 1, threads=1)
+    print(f"beamkin reduce --workers 1, one OpenMP thread: {rate:.1f} frames/s = {rate / bare_1:.2f} x bare "
+          f"on one thread (per-worker target 0.9); peak memory {peaks[0] / 1024:.0f} MiB")
     for workers in args.workers:
         rate, peaks = stage_frames_per_second(metadata, gap_mask, frames, workers)
         memory = ", ".join(f"{kib / 1024:.0f} MiB" for kib in peaks) or "n/a"
-        print(f"beamkin reduce --workers {workers}: {rate:.1f} frames/s = {rate / bare:.2f} x bare "
-              f"({rate / workers / bare:.2f} x bare per worker); peak memory per worker: {memory}")
+        print(f"beamkin reduce --workers {workers}: {rate:.1f} frames/s = {rate / bare:.2f} x bare on all cores "
+              f"({rate / workers / bare:.2f} x per worker); peak memory per worker: {memory}")
 
 
 if __name__ == "__main__":

@@ -257,6 +257,9 @@ class FractionConfig:
     position_step_rel, refined by a parabola through the best three points); a weaker phase keeps
     the shift last determined confidently in the series (0 until then), since a shift chosen from
     noise would inflate its area. 0 disables.
+    position_search_every: a confident phase's shift is searched on its first confident frame and
+    then on every position_search_every-th confident frame, the last shift standing in between
+    (the search is most of the fit's cost; lattice shifts drift slowly). 1 = every frame.
     """
 
     windows: list[WindowSpec]
@@ -275,6 +278,7 @@ class FractionConfig:
     position_search_rel: float = 0.004
     position_step_rel: float = 0.0005
     position_min_snr: float = 20.0
+    position_search_every: int = 4
     phases: tuple[Phase, Phase] | None = None   # model phases (whole-pattern references)
 
     def __post_init__(self) -> None:
@@ -300,6 +304,8 @@ class FractionConfig:
             raise ReductionError("background_terms must be >= 1")
         if not (0.0 <= self.position_search_rel < 0.05 and self.position_step_rel > 0):
             raise ReductionError("position_search_rel must be in [0, 0.05) and position_step_rel > 0")
+        if int(self.position_search_every) < 1:
+            raise ReductionError("position_search_every must be >= 1")
 
     def span_deg(self) -> tuple[float, float]:
         """Smallest 2theta range (degrees) the configuration needs."""
@@ -333,7 +339,7 @@ class FractionConfig:
                "learn_reference_frames": self.learn_reference_frames, "min_signal_sigma": self.min_signal_sigma,
                "n_reweight": self.n_reweight, "background_terms": self.background_terms,
                "position_search_rel": self.position_search_rel, "position_step_rel": self.position_step_rel,
-               "position_min_snr": self.position_min_snr,
+               "position_min_snr": self.position_min_snr, "position_search_every": self.position_search_every,
                "windows": [w.to_dict() for w in self.windows]}
         for key in ("reference_scale_a", "reference_scale_b", "wavelength_A", "whole_pattern_range_deg",
                     "reference_pattern_a", "reference_pattern_b"):
@@ -527,6 +533,7 @@ class PhaseFractionEstimator:
         self._wp_cache = None
         self._learned_scale_a: list[float] = []
         self._last_eps = {"A": 0.0, "B": 0.0}   # latest confident line shifts, used for weak phases
+        self._confident_frames = {"A": 0, "B": 0}  # confident frames per phase (search cadence)
         self._reference_patterns = None
         self._rho = config.reference_ratio_b_to_a
         self.reference_scale_a = config.reference_scale_a
@@ -689,7 +696,9 @@ class PhaseFractionEstimator:
                 for p in ("A", "B"):
                     var_p = cv[np.ix_(idx[p], idx[p])].sum()
                     if var_p > 0 and c[idx[p]].sum() > self.config.position_min_snr * math.sqrt(var_p):
-                        eps[p] = self._refine_shift(m, good, yy, ss, c, eps, p)
+                        if self._confident_frames[p] % int(self.config.position_search_every) == 0:
+                            eps[p] = self._refine_shift(m, good, yy, ss, c, eps, p)
+                        self._confident_frames[p] += 1
                         confident.append(p)
                 if eps != start:
                     design = np.ascontiguousarray(m.design_at(eps["A"], eps["B"])[good])
