@@ -133,6 +133,7 @@ def _supervised(config: dict[str, Any], with_simulator: bool, once: bool) -> int
     """Start the pipeline stages as processes, then the simulator; stop all on failure or Ctrl-C."""
     from beamkin.supervise import StageFailed, Supervisor
 
+    once = once or config["inference"]["once"]  # --once, or once = true in the TOML
     if once:
         config["streamer"]["once"] = True
         config["inference"]["once"] = True
@@ -174,28 +175,29 @@ def _supervised(config: dict[str, Any], with_simulator: bool, once: bool) -> int
         supervisor.stop_all()
 
 
-def _run(args: argparse.Namespace) -> int:
+def _supervisor_config(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """Configuration of run / demo / replay with their --json and --record shortcuts applied."""
     config = configuration.from_arguments(args)
-    logs.configure("run", config["logging"]["level"], config["logging"]["format"])
-    if args.source:
-        config["streamer"]["source"] = args.source
-    if args.record:
-        config["recorder"]["path"] = args.record
+    logs.configure(name, config["logging"]["level"], config["logging"]["format"])
     if args.json:
         config["inference"]["json"] = args.json
+    if args.record:
+        config["recorder"]["path"] = args.record
+    return config
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _supervisor_config(args, "run")
+    if args.source:
+        config["streamer"]["source"] = args.source
     with_simulator = config["streamer"]["source"] == "simulate"
     return _supervised(config, with_simulator, args.once)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    config = configuration.from_arguments(args)
-    logs.configure("demo", config["logging"]["level"], config["logging"]["format"])
+    config = _supervisor_config(args, "demo")
     if args.speed is not None:
         config["simulator"]["speed"] = args.speed
-    if args.json:
-        config["inference"]["json"] = args.json
-    if args.record:
-        config["recorder"]["path"] = args.record
     sim = config["simulator"]
     print(
         f"beamkin demo: simulated {sim['model']} reaction, t0 = {sim['t0_s']} s, k = {sim['k_per_s']} 1/s, "
@@ -246,17 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _replay(args: argparse.Namespace) -> int:
     """Run the pipeline on a recording or EIGER master file, re-emitted with its timing / speed."""
-    config = configuration.from_arguments(args)
-    logs.configure("replay", config["logging"]["level"], config["logging"]["format"])
+    config = _supervisor_config(args, "replay")
     if os.path.isdir(args.file):  # a file series: its frames in acquisition order (not paced)
         config["streamer"]["source"] = f"files:{args.file}"
     else:
         config["streamer"]["source"] = f"replay:{args.file}"
         config["streamer"]["speed"] = args.speed
-    if args.json:
-        config["inference"]["json"] = args.json
-    if args.record:
-        config["recorder"]["path"] = args.record
     return _supervised(config, with_simulator=False, once=True)
 
 
