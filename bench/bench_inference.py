@@ -16,7 +16,6 @@ Usage: python bench/bench_inference.py [--lengths 30,300,1000] [--particles 4096
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import pathlib
 import platform

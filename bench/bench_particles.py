@@ -13,7 +13,6 @@ Usage: python bench/bench_particles.py [--particles 4096] [--seeds 5]
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import pathlib
 import platform

@@ -46,7 +46,7 @@ import numpy as np
 from . import likelihood as lk
 from .alert import OnsetAlert
 from .models import MODEL_EXPONENT, MODEL_NAMES, model_code
-from .priors import PARAM_NAMES, Priors
+from .priors import Priors
 from .resample import systematic_indices
 
 logger = logging.getLogger(__name__)

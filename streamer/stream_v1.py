@@ -35,7 +35,6 @@ from typing import Any, Iterator, Mapping, Sequence
 import bitshuffle
 import lz4.block
 import numpy as np
-import zmq
 
 from beamkin.protocol import Message
 from streamer import compression
@@ -284,16 +283,8 @@ class StreamV1Source:
         return self.decoder.counters
 
     def messages(self, stop_event: threading.Event) -> Iterator[Message]:
-        socket = zmq.Context.instance().socket(zmq.PULL)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.connect(self.endpoint)
-        log.info("PULL %s (Stream V1)", self.endpoint)
-        poller = zmq.Poller()
-        poller.register(socket, zmq.POLLIN)
-        try:
-            while not stop_event.is_set():
-                if poller.poll(self.poll_ms):
-                    yield from self.decoder.feed(socket.recv_multipart(copy=False))
-            yield from self.decoder.close()
-        finally:
-            socket.close(linger=0)
+        from streamer.sources import pull_parts
+
+        for parts in pull_parts(self.endpoint, self.poll_ms, stop_event, "Stream V1"):
+            yield from self.decoder.feed(parts)
+        yield from self.decoder.close()

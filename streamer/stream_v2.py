@@ -39,7 +39,6 @@ from typing import Any, Iterator, Mapping
 
 import cbor2
 import numpy as np
-import zmq
 
 from beamkin.protocol import Message
 from streamer import compression
@@ -498,24 +497,12 @@ class StreamV2Source:
         return self.decoder.counters
 
     def messages(self, stop_event: threading.Event) -> Iterator[Message]:
-        context = zmq.Context.instance()
-        socket = context.socket(zmq.PULL)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.RCVHWM, 1000)
-        socket.connect(self.endpoint)
-        log.info("PULL %s (Stream V2)", self.endpoint)
-        poller = zmq.Poller()
-        poller.register(socket, zmq.POLLIN)
-        try:
-            while not stop_event.is_set():
-                if not poller.poll(self.poll_ms):
-                    continue
-                frames = socket.recv_multipart(copy=False)
-                if len(frames) != 1:
-                    self.counters["malformed"] += 1
-                    log.warning("dropping Stream V2 message of %d parts (expected one)", len(frames))
-                    continue
-                yield from self.decoder.feed(frames[0].buffer)
-            yield from self.decoder.close()
-        finally:
-            socket.close(linger=0)
+        from streamer.sources import pull_parts
+
+        for frames in pull_parts(self.endpoint, self.poll_ms, stop_event, "Stream V2"):
+            if len(frames) != 1:
+                self.counters["malformed"] += 1
+                log.warning("dropping Stream V2 message of %d parts (expected one)", len(frames))
+                continue
+            yield from self.decoder.feed(frames[0].buffer)
+        yield from self.decoder.close()

@@ -3,9 +3,8 @@
 import math
 
 import numpy as np
-import pytest
 
-from inference.models import MODEL_NAMES, alpha_numpy
+from inference.models import alpha_numpy
 from inference.priors import Priors
 from inference.smc import OnlineInference
 
