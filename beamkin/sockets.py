@@ -40,17 +40,6 @@ def publisher(context: zmq.Context, endpoint: str) -> zmq.Socket:
     return bind(socket, endpoint)
 
 
-def subscriber(context: zmq.Context, endpoints: list[str], topics: tuple[str, ...] = ("",)) -> zmq.Socket:
-    """Connect a SUB socket to each endpoint, subscribed to the given topic prefixes."""
-    socket = context.socket(zmq.SUB)
-    socket.setsockopt(zmq.RCVHWM, PUBLISH_HWM)
-    for topic in topics:
-        socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
-    for endpoint in endpoints:
-        socket.connect(endpoint)
-    return socket
-
-
 def publish(socket: zmq.Socket, message: protocol.Message, stop: threading.Event | None = None) -> bool:
     """Publish one message, waiting while a subscriber is at its high-water mark.
 
@@ -58,7 +47,7 @@ def publish(socket: zmq.Socket, message: protocol.Message, stop: threading.Event
     drained so they never pile up on the XPUB socket.
     """
     _drain_subscriptions(socket)
-    waited = 0.0
+    next_warning = 0.0
     while True:
         try:
             protocol.send(socket, message, flags=zmq.NOBLOCK)
@@ -66,12 +55,11 @@ def publish(socket: zmq.Socket, message: protocol.Message, stop: threading.Event
         except zmq.Again:
             if stop is not None and stop.is_set():
                 return False
-            if waited == 0.0 or waited > 5.0:
+            if time.monotonic() >= next_warning:  # say so at once, then every 5 s
                 log.warning("a subscriber is behind; waiting to publish %s", message.type,
                             extra={"series_id": message.series_id, "frame_index": message.frame_index})
-                waited = 0.0 if waited > 5.0 else waited
+                next_warning = time.monotonic() + 5.0
             time.sleep(0.005)
-            waited += 0.005
             _drain_subscriptions(socket)
 
 
