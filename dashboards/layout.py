@@ -258,26 +258,8 @@ class DashboardSession:
         self.fig_models = fig
 
         # history of t0 and k summaries
-        fig = _figure("t0 posterior mean ± sd over time", "time since series start (s)", "t0 (s)", 520, 330,
-                      x_range=self.fig_alpha.x_range)
-        fig.varea("time_s", "t0_lo", "t0_hi", source=self.src_history, fill_color=COLOR_AVERAGED, fill_alpha=0.25,
-                  legend_label="model average ± sd")
-        fig.line("time_s", "t0_mean", source=self.src_history, color=COLOR_AVERAGED, line_width=2,
-                 legend_label="model average mean")
-        fig.line("time_s", "t0_lead_mean", source=self.src_history, color=COLOR_LEADING, line_dash="dashed",
-                 legend_label="leading model mean")
-        _legend(fig)
-        self.fig_t0_time = fig
-        fig = _figure("k posterior mean ± sd over time", "time since series start (s)", "k (1/s)", 520, 330,
-                      x_range=self.fig_alpha.x_range)
-        fig.varea("time_s", "k_lo", "k_hi", source=self.src_history, fill_color=COLOR_AVERAGED, fill_alpha=0.25,
-                  legend_label="model average ± sd")
-        fig.line("time_s", "k_mean", source=self.src_history, color=COLOR_AVERAGED, line_width=2,
-                 legend_label="model average mean")
-        fig.line("time_s", "k_lead_mean", source=self.src_history, color=COLOR_LEADING, line_dash="dashed",
-                 legend_label="leading model mean")
-        _legend(fig)
-        self.fig_k_time = fig
+        self.fig_t0_time = self._history_figure("t0", "t0 (s)")
+        self.fig_k_time = self._history_figure("k", "k (1/s)")
 
         # model probability history: one line per model, added as models appear
         self.src_model_history = ColumnDataSource({"time_s": []}, name="model_history")
@@ -339,6 +321,19 @@ class DashboardSession:
         if choice and choice != FOLLOW_LATEST and self.state.get(choice) is not None:
             return choice
         return self.state.latest_series_id()
+
+    def _history_figure(self, param: str, label: str):
+        """Model-averaged mean +- sd and the leading model's mean of one parameter over time."""
+        fig = _figure(f"{param} posterior mean ± sd over time", "time since series start (s)", label, 520, 330,
+                      x_range=self.fig_alpha.x_range)
+        fig.varea("time_s", f"{param}_lo", f"{param}_hi", source=self.src_history, fill_color=COLOR_AVERAGED,
+                  fill_alpha=0.25, legend_label="model average ± sd")
+        fig.line("time_s", f"{param}_mean", source=self.src_history, color=COLOR_AVERAGED, line_width=2,
+                 legend_label="model average mean")
+        fig.line("time_s", f"{param}_lead_mean", source=self.src_history, color=COLOR_LEADING, line_dash="dashed",
+                 legend_label="leading model mean")
+        _legend(fig)
+        return fig
 
     def refresh(self) -> None:
         """Pull what changed in the shared state and update this session's models."""
