@@ -143,20 +143,16 @@ def _particle_frame_loglik(code, p, t_lo, t_hi, y, sig2, kind, nu, sc):
     return log_density(y - mu, sig2 + s * s, kind, nu, sc)
 
 
-@numba.njit(parallel=True, cache=True)
-def frame_loglik_parallel(code, params, t_lo, t_hi, y, sig2, kind, nu, out):
+def _frame_loglik_impl(code, params, t_lo, t_hi, y, sig2, kind, nu, out):
     """log p(y | particle) of one frame for every particle row of ``params`` into ``out``."""
     sc = _student_const(nu)
     for i in numba.prange(params.shape[0]):
         out[i] = _particle_frame_loglik(code, params[i], t_lo, t_hi, y, sig2, kind, nu, sc)
 
 
-@numba.njit(cache=True)
-def frame_loglik(code, params, t_lo, t_hi, y, sig2, kind, nu, out):
-    """Serial twin of ``frame_loglik_parallel``."""
-    sc = _student_const(nu)
-    for i in range(params.shape[0]):
-        out[i] = _particle_frame_loglik(code, params[i], t_lo, t_hi, y, sig2, kind, nu, sc)
+# one body, compiled serial and parallel (prange is range in the serial build)
+frame_loglik = numba.njit(cache=True)(_frame_loglik_impl)
+frame_loglik_parallel = numba.njit(cache=True, parallel=True)(_frame_loglik_impl)
 
 
 @numba.njit(cache=True)
@@ -203,8 +199,7 @@ def particle_history_loglik(code, p, m, t_lo, t_hi, y, sig2, cy, cy2, homo_var, 
     return total
 
 
-@numba.njit(parallel=True, cache=True)
-def history_loglik_parallel(code, params, m, pending, lam, t_lo, t_hi, y, sig2, cy, cy2, homo_var, kind, nu, out):
+def _history_loglik_impl(code, params, m, pending, lam, t_lo, t_hi, y, sig2, cy, cy2, homo_var, kind, nu, out):
     """Tempered full-history log likelihood for every particle row into ``out``.
 
     out_i = sum_{j < m} log p(y_j | theta_i) + lam * log p(y_pending | theta_i)
@@ -222,17 +217,8 @@ def history_loglik_parallel(code, params, m, pending, lam, t_lo, t_hi, y, sig2, 
         out[i] = total
 
 
-@numba.njit(cache=True)
-def history_loglik(code, params, m, pending, lam, t_lo, t_hi, y, sig2, cy, cy2, homo_var, kind, nu, out):
-    """Serial twin of ``history_loglik_parallel``."""
-    sc = _student_const(nu)
-    for i in range(params.shape[0]):
-        p = params[i]
-        total = particle_history_loglik(code, p, m, t_lo, t_hi, y, sig2, cy, cy2, homo_var, kind, nu, sc)
-        if pending >= 0 and lam > 0.0:
-            total += lam * _particle_frame_loglik(code, p, t_lo[pending], t_hi[pending], y[pending],
-                                                  sig2[pending], kind, nu, sc)
-        out[i] = total
+history_loglik = numba.njit(cache=True)(_history_loglik_impl)
+history_loglik_parallel = numba.njit(cache=True, parallel=True)(_history_loglik_impl)
 
 
 @numba.njit(cache=True)

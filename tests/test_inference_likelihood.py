@@ -105,3 +105,28 @@ def test_history_rejects_out_of_order_and_bad_frames():
         h.append(0, 3.0, 0.1, 0.0, None)
     with pytest.raises(ValueError, match="sigma"):
         h.append(3, 3.0, 0.1, 0.0, -1.0)
+
+
+def test_serial_and_parallel_kernels_compute_the_same_numbers():
+    """frame_loglik / history_loglik are one body compiled twice (prange serial and parallel)."""
+    rng = np.random.default_rng(11)
+    n_frames, n_particles = 20, 200
+    t_lo = np.arange(n_frames) / 3.0
+    t_hi = t_lo + 0.3
+    y = np.clip(rng.normal(0.2, 0.3, n_frames), 0, 1)
+    sig2 = np.full(n_frames, 0.02 ** 2)
+    cy = np.concatenate([[0.0], np.cumsum(y)])
+    cy2 = np.concatenate([[0.0], np.cumsum(y * y)])
+    params = np.column_stack([rng.uniform(0, 6, n_particles), rng.normal(-0.5, 0.5, n_particles),
+                              np.log(rng.uniform(0.005, 0.1, n_particles)), rng.uniform(0.8, 1.1, n_particles),
+                              rng.uniform(0.5, 4, n_particles)])
+    for kind in (lk.NOISE_NORMAL, lk.NOISE_STUDENT):
+        serial, parallel = np.empty(n_particles), np.empty(n_particles)
+        lk.history_loglik(model_code("F1"), params, n_frames - 1, n_frames - 1, 0.4, t_lo, t_hi, y, sig2,
+                          cy, cy2, 0.02 ** 2, kind, 4.0, serial)
+        lk.history_loglik_parallel(model_code("F1"), params, n_frames - 1, n_frames - 1, 0.4, t_lo, t_hi, y, sig2,
+                                   cy, cy2, 0.02 ** 2, kind, 4.0, parallel)
+        np.testing.assert_allclose(parallel, serial, rtol=1e-12)
+        lk.frame_loglik(model_code("A2"), params, t_lo[5], t_hi[5], y[5], sig2[5], kind, 4.0, serial)
+        lk.frame_loglik_parallel(model_code("A2"), params, t_lo[5], t_hi[5], y[5], sig2[5], kind, 4.0, parallel)
+        np.testing.assert_allclose(parallel, serial, rtol=1e-12)
