@@ -191,15 +191,20 @@ class Phase:
 
 
 @numba.njit(cache=True)
+def _pseudo_voigt_constants(fwhm: float) -> tuple[float, float, float, float]:
+    """Peak heights of the unit-area Gaussian and Lorentzian of width fwhm, and the factors of
+    (x - c)^2 in their exponent / denominator: (2/H) sqrt(ln2/pi), 2/(pi H), 4/H^2, 4 ln2/H^2."""
+    k = 4.0 / (fwhm * fwhm)
+    return 2.0 / fwhm * math.sqrt(math.log(2.0) / math.pi), 2.0 / (math.pi * fwhm), k, k * math.log(2.0)
+
+
+@numba.njit(cache=True)
 def pseudo_voigt(x: np.ndarray, centre: float, fwhm: float, eta: float) -> np.ndarray:
     """Area-normalised pseudo-Voigt, x, centre and fwhm in the same unit:
     pV = eta * L + (1 - eta) * G with
     G = (2/H) sqrt(ln2/pi) exp(-4 ln2 (x-c)^2 / H^2), L = (2/(pi H)) / (1 + 4 (x-c)^2 / H^2)."""
     out = np.empty(x.shape[0])
-    g0 = 2.0 / fwhm * math.sqrt(math.log(2.0) / math.pi)
-    l0 = 2.0 / (math.pi * fwhm)
-    k = 4.0 / (fwhm * fwhm)
-    kg = k * math.log(2.0)
+    g0, l0, k, kg = _pseudo_voigt_constants(fwhm)
     for i in range(x.shape[0]):
         u = x[i] - centre
         u2 = u * u
@@ -222,10 +227,7 @@ def pseudo_voigt_bin_average(x: np.ndarray, half_width: np.ndarray, centre: floa
     (CDF(x_i + h_i - c) - CDF(x_i - h_i - c)) / (2 h_i); the point value where h_i = 0.
     This is what a binned pattern (pyFAI bins, strip-detector steps) records."""
     out = np.empty(x.shape[0])
-    g0 = 2.0 / fwhm * math.sqrt(math.log(2.0) / math.pi)
-    l0 = 2.0 / (math.pi * fwhm)
-    k = 4.0 / (fwhm * fwhm)
-    kg = k * math.log(2.0)
+    g0, l0, k, kg = _pseudo_voigt_constants(fwhm)
     for i in range(x.shape[0]):
         h = half_width[i]
         u = x[i] - centre
