@@ -43,3 +43,20 @@ def pipeline_messages(tmp_path_factory):
         seen.add(key)
         messages.append(message)
     return messages
+
+
+def consume_in_thread(source):
+    """Start a thread that collects a source's messages until its first `end`; returns (thread, list)."""
+    import threading
+
+    stop, received = threading.Event(), []
+
+    def consume():
+        for message in source.messages(stop):
+            received.append(message)
+            if message.type == "end":
+                stop.set()
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    return thread, received

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import struct
-import threading
 
 import bitshuffle
 import lz4.block
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 from streamer.stream_v1 import StreamV1Decoder
+from tests.conftest import consume_in_thread
 
 NY, NX = 9, 14
 CONFIG = {"beam_center_x": 7.0, "beam_center_y": 4.5, "count_time": 0.3, "frame_time": 1 / 3,
@@ -144,17 +144,8 @@ def test_fake_eiger_v1_mode_over_zeromq(compression):
 
     sender = StreamV1Sender("tcp://127.0.0.1:0", compression=compression)
     source = open_source(f"dectris1:{sender.endpoint}", {"poll_ms": 20})
-    stop = threading.Event()
-    received = []
 
-    def consume():
-        for message in source.messages(stop):
-            received.append(message)
-            if message.type == "end":
-                stop.set()
-
-    thread = threading.Thread(target=consume)
-    thread.start()
+    thread, received = consume_in_thread(source)
     mask = np.zeros((NY, NX), np.uint32)
     mask[0, 0] = 1
     sender.send_start(dict(CONFIG, nimages=3, ntrigger=1), pixel_mask=mask, appendix={"gas_time_s": 0.5})

@@ -4,7 +4,6 @@ the DECTRIS spec (no cbor2, no streamer.compression), plus fuzzing and a ZeroMQ 
 from __future__ import annotations
 
 import struct
-import threading
 
 import bitshuffle
 import lz4.block
@@ -15,6 +14,7 @@ from hypothesis import strategies as st
 
 from streamer.errors import StreamDecodeError
 from streamer.stream_v2 import StreamV2Decoder, decode_message
+from tests.conftest import consume_in_thread
 
 
 # ---------------------------------------------------------------- independent CBOR encoder
@@ -364,18 +364,9 @@ def test_fake_eiger_to_source_over_zeromq(compression):
 
     sender = StreamV2Sender("tcp://127.0.0.1:0", compression=compression)
     source = open_source(f"dectris2:{sender.endpoint}", {"poll_ms": 20})
-    stop = threading.Event()
-    received = []
-
-    def consume():
-        for message in source.messages(stop):
-            received.append(message)
-            if message.type == "end":
-                stop.set()
 
     assert not sender.writable(0.0)  # nobody connected yet: a send would block
-    thread = threading.Thread(target=consume)
-    thread.start()
+    thread, received = consume_in_thread(source)
     assert sender.writable(10.0)
     rng = np.random.default_rng(3)
     images = [rng.poisson(5, size=(64, 48)).astype(np.uint32) for _ in range(4)]
