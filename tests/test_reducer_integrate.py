@@ -292,3 +292,29 @@ def test_dynamic_mask_for_every_pixel_type(md, detector, dtype):
     np.testing.assert_array_equal(pat.intensity, ref.intensity)
     np.testing.assert_array_equal(pat.sigma, ref.sigma)
     np.testing.assert_array_equal(pat.count, ref.count)
+
+
+@pytest.mark.parametrize("method", [("no", "csr", "cython"), ("bbox", "csr", "cython"), ("no", "histogram", "cython")])
+def test_every_frame_equals_integrate1d(md, detector, method):
+    """From the series' second frame on, CSR methods call pyFAI's engine directly (the first
+    frame checks that this reproduces integrate1d): every frame still equals integrate1d exactly,
+    with dark and flat corrections too."""
+    shape = tuple(md["detector"]["shape"])
+    dark = np.full(shape, 1.5, np.float32)
+    flat = np.linspace(0.8, 1.2, shape[1], dtype=np.float32)[None, :].repeat(shape[0], 0)
+    integ = Integrator.from_metadata(md, npt=NPT, method=method, dark=dark, flat=flat)
+    for seed in range(3):
+        frame = detector.image(0.4 * seed, 1.0, seed=30 + seed)
+        pat = integ.integrate(frame)
+        kwargs = dict(integ.integrate1d_kwargs(), error_model=None)
+        if method[0] != "no":
+            kwargs["variance"] = frame.astype(np.float32) + dark
+        res = integ.ai.integrate1d(frame, dummy=float(2**32 - 1), delta_dummy=0.5, **kwargs)
+        ok = res.count > 0
+        assert ok.sum() > 0.9 * NPT
+        np.testing.assert_array_equal(pat.radial, res.radial)
+        np.testing.assert_array_equal(pat.count, res.count)
+        np.testing.assert_array_equal(pat.intensity[ok], res.intensity[ok])
+        if method[0] != "no":
+            np.testing.assert_array_equal(pat.sigma[ok], res.sigma[ok])
+    assert (integ._engine_call is not None) == (method[1] == "csr")  # the direct path is in use
