@@ -296,3 +296,24 @@ def test_line_shift_refinement_removes_strain_bias(md, integrator):
     assert mid.position_shift_rel["B"] == pytest.approx(0.0015, abs=1e-4)
     z_fixed = _zscores([fixed.estimate(p, 20.0) for p in patterns], truths)
     assert np.sqrt(np.mean(z_fixed**2)) > 3.0
+
+
+def test_line_law_and_grid_lookup_keep_the_general_rules():
+    """The one-pass line law equals the bin-average kernel at zero bin width (bit for bit,
+    0 beyond 60 FWHM), and the shift-grid lookup finds exactly what np.isclose(atol=1e-12) finds."""
+    from reducer.fractions import _line_law, _PeaksModel
+    from reducer.phases import pseudo_voigt_bin_average
+
+    tth = np.linspace(3.0, 6.0, 20_001)
+    for centre, fwhm, eta in [(4.868, 0.022, 0.3), (3.2, 0.05, 0.9), (5.9, 0.004, 0.0)]:
+        near = np.abs(tth - centre) < 60.0 * fwhm
+        expect = np.zeros_like(tth)
+        expect[near] = pseudo_voigt_bin_average(tth[near], np.zeros(near.sum()), centre, fwhm, eta)
+        np.testing.assert_array_equal(_line_law(centre, fwhm, eta)(tth), expect)
+    model = _PeaksModel.__new__(_PeaksModel)
+    model.eps_grid = np.arange(-8, 9) * 0.0005
+    model._grid_searchable = True
+    for eps in [-0.004, -0.0040000000000001, 0.0, 1e-13, 3e-12, 0.00049999999999995, 0.0012345, 0.004, 0.0045,
+                -0.0045, float("nan")]:
+        hits = np.flatnonzero(np.isclose(model.eps_grid, eps, rtol=0, atol=1e-12))
+        assert model.grid_index(eps) == (int(hits[0]) if hits.size else None), eps
