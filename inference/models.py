@@ -69,7 +69,7 @@ def has_free_exponent(name: str) -> bool:
 
 # --------------------------------------------------------------------------- Numba kernels
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _solve_u(c):
     """Root u >= 0 of u - log1p(u) = c (c >= 0), by Halley iteration.
 
@@ -100,7 +100,7 @@ def _solve_u(c):
     return u
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def lambertw_m1(z):
     """Lower branch W_-1(z) of the Lambert W function for -1/e <= z < 0.
 
@@ -115,7 +115,7 @@ def lambertw_m1(z):
     return -1.0 - _solve_u(max(c, 0.0))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def alpha_d2(x):
     """D2: alpha = 1 - exp(1 + W_-1((x - 1)/e)), alpha = 1 for x >= 1.
 
@@ -130,7 +130,7 @@ def alpha_d2(x):
     return -math.expm1(-u)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def alpha_d4(x):
     """D4: alpha = 1 - v^3, v = 1/2 + cos(arccos(6x - 1)/3 - 2 pi/3); alpha = 1 for x >= 1/3."""
     if x <= 0.0:
@@ -143,7 +143,7 @@ def alpha_d4(x):
     return 1.0 - v * v * v
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def alpha_of_x(code, x, n):
     """alpha(x) of model ``code`` (index in MODEL_NAMES); x <= 0 gives 0.
 
@@ -205,7 +205,7 @@ def alpha_of_x(code, x, n):
     return math.nan
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def saturation_x(code, n):
     """Smallest x beyond which alpha(x) == 1.0 exactly in float64 (inf if never).
 
