@@ -46,14 +46,12 @@ import numpy as np
 from . import likelihood as lk
 from .alert import OnsetAlert
 from .models import MODEL_EXPONENT, MODEL_NAMES, model_code
+from .payload import COL, ParticleView, PayloadBuilder
 from .priors import Priors
 from .resample import systematic_indices
 
 logger = logging.getLogger(__name__)
 
-# column of each parameter in a particle row
-COL = {"t0": 0, "k": 1, "s": 2, "A": 3, "n": 4}
-QUANTILES = (0.05, 0.5, 0.95)
 #: with ``light_probability`` > 0, models below that posterior probability get LIGHT_SWEEPS
 #: sweeps per rejuvenation (their evidence stays unbiased, only its variance grows: measured
 #: 0.37 nat error for a model 24 nat behind); off by default
@@ -156,24 +154,6 @@ def _logsumexp(a: np.ndarray) -> float:
     return float(mx + math.log(np.exp(a - mx).sum()))
 
 
-def _weighted_quantiles(sorted_values: np.ndarray, sorted_weights: np.ndarray, qs=QUANTILES) -> list[float]:
-    cdf = np.cumsum(sorted_weights)
-    cdf /= cdf[-1]
-    idx = np.minimum(np.searchsorted(cdf, qs, side="left"), sorted_values.size - 1)
-    return [float(v) for v in sorted_values[idx]]
-
-
-def _summary(values: np.ndarray, weights: np.ndarray, order: np.ndarray | None = None) -> dict:
-    """Weighted mean, sd and 5/50/95 % quantiles (weights normalised inside)."""
-    w = weights / weights.sum()
-    mean = float(np.dot(w, values))
-    var = float(np.dot(w, (values - mean) ** 2))
-    if order is None:
-        order = np.argsort(values, kind="stable")
-    q05, q50, q95 = _weighted_quantiles(values[order], w[order])
-    return {"mean": mean, "sd": math.sqrt(max(var, 0.0)), "q05": q05, "q50": q50, "q95": q95}
-
-
 # --------------------------------------------------------------------------- one model
 
 class ModelSampler:
@@ -226,8 +206,8 @@ class ModelSampler:
         self.tempering_steps = 0
         self.acceptance_rate: float | None = None
         self._pending_move: int | None = None
+        #: incremented whenever ``theta`` is replaced (resampling); a ParticleView is keyed by it
         self._version = 0
-        self._cache: dict = {}
 
     # ------------------------------------------------------------------ kernels
     def _frame_loglik(self, j: int) -> np.ndarray:
@@ -321,7 +301,7 @@ class ModelSampler:
         self.cur_ll = self.cur_ll[idx]
         self.logw = np.full(self.n, -math.log(self.n))
         self.rejuvenations += 1
-        self._version += 1  # particle values changed: cached sort orders are stale
+        self._version += 1  # a new theta array: views of the old one stay valid
         if self.free:
             self._move(m_hist, pending, lam)
 
@@ -382,29 +362,15 @@ class ModelSampler:
     # ------------------------------------------------------------------ summaries
     def values(self, param: str) -> np.ndarray:
         """Particle values of ``param`` in natural units (k in 1/s, t0 in s)."""
-        v = self.theta[:, COL[param]]
-        return np.exp(v) if param in ("k", "s") else v
+        return self.view().values(param)
 
-    def order(self, param: str) -> np.ndarray:
-        key = ("order", param, self._version)
-        if key not in self._cache:
-            self._cache = {k: v for k, v in self._cache.items() if k[-1] == self._version}
-            self._cache[key] = np.argsort(self.values(param), kind="stable")
-        return self._cache[key]
-
-    def sorted_values(self, param: str) -> np.ndarray:
-        """Particle values of ``param`` in increasing order (cached until the particles change)."""
-        key = ("sorted", param, self._version)
-        if key not in self._cache:
-            self._cache[key] = self.values(param)[self.order(param)]
-        return self._cache[key]
-
-    def summaries(self) -> dict:
-        w = self.weights
-        return {p: _summary(self.values(p), w, self.order(p)) for p in self.reported}
-
-    def onset_probability(self, time_s: float) -> float:
-        return float(np.dot(self.weights, self.theta[:, 0] <= time_s))
+    def view(self) -> ParticleView:
+        """The current weighted particles (no copy: ``theta`` and ``logw`` are replaced, never
+        written in place, once assimilation of a frame or a move has finished)."""
+        return ParticleView(self.name, self.code, self.reported, self.theta, self.logw, float(self.log_evidence),
+                            self._version, {"acceptance_rate": self.acceptance_rate,
+                                            "rejuvenations": self.rejuvenations,
+                                            "tempering_steps": self.tempering_steps})
 
 
 # --------------------------------------------------------------------------- engine
@@ -478,14 +444,17 @@ class OnlineInference:
         }
         self.alert = OnsetAlert(alert_threshold, alert_consecutive)
         self._alert_payload: dict | None = None
-        self.t0_edges = np.linspace(t0_lo, t0_hi, histogram_bins + 1)
         if "k" in priors.fixed:
             k_lo, k_hi = 0.5 * priors.fixed["k"], 2.0 * priors.fixed["k"]
         else:
             k_lo, k_hi = priors.k
-        self.k_edges = np.geomspace(k_lo, k_hi, histogram_bins + 1)
-        self.predictive_times = np.linspace(t0_lo, t0_hi, predictive_points)
-        self.predictive_draws = int(predictive_draws)
+        #: payload settings: fixed histogram grids (t0 in s, k in 1/s, log-spaced) and the
+        #: predictive band's times and draws
+        self.payload_settings = dict(models=models, t0_edges=np.linspace(t0_lo, t0_hi, histogram_bins + 1),
+                                     k_edges=np.geomspace(k_lo, k_hi, histogram_bins + 1),
+                                     predictive_times=np.linspace(t0_lo, t0_hi, predictive_points),
+                                     predictive_draws=int(predictive_draws))
+        self.payload_builder = PayloadBuilder(**self.payload_settings)
         self.last_time_s: float | None = None
         self.last_frame_index: int | None = None
         self.last_readout_s: float | None = None  # end of the latest frame's exposure (s)
@@ -517,17 +486,19 @@ class OnlineInference:
     def n_frames(self) -> int:
         return self.history.m
 
+    def views(self) -> dict[str, ParticleView]:
+        """The weighted particles of every model now (no copies)."""
+        return {name: sampler.view() for name, sampler in self.samplers.items()}
+
     def model_probabilities(self) -> dict[str, float]:
-        logz = np.array([self.samplers[m].log_evidence for m in self.models])
-        p = np.exp(logz - logz.max())
-        p /= p.sum()
-        return {m: float(v) for m, v in zip(self.models, p)}
+        return PayloadBuilder.probabilities({m: self.samplers[m] for m in self.models})
 
     def update(self, frame_index: int, time_s: float, exposure_s: float, alpha: float,
                sigma: float | None) -> dict:
         """Assimilate one frame (mid-exposure time and exposure in s); returns the posterior payload."""
         alert = self.assimilate(frame_index, time_s, exposure_s, alpha, sigma)
-        payload = self._payload(int(frame_index), float(time_s), alert)
+        payload = self.payload_builder.build(self.views(), int(frame_index), float(time_s), self.last_readout_s,
+                                             self.n_frames, alert)
         logger.debug("frame assimilated", extra={"series_id": self.series_id, "frame_index": int(frame_index),
                                                  "leading_model": payload["leading_model"],
                                                  "onset_probability": payload["onset_probability"]})
@@ -553,23 +524,16 @@ class OnlineInference:
         onset = self.onset_probability(self.last_readout_s, probs)
         if not self.alert.observe(int(frame_index), float(time_s), onset):
             return None
-        leading = max(probs, key=probs.get)
-        t0 = self._model_averaged(probs, params=("t0",))["t0"]
-        alert = {"time_s": float(time_s), "frame_index": int(frame_index),
-                 "t0": {"mean": t0["mean"], "q05": t0["q05"], "q95": t0["q95"]},
-                 "t0_minus_ts": None if self.gas_time_s is None else t0["mean"] - self.gas_time_s,
-                 "leading_model": leading, "leading_probability": probs[leading],
-                 "onset_probability": onset}
+        alert = self.payload_builder.alert(self.views(), probs, int(frame_index), float(time_s), onset,
+                                           self.gas_time_s)
         self._alert_payload = alert
         logger.info("onset alert", extra={"series_id": self.series_id, "frame_index": int(frame_index),
-                                          "t0_mean": t0["mean"], "leading_model": leading})
+                                          "t0_mean": alert["t0"]["mean"], "leading_model": alert["leading_model"]})
         return alert
 
     def onset_probability(self, time_s: float, probs: dict[str, float] | None = None) -> float:
         """Model-averaged posterior probability P(t0 <= time_s)."""
-        probs = probs or self.model_probabilities()
-        onset = sum(probs[name] * s.onset_probability(time_s) for name, s in self.samplers.items())
-        return min(1.0, max(0.0, onset))
+        return PayloadBuilder.onset_probability(self.views(), probs or self.model_probabilities(), time_s)
 
     def rejuvenate(self) -> int:
         """Run the resample-moves left pending by ``defer_rejuvenation`` (call while idle
@@ -580,97 +544,23 @@ class OnlineInference:
         """Final result (times in s from series start, k in 1/s)."""
         self.rejuvenate()
         probs = self.model_probabilities()
+        views = self.views()
+        builder = self.payload_builder
         models = {}
-        for name, sampler in self.samplers.items():
-            models[name] = {"log_evidence": float(sampler.log_evidence), "probability": probs[name],
-                            "params": sampler.summaries(), "diagnostics": self._diagnostics(sampler)}
+        for name, view in views.items():
+            models[name] = {"log_evidence": float(view.log_evidence), "probability": probs[name],
+                            "params": builder.summaries(view), "diagnostics": {**view.diagnostics, "ess": view.ess}}
         alert = {"time": self.alert.fired_time_s, "frame_index": self.alert.fired_frame_index}
         if self._alert_payload is not None:
             alert.update({k: v for k, v in self._alert_payload.items() if k not in ("time_s", "frame_index")})
         return {
             "models": models,
             "leading_model": max(probs, key=probs.get),
-            "model_averaged": self._model_averaged(probs),
+            "model_averaged": builder.model_averaged(views, probs),
             "alert": alert,
             "priors": self.priors.to_dict(),
             "n_frames": self.n_frames,
             "settings": {"n_particles": self.n_particles, "seed": self.seed, "noise": self.noise,
                          "student_nu": self.student_nu if self.noise == "student" else None,
                          "gas_time_s": self.gas_time_s},
-        }
-
-    # ------------------------------------------------------------------ payload pieces
-    def _diagnostics(self, sampler: ModelSampler) -> dict:
-        return {"ess": sampler.ess(), "acceptance_rate": sampler.acceptance_rate,
-                "rejuvenations": sampler.rejuvenations, "tempering_steps": sampler.tempering_steps}
-
-    def _model_averaged(self, probs: dict[str, float], params=("t0", "k")) -> dict:
-        active = [m for m in self.models if probs[m] > 1e-12]
-        out = {}
-        weights = {m: self.samplers[m].weights for m in active}
-        for p in params:
-            # concatenation of per-model sorted runs: the stable (merge) sort only merges them
-            values = np.concatenate([self.samplers[m].sorted_values(p) for m in active])
-            w = np.concatenate([probs[m] * weights[m][self.samplers[m].order(p)] for m in active])
-            out[p] = _summary(values, w, np.argsort(values, kind="stable"))
-        return out
-
-    def _histogram(self, values_weights, edges) -> list[float]:
-        total = np.zeros(edges.size - 1)
-        for values, weights in values_weights:
-            counts, _ = np.histogram(values, bins=edges, weights=weights)
-            total += counts
-        return [float(v) for v in total / np.diff(edges)]
-
-    def _predictive(self, probs: dict[str, float], leading: str) -> dict:
-        times = self.predictive_times
-
-        def curves(name, n_draws):
-            s = self.samplers[name]
-            idx = systematic_indices(s.weights, n_draws, 0.5)
-            params = np.ascontiguousarray(s.theta[idx])
-            out = np.empty((n_draws, times.size))
-            lk.alpha_curves(s.code, params, times, out)
-            return out
-
-        def bands(c):
-            c = np.sort(c, axis=0)
-            rows = [int(round(q * (c.shape[0] - 1))) for q in QUANTILES]
-            return {"median": c[rows[1]].tolist(), "q05": c[rows[0]].tolist(), "q95": c[rows[2]].tolist()}
-
-        lead = curves(leading, self.predictive_draws)
-        p = np.array([probs[m] for m in self.models])
-        alloc = np.bincount(systematic_indices(p, 2 * self.predictive_draws, 0.5), minlength=len(self.models))
-        mix = np.concatenate([curves(m, int(c)) for m, c in zip(self.models, alloc) if c > 0])
-        return {"time_s": times.tolist(), "leading": bands(lead), "model_averaged": bands(mix)}
-
-    def _payload(self, frame_index: int, time_s: float, alert: dict | None) -> dict:
-        probs = self.model_probabilities()
-        leading = max(probs, key=probs.get)
-        models = {}
-        for name, s in self.samplers.items():
-            models[name] = {"log_evidence": float(s.log_evidence), "probability": probs[name],
-                            "params": s.summaries(), "diagnostics": self._diagnostics(s)}
-        averaged = self._model_averaged(probs)
-        active = [m for m in self.models if probs[m] > 1e-12]
-        lead_s = self.samplers[leading]
-        histograms = {}
-        for p, edges in (("t0", self.t0_edges), ("k", self.k_edges)):
-            histograms[p] = {
-                "edges": edges.tolist(),
-                "model_averaged": self._histogram(
-                    [(self.samplers[m].values(p), probs[m] * self.samplers[m].weights) for m in active], edges),
-                "leading": self._histogram([(lead_s.values(p), lead_s.weights)], edges),
-            }
-        return {
-            "frame_index": frame_index,
-            "time_s": time_s,
-            "n_frames": self.n_frames,
-            "onset_probability": self.onset_probability(self.last_readout_s, probs),
-            "leading_model": leading,
-            "models": models,
-            "model_averaged": averaged,
-            "histograms": histograms,
-            "predictive": self._predictive(probs, leading),
-            "alert": alert,
         }

@@ -59,3 +59,80 @@ def test_payload_schema_and_result():
     assert result["n_frames"] == 30 and result["priors"]["t0"]["low"] == 1.0
     assert result["alert"]["frame_index"] is not None and result["alert"]["t0_minus_ts"] is not None
     assert set(result["model_averaged"]) == {"t0", "k"}
+
+
+def _reference_weighted_quantiles(values, weights, qs=(0.05, 0.5, 0.95)):
+    """Plain NumPy: sort everything, smallest value whose cumulative weight reaches q."""
+    order = np.argsort(values, kind="stable")
+    cdf = np.cumsum(weights[order])
+    cdf /= cdf[-1]
+    return [values[order][min(np.searchsorted(cdf, q, side="left"), values.size - 1)] for q in qs]
+
+
+def _random_views(rng, n_models=4, n=300):
+    from inference.payload import ParticleView
+
+    views = {}
+    for m in range(n_models):
+        theta = np.column_stack([rng.normal(5 + m, 1 + m, n), rng.normal(m - 1, 0.5, n), rng.normal(-4, 1, n),
+                                 rng.uniform(0.5, 1.2, n), np.full(n, 1.0)])
+        if m == 1:
+            theta[: n // 3, 0] = theta[0, 0]  # ties
+        logw = rng.normal(0, 2, n)
+        logw -= np.log(np.exp(logw).sum())
+        views[f"M{m}"] = ParticleView(f"M{m}", 0, ("t0", "k", "s", "A"), theta, logw, float(rng.normal(0, 3)),
+                                      0, {})
+    return views
+
+
+def test_mixture_quantiles_match_a_full_sort_on_random_mixtures():
+    from inference.payload import PayloadBuilder
+
+    rng = np.random.default_rng(7)
+    for trial in range(20):
+        views = _random_views(rng)
+        probs = PayloadBuilder.probabilities(views)
+        builder = PayloadBuilder(tuple(views), np.linspace(0, 20, 41), np.geomspace(0.01, 100, 41),
+                                 np.linspace(0, 20, 10), 50)
+        averaged = builder.model_averaged(views, probs, params=("t0", "k"))
+        for view in views.values():  # per model: the Numba summary against NumPy
+            for param, summary in builder.summaries(view).items():
+                values, weights = view.values(param), view.weights
+                mean = float(np.dot(weights, values))
+                assert math.isclose(summary["mean"], mean, rel_tol=1e-9, abs_tol=1e-12)
+                assert math.isclose(summary["sd"], math.sqrt(float(np.dot(weights, (values - mean) ** 2))),
+                                    rel_tol=1e-7)
+                assert [summary[k] for k in ("q05", "q50", "q95")] == _reference_weighted_quantiles(values, weights)
+        for param in ("t0", "k"):
+            values = np.concatenate([v.values(param) for v in views.values()])
+            weights = np.concatenate([probs[m] * v.weights for m, v in views.items()])
+            weights /= weights.sum()
+            expected = _reference_weighted_quantiles(values, weights)
+            got = [averaged[param][key] for key in ("q05", "q50", "q95")]
+            assert got == expected, (trial, param)
+            mean = float(np.dot(weights, values))
+            sd = math.sqrt(float(np.dot(weights, (values - mean) ** 2)))
+            assert math.isclose(averaged[param]["mean"], mean, rel_tol=1e-9, abs_tol=1e-12)
+            assert math.isclose(averaged[param]["sd"], sd, rel_tol=1e-7)
+
+
+def test_histograms_match_numpy_histogram():
+    from inference.payload import PayloadBuilder
+
+    rng = np.random.default_rng(3)
+    views = _random_views(rng)
+    probs = PayloadBuilder.probabilities(views)
+    t0_edges, k_edges = np.linspace(2, 12, 31), np.geomspace(0.05, 20, 31)
+    builder = PayloadBuilder(tuple(views), t0_edges, k_edges, np.linspace(0, 20, 10), 50)
+    payload = builder.build(views, 0, 1.0, 1.0, 1, None)
+    for param, edges in (("t0", t0_edges), ("k", k_edges)):
+        expected = np.zeros(edges.size - 1)
+        for m, v in views.items():
+            counts, _ = np.histogram(v.values(param), bins=edges, weights=probs[m] * v.weights)
+            expected += counts
+        np.testing.assert_allclose(payload["histograms"][param]["model_averaged"], expected / np.diff(edges),
+                                   rtol=1e-12, atol=1e-15)
+        lead = views[payload["leading_model"]]
+        counts, _ = np.histogram(lead.values(param), bins=edges, weights=lead.weights)
+        np.testing.assert_allclose(payload["histograms"][param]["leading"], counts / np.diff(edges),
+                                   rtol=1e-12, atol=1e-15)
