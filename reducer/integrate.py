@@ -4,7 +4,8 @@ An :class:`Integrator` is built once per series from the ``start`` message (or a
 and reused for every frame: pyFAI builds its sparse (CSR) integration matrix on the first
 call, which is the slow part; later calls are a sparse matrix-vector product. From the second
 frame on, CSR methods call pyFAI's engine directly (``Integrator._sums``: identical numbers,
-checked on the first frame, without integrate1d's per-call Python work).
+checked on the first frame, without integrate1d's per-call Python work), and integer frames
+reach it already in its float32 working type, converted in the same pass as the per-frame checks.
 
 Geometry convention of the start message (Fit2D-like, no tilt unless rot1..3 are given):
 ``beam_center_px = [x, y]`` with x the fast (column) and y the slow (row) pixel coordinate,
@@ -235,6 +236,28 @@ def _min_max(flat: np.ndarray) -> tuple[int, int]:
 
 
 @numba.njit(cache=True)
+def _min_max_to_float32(flat: np.ndarray, signed: np.ndarray, out: np.ndarray) -> tuple[int, int]:
+    """_min_max of signed (the same pixels as flat, viewed as signed) while writing flat as
+    float32 into out (round to nearest, as numpy's astype): one read of the frame instead of a
+    check here and pyFAI's own float32 conversion (a 4 MB allocation) later."""
+    lo = signed[0]
+    hi = signed[0]
+    for i in range(flat.shape[0]):
+        v = signed[i]
+        lo = min(lo, v)
+        hi = max(hi, v)
+        out[i] = np.float32(flat[i])
+    return lo, hi
+
+
+@numba.njit(cache=True)
+def _to_float32(flat: np.ndarray, out: np.ndarray) -> None:
+    """flat as float32 into out (round to nearest, as numpy's astype)."""
+    for i in range(flat.shape[0]):
+        out[i] = np.float32(flat[i])
+
+
+@numba.njit(cache=True)
 def _any_outside(flat: np.ndarray, upper: float) -> bool:
     """True when a value of a 1D float array is NaN, infinite, negative or above upper."""
     for i in range(flat.shape[0]):
@@ -289,6 +312,7 @@ class Integrator:
         self.n_unmasked = int(np.prod(self.shape) - (0 if self.mask is None else np.count_nonzero(self.mask)))
         self._engine_checked = False  # first frame decides whether pyFAI's engine is called directly
         self._engine_call = None
+        self._float32_frames = False  # integer frames handed to the engine as float32 (checked too)
         self._radial = None
         if self.n_unmasked == 0:
             raise ReductionError("the static mask excludes every pixel")
@@ -363,8 +387,11 @@ class Integrator:
                    series_id=metadata.get("series_id"))
 
     # ------------------------------------------------------------------ per frame
-    def _prepare(self, image: np.ndarray) -> tuple[np.ndarray, float | None]:
-        """Frame ready for pyFAI and its dummy value (dynamic mask)."""
+    def _prepare(self, image: np.ndarray, to_float32: bool = False) -> tuple[np.ndarray, float | None]:
+        """Frame ready for pyFAI and its dummy value (dynamic mask).
+
+        to_float32: integer frames of up to 32 bits come back as float32 (pyFAI's CSR working
+        type) in a buffer reused by the next call, converted in the same pass as the checks."""
         if not isinstance(image, np.ndarray):
             raise ReductionError(f"frame must be a numpy array, got {type(image).__name__}")
         if image.ndim != 2 or tuple(image.shape) != self.shape:
@@ -375,13 +402,24 @@ class Integrator:
         if kind in "ui":
             all_ones = all_ones_value(image.dtype)
             dummy = float(all_ones)
+            to_float32 = to_float32 and image.dtype.itemsize <= 4 and image.flags.c_contiguous
             if kind == "u" and self.saturation is None:
-                return image, dummy  # no negatives, no NaN; pyFAI masks the all-ones value (dummy)
+                # no negatives, no NaN; pyFAI masks the all-ones value (dummy)
+                if to_float32:
+                    _to_float32(image.reshape(-1), self._float32_buffer())
+                    return self._float32_buffer().reshape(self.shape), dummy
+                return image, dummy
             # One min/max pass decides whether the frame needs rewriting (rare). Unsigned frames are
             # viewed as the signed type of the same width: the all-ones marker reads -1, and any
             # value >= 2**(bits - 1) reads below -1, so the check is conservative, never lax.
             signed = image if kind == "i" else image.view(np.dtype(f"i{image.dtype.itemsize}"))
-            lo, hi = _min_max(signed.reshape(-1))
+            if to_float32:
+                lo, hi = _min_max_to_float32(image.reshape(-1), signed.reshape(-1), self._float32_buffer())
+                rewrite = (kind == "i" and lo < -1) or (self.saturation is not None and hi > self.saturation)
+                if not (rewrite or (kind == "u" and lo < -1)):
+                    return self._float32_buffer().reshape(self.shape), dummy
+            else:
+                lo, hi = _min_max(signed.reshape(-1))
             if kind == "i" and lo < -1:  # negatives other than the -1 marker: dead pixels too
                 image = np.where(image < 0, image.dtype.type(-1), image)
             if self.saturation is not None and (hi > self.saturation or (kind == "u" and lo < -1)):
@@ -398,6 +436,12 @@ class Integrator:
             return image, -1.0
         raise ReductionError(f"unsupported frame dtype {image.dtype} (need an integer or float image)")
 
+    def _float32_buffer(self) -> np.ndarray:
+        """The frame-sized float32 buffer _prepare converts integer frames into (one per series)."""
+        if getattr(self, "_float32", None) is None:
+            self._float32 = np.empty(int(np.prod(self.shape)), dtype=np.float32)
+        return self._float32
+
     def integrate1d_kwargs(self) -> dict:
         """Keyword arguments passed to pyFAI ``integrate1d`` (except data and dummy)."""
         return dict(npt=self.npt, unit=self.unit, method=self.method, error_model="poisson",
@@ -413,7 +457,7 @@ class Integrator:
         sum of its raw counts: with no pixel splitting sigma = sqrt(sum_signal + sum_dark) /
         sum_normalization from the same pass; with splitting the frame itself is passed as the
         pixel variance."""
-        data, dummy = self._prepare(image)
+        data, dummy = self._prepare(image, to_float32=self._float32_frames)
         no_split = self.method[0] == "no"
         variance = None
         if not no_split:
@@ -506,6 +550,15 @@ class Integrator:
                            if b is not None)
                 if variance is not None:
                     same = same and np.array_equal(out.sigma, sums.sigma, equal_nan=True)
+                if same and data.dtype.kind in "ui" and data.dtype.itemsize <= 4:
+                    # the engine works in float32: the frame converted here must give the same bins
+                    converted = np.asarray(data, dtype=np.float32)
+                    out = call(converted, variance=variance, dummy=np.float32(dummy),
+                               delta_dummy=np.float32(0.5), error_model=self._error_model(variance))
+                    self._float32_frames = all(
+                        np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True) for a, b in (
+                            (out.intensity, sums.intensity), (out.signal, sums.signal),
+                            (out.normalization, sums.normalization), (out.count, sums.count)) if b is not None)
             except Exception as exc:  # engine internals differ between pyFAI versions
                 logger.info("pyFAI engine %s not callable directly (%s): integrate1d for every frame", wanted, exc)
                 return None

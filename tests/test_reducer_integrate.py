@@ -286,12 +286,15 @@ def test_dynamic_mask_for_every_pixel_type(md, detector, dtype):
     for block, value in bad.values():
         frame[block] = value
         mask[block] = True
-    pat = Integrator.from_metadata(md_sat, npt=NPT).integrate(frame)
     ref = Integrator.from_metadata(md_sat, mask=mask, npt=NPT).integrate(expected)
-    assert pat.status == "ok"
-    np.testing.assert_array_equal(pat.intensity, ref.intensity)
-    np.testing.assert_array_equal(pat.sigma, ref.sigma)
-    np.testing.assert_array_equal(pat.count, ref.count)
+    integ = Integrator.from_metadata(md_sat, npt=NPT)
+    # the first frame goes through integrate1d, the next through the engine (integer frames as float32)
+    for pat in (integ.integrate(frame), integ.integrate(frame)):
+        assert pat.status == "ok"
+        np.testing.assert_array_equal(pat.intensity, ref.intensity)
+        np.testing.assert_array_equal(pat.sigma, ref.sigma)
+        np.testing.assert_array_equal(pat.count, ref.count)
+    assert integ._float32_frames == (dt.kind in "ui")
 
 
 @pytest.mark.parametrize("method", [("no", "csr", "cython"), ("bbox", "csr", "cython"), ("no", "histogram", "cython")])
@@ -318,3 +321,20 @@ def test_every_frame_equals_integrate1d(md, detector, method):
         if method[0] != "no":
             np.testing.assert_array_equal(pat.sigma[ok], res.sigma[ok])
     assert (integ._engine_call is not None) == (method[1] == "csr")  # the direct path is in use
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32])
+def test_float32_conversion_matches_numpy(dtype):
+    """The frame conversion fused with the checks rounds like numpy's astype over the whole range."""
+    from reducer.integrate import _min_max, _min_max_to_float32, _to_float32
+
+    info = np.iinfo(dtype)
+    values = np.random.default_rng(5).integers(info.min, info.max, 200_000, dtype=np.int64, endpoint=True)
+    values = np.concatenate([values, [info.min, info.max, 2**24 + 1, 2**25 + 3]]).astype(dtype)
+    signed = values.view(np.dtype(f"i{values.dtype.itemsize}"))
+    out = np.empty(values.shape, np.float32)
+    assert _min_max_to_float32(values, signed, out) == _min_max(signed) == (signed.min(), signed.max())
+    np.testing.assert_array_equal(out, values.astype(np.float32))
+    out[:] = 0
+    _to_float32(values, out)
+    np.testing.assert_array_equal(out, values.astype(np.float32))
