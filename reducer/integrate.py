@@ -457,7 +457,7 @@ class Integrator:
         sum of its raw counts: with no pixel splitting sigma = sqrt(sum_signal + sum_dark) /
         sum_normalization from the same pass; with splitting the frame itself is passed as the
         pixel variance."""
-        data, dummy = self._prepare(image, to_float32=self._float32_frames)
+        data, dummy = self._prepare(image, to_float32=self._float32_frames and self._engine_call is not None)
         no_split = self.method[0] == "no"
         variance = None
         if not no_split:
@@ -542,23 +542,21 @@ class Integrator:
                                          solidangle=self.ai.solidAngleArray(self.shape, True),
                                          polarization=polarization, absorption=None, normalization_factor=1.0,
                                          weighted_average=bool(res.weighted_average))
-                out = call(data, variance=variance, dummy=np.float32(dummy), delta_dummy=np.float32(0.5),
-                           error_model=self._error_model(variance))
-                same = all(np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True) for a, b in (
-                    (out.intensity, sums.intensity), (out.signal, sums.signal),
-                    (out.normalization, sums.normalization), (out.count, sums.count))
-                           if b is not None)
-                if variance is not None:
-                    same = same and np.array_equal(out.sigma, sums.sigma, equal_nan=True)
-                if same and data.dtype.kind in "ui" and data.dtype.itemsize <= 4:
-                    # the engine works in float32: the frame converted here must give the same bins
-                    converted = np.asarray(data, dtype=np.float32)
-                    out = call(converted, variance=variance, dummy=np.float32(dummy),
-                               delta_dummy=np.float32(0.5), error_model=self._error_model(variance))
-                    self._float32_frames = all(
-                        np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True) for a, b in (
-                            (out.intensity, sums.intensity), (out.signal, sums.signal),
-                            (out.normalization, sums.normalization), (out.count, sums.count)) if b is not None)
+
+                def same_bins(frame) -> bool:
+                    out = call(frame, variance=variance, dummy=np.float32(dummy), delta_dummy=np.float32(0.5),
+                               error_model=self._error_model(variance))
+                    pairs = [(out.intensity, sums.intensity), (out.signal, sums.signal),
+                             (out.normalization, sums.normalization), (out.count, sums.count)]
+                    if variance is not None:
+                        pairs.append((out.sigma, sums.sigma))
+                    return all(np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
+                               for a, b in pairs if b is not None)
+
+                same = same_bins(data)
+                # the engine works in float32: a frame converted here must give the same bins
+                self._float32_frames = (same and data.dtype.kind in "ui" and data.dtype.itemsize <= 4
+                                        and same_bins(np.asarray(data, dtype=np.float32)))
             except Exception as exc:  # engine internals differ between pyFAI versions
                 logger.info("pyFAI engine %s not callable directly (%s): integrate1d for every frame", wanted, exc)
                 return None
