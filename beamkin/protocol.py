@@ -112,6 +112,19 @@ MESSAGE_FIELDS: dict[str, tuple[FieldSpec, ...]] = {
         _f("diagnostics", dict, required=False),
         _f("priors", dict, required=False),
     ),
+    # the immediate estimate of the same posterior (inference.live), before the exact one
+    "estimate": (
+        _f("series_id", str),
+        _f("frame_index", int),
+        _f("time_s", *_NUMBER),
+        _f("onset_probability", *_NUMBER),
+        _f("leading_model", str),
+        _f("models", dict),
+        _f("model_averaged", dict),
+        _f("histograms", dict, required=False),
+        _f("predictive", dict, required=False),
+        _f("diagnostics", dict, required=False),
+    ),
     "alert": (
         _f("series_id", str),
         _f("frame_index", int),

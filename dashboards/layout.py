@@ -553,8 +553,14 @@ class DashboardSession:
             self.span_t0.visible = self.box_t0.visible = True
         k = (posterior.get("model_averaged") or {}).get("k") or {}
         leading_p = (models.get(leading) or {}).get("probability")
+        kind, behind = "Posterior", ""
+        if posterior.get("estimate"):
+            frames_behind = (posterior.get("diagnostics") or {}).get("frames_behind")
+            kind = "Posterior estimate"
+            if isinstance(frames_behind, int) and frames_behind > 0:
+                behind = f"; exact sampler {frames_behind} frame{'s' if frames_behind != 1 else ''} behind"
         self.mark_note.text = (
-            f"Posterior now (frame {posterior.get('frame_index')}, t = {_fmt(posterior.get('time_s'), 2)} s): "
+            f"{kind} now (frame {posterior.get('frame_index')}, t = {_fmt(posterior.get('time_s'), 2)} s{behind}): "
             f"t0 = {_fmt(t0.get('mean'))} ± {_fmt(t0.get('sd'))} s "
             f"[90 %: {_fmt(t0.get('q05'))} – {_fmt(t0.get('q95'))} s], "
             f"k = {_fmt(k.get('mean'))} ± {_fmt(k.get('sd'))} 1/s, "

@@ -1,7 +1,7 @@
 """Shared, bounded, per-series state of the live dashboard.
 
 One receiver thread feeds inference-stage messages (``start``, ``pattern``, ``fraction``,
-``posterior``, ``alert``, ``status``, ``end``, ``result``) into :class:`DashboardState`; every
+``estimate``, ``posterior``, ``alert``, ``status``, ``end``, ``result``) into :class:`DashboardState`; every
 browser session reads from it at its own refresh rate. Everything is bounded so memory stays
 flat over long runs:
 
@@ -332,10 +332,25 @@ class DashboardState:
             series.heatmap.add(float(f["time_s"]), radial, intensity)
         series.pattern_version += 1
 
-    def _on_posterior(self, series: SeriesState, message: Message) -> None:
-        f = message.fields
-        series.latest_posterior = dict(f)
+    def _show_latest(self, series: SeriesState, fields: dict[str, Any], exact: bool) -> None:
+        """The "now" panels show the newest frame's posterior: the immediate estimate until the
+        exact posterior of the same or a later frame arrives."""
+        shown = series.latest_posterior
+        if shown is not None and (fields["frame_index"] < shown["frame_index"]
+                                  or (fields["frame_index"] == shown["frame_index"] and not exact
+                                      and not shown.get("estimate"))):
+            return
+        series.latest_posterior = {**fields, "estimate": not exact}
         series.posterior_version += 1
+
+    def _on_estimate(self, series: SeriesState, message: Message) -> None:
+        self._show_latest(series, message.fields, exact=False)
+
+    def _on_posterior(self, series: SeriesState, message: Message) -> None:
+        """Exact posteriors: the "now" panels (unless an estimate of a later frame is shown) and
+        the per-frame history (estimates are not kept in the history)."""
+        f = message.fields
+        self._show_latest(series, f, exact=True)
         averaged = f.get("model_averaged") or {}
         leading = ((f.get("models") or {}).get(f.get("leading_model")) or {}).get("params") or {}
         diagnostics = f.get("diagnostics") or {}

@@ -161,6 +161,15 @@ def weighted_summary(sorted_values, order, weights, qs, stats, cdf):
         stats[2 + iq] = sorted_values[min(lo, n - 1)]
 
 
+def warm_up_kernels() -> None:
+    """Compile (or load from the Numba cache) the payload kernels."""
+    values = np.array([[0.0, 1.0, 2.0]])
+    cdf = np.array([[0.2, 0.6, 1.0]])
+    stats = np.empty(2 + len(QUANTILES))
+    weighted_summary(values[0], np.arange(3), np.array([0.2, 0.4, 0.4]), _QS, stats, np.empty(3))
+    mixture_quantiles(values, cdf, np.ones(1), _QS, np.empty(len(QUANTILES)))
+
+
 class ParticleCache:
     """Sort orders and histogram bins of particle arrays, keyed by (what, model, parameter,
     version); the newest ``keep`` versions of each are kept.  Shared (thread-safe) between the

@@ -2,10 +2,11 @@
 
 Receives (PULL) ``start``/``end``/``status`` from the streamer and ``pattern``/``fraction`` from
 the reducer workers; republishes everything on its PUB socket for dashboards, alert sinks and the
-recorder, and adds per frame a ``posterior`` message, once per series an ``alert``, and at the
-end a ``result`` (the schema of ``beamkin demo --json``). Fractions are released to the sampler
-through the bounded reorder buffer (inference.reorder); a frame still missing after the timeout
-is reported (log, counter, posterior diagnostics) and skipped.
+recorder, and adds per frame an ``estimate`` (at once) and a ``posterior`` (when the exact
+sampler has assimilated the frame; see inference.live), once per series an ``alert`` (decided on
+the estimates), and at the end a ``result`` (the schema of ``beamkin demo --json``). Fractions are
+released to the sampler through the bounded reorder buffer (inference.reorder); a frame still
+missing after the timeout is reported (log, counter, posterior diagnostics) and skipped.
 """
 
 from __future__ import annotations
@@ -62,19 +63,24 @@ class SeriesInference:
     """One series: its start message, sampler, reorder buffer and counters."""
 
     def __init__(self, start: protocol.Message, config: dict[str, Any]):
+        from inference.live import LiveInference
+
         self.series_id = start["series_id"]
-        self.engine = make_engine(config, start)
+        self.live = LiveInference(make_engine(config, start))
+        self.received_unix_s: dict[int, float] = {}  # frame -> streamer receipt, until its posterior
         self.buffer = ReorderBuffer(int(config["reorder_window"]), float(config["missing_timeout_s"]))
         self.counters = collections.Counter()
         self.missing: list[int] = []
         self.alert: dict[str, Any] | None = None
         self.finish_queued = False
+        self.finish_requested = False  # every frame released; finish once the exact sampler is done
         self.finished = False
 
     def diagnostics(self) -> dict[str, Any]:
         return {
             "frames_assimilated": self.counters["frames_assimilated"],
             "frames_flagged": self.counters["frames_flagged"],
+            "frames_rejected": self.counters["frames_rejected"],
             "frames_missing": len(self.missing),
             "missing_indices": self.missing[-50:],
         }
@@ -166,11 +172,42 @@ class InferenceStage:
         self._released(series, series.buffer.add(fraction["frame_index"], fraction))
 
     def idle(self) -> None:
-        """Nothing to assimilate: run deferred resample-moves, let timeouts release gaps."""
+        """Nothing to assimilate: prepare the next estimate from the newest exact posterior,
+        let timeouts release gaps."""
         for series in list(self.series.values()):
             if not series.finished:
-                series.engine.rejuvenate()
+                series.live.prepare()
                 self._released(series, series.buffer.poll())
+
+    def sampling(self) -> bool:
+        """True while an exact sampler has frames to assimilate."""
+        return any(not s.finished and not s.live.caught_up for s in self.series.values())
+
+    def poll_exact(self) -> None:
+        """Publish the exact posteriors finished by the samplers' threads; finish the series
+        whose last frame has been assimilated."""
+        for series in list(self.series.values()):
+            if series.finished:
+                continue
+            try:
+                payloads = series.live.exact_payloads()
+            except RuntimeError as exc:
+                self._fail(series, exc)
+                continue
+            for payload in payloads:
+                self._publish_posterior(series, payload)
+            if series.finish_requested and series.live.caught_up:
+                self._finish(series)
+
+    def _publish_posterior(self, series: SeriesInference, payload: dict) -> None:
+        payload.pop("n_frames", None)
+        payload.pop("alert", None)
+        diagnostics = {**payload.pop("diagnostics", {}), **series.diagnostics(),
+                       "frames_behind": series.live.frames_behind}
+        received = series.received_unix_s.pop(payload["frame_index"], None)
+        if received is not None:
+            diagnostics["latency_s"] = time.time() - received
+        self.publish(protocol.make("posterior", series_id=series.series_id, diagnostics=diagnostics, **payload))
 
     def _released(self, series: SeriesInference, events) -> None:
         self.work.extend((series, event) for event in events)
@@ -182,7 +219,7 @@ class InferenceStage:
         """Process the oldest released event: a frame for the sampler, a missing frame, or the end."""
         series, event = self.work.popleft()
         if event is None:
-            self._finish(series)
+            series.finish_requested = True  # finished by poll_exact once the sampler has caught up
             return
         extra = {"series_id": series.series_id, "frame_index": event.index}
         if event.kind == "frame":
@@ -202,11 +239,19 @@ class InferenceStage:
             log.warning("flagged frame not used by the sampler: %s", fraction["reason"], extra=extra)
             return
         began = time.perf_counter()
-        payload = series.engine.update(
-            frame_index=fraction["frame_index"], time_s=float(fraction["time_s"]),
-            exposure_s=float(fraction["exposure_s"]), alpha=float(fraction["alpha"]),
-            sigma=fraction["sigma_alpha"],
-        )
+        try:
+            payload = series.live.submit(
+                frame_index=fraction["frame_index"], time_s=float(fraction["time_s"]),
+                exposure_s=float(fraction["exposure_s"]), alpha=float(fraction["alpha"]),
+                sigma=fraction["sigma_alpha"],
+            )
+        except ValueError as exc:  # e.g. a window before the previous frame's: nothing was queued
+            series.counters["frames_rejected"] += 1
+            log.error("frame rejected by the sampler: %s", exc, extra=extra)
+            return
+        except RuntimeError as exc:  # the exact sampler's thread failed
+            self._fail(series, exc)
+            return
         series.counters["frames_assimilated"] += 1
         update_s = time.perf_counter() - began
         alert = payload.pop("alert", None)
@@ -214,9 +259,9 @@ class InferenceStage:
         diagnostics = {**payload.pop("diagnostics", {}), **series.diagnostics(), "update_s": update_s}
         received = fraction.get("received_unix_s")
         if received is not None:
+            series.received_unix_s[fraction["frame_index"]] = float(received)
             diagnostics["latency_s"] = time.time() - float(received)
-        posterior = protocol.make("posterior", series_id=series.series_id, diagnostics=diagnostics, **payload)
-        self.publish(posterior)
+        self.publish(protocol.make("estimate", series_id=series.series_id, diagnostics=diagnostics, **payload))
         if alert is not None and series.alert is None:
             series.alert = alert
             self._alert(series, alert)
@@ -233,9 +278,21 @@ class InferenceStage:
         if self.alert_dispatcher is not None:
             self.alert_dispatcher.dispatch({"series_id": series.series_id, **alert})
 
+    def _fail(self, series: SeriesInference, exc: BaseException) -> None:
+        """The exact sampler of a series failed: say so, end the series, keep the stage up."""
+        series.finished = True
+        series.live.close()
+        log.error("series aborted: %s", exc, extra={"series_id": series.series_id})
+        self.counters["series_failed"] += 1
+        self.publish(protocol.make("status", stage="inference", series_id=series.series_id,
+                                   counters={**series.diagnostics(), "error": str(exc)}))
+        self.publish(protocol.make("end", series_id=series.series_id, n_frames=series.buffer.end_index or 0,
+                                   reason="aborted"))
+        self.finished_series += 1
+
     def _finish(self, series: SeriesInference) -> None:
         series.finished = True
-        result = series.engine.result()
+        result = series.live.result()
         result["series_id"] = series.series_id
         result["diagnostics"] = series.diagnostics()
         self.publish(protocol.make("result", series_id=series.series_id, result=result))
@@ -283,7 +340,8 @@ def run_inference(config: dict[str, Any], stop: threading.Event) -> int:
     last_status = time.monotonic()
     once = config["inference"]["once"]
     while not stop.is_set():
-        if pull.poll(0 if stage.work else 50):
+        # while an exact sampler is behind, look for its posteriors every 5 ms
+        if pull.poll(0 if stage.work else 5 if stage.sampling() else 50):
             for _ in range(10_000):  # drain what has arrived, so the reorder buffer sees it now
                 try:
                     _, message = protocol.recv(pull, flags=zmq.NOBLOCK)
@@ -298,6 +356,7 @@ def run_inference(config: dict[str, Any], stop: threading.Event) -> int:
             stage.process_one()
         else:
             stage.idle()
+        stage.poll_exact()
         if time.monotonic() - last_status >= STATUS_PERIOD_S:
             last_status = time.monotonic()
             stage.status()

@@ -46,7 +46,7 @@ import numpy as np
 from . import likelihood as lk
 from .alert import OnsetAlert
 from .models import MODEL_EXPONENT, MODEL_NAMES, model_code
-from .payload import COL, ParticleView, PayloadBuilder
+from .payload import COL, ParticleView, PayloadBuilder, warm_up_kernels
 from .priors import Priors
 from .resample import systematic_indices
 
@@ -475,6 +475,9 @@ class OnlineInference:
             history_k(0, params, 2, 2, 0.5, h.t_lo, h.t_hi, h.y, h.sig2, h.cy, h.cy2, h.homo_var,
                       kind, 4.0, out)
         lk.alpha_curves(0, params, h.t_mid[:3].copy(), curves)
+        lk.reweight_frames(0, params, 0, 2, h.t_lo, h.t_hi, h.y, h.sig2, lk.NOISE_NORMAL, 4.0, np.zeros(4),
+                           np.full(4, -math.log(4)), np.empty(4))
+        warm_up_kernels()
         sweep = lk.mh_sweep_parallel if self.parallel else lk.mh_sweep
         cols = np.array([0, 1, 2], dtype=np.int64)
         eye = np.eye(3)

@@ -13,7 +13,7 @@ from beamkin.loopback import LoopbackPorts, beamkin_process
 TRUE_T0_S, TRUE_K_PER_S, GAS_TIME_S, N_FRAMES = 7.4461, 0.6192, 5.0, 36
 DEMO_MODELS = ("F1", "A2", "A3", "R3", "D3")
 #: Message types the inference stage publishes (what dashboards and reports consume).
-PUBLISHED = ("start", "pattern", "fraction", "posterior", "alert", "status", "result", "end")
+PUBLISHED = ("start", "pattern", "fraction", "estimate", "posterior", "alert", "status", "result", "end")
 
 
 @pytest.fixture(scope="session")

@@ -126,15 +126,18 @@ def test_dashboard_grows_and_alerts_in_browser(publisher, dashboard, pipeline_me
             wait_for(subscribed, 20, "the dashboard to receive a status message", poll_s=0.2)
 
             # publish the series in four bursts (at 50 frames/s); after each burst the page must show
-            # exactly the frames sent so far: the plots grow as frames arrive
+            # exactly the frames and exact posteriors sent so far (the exact posteriors lag the
+            # frames near the onset): the plots grow as frames arrive
             bursts = _split_after_frames(messages, [9, 18, 27])
             shown = []
             for burst in bursts:
                 _publish(pub, burst, 50.0)
-                expected = sum(m.type == "fraction" for b in bursts[: len(shown) + 1] for m in b)
+                sent = [m for b in bursts[: len(shown) + 1] for m in b]
+                expected = sum(m.type == "fraction" for m in sent)
+                posteriors = sum(m.type == "posterior" for m in sent)
                 wait_for(lambda: [len(column(page, name, "time_s") or []) for name in ("alpha_points", "onset_history")]
-                         == [expected, expected], 20, f"{expected} alpha points and posteriors")
-                shown.append(expected)
+                         == [expected, posteriors], 20, f"{expected} alpha points and {posteriors} posteriors")
+                shown.append(posteriors)
             assert shown == [9, 18, 27, n_frames] and n_frames == N_FRAMES
             assert column(page, "alpha_points", "alpha") == pytest.approx(published_alpha, abs=1e-12)
 

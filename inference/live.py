@@ -1,0 +1,226 @@
+"""Live inference: an immediate posterior estimate per frame, the exact sampler behind it.
+
+The exact IBIS sampler (``inference.smc.OnlineInference``) assimilates every frame in order
+in a worker thread; its resample-moves and tempering near the onset cost up to seconds per
+frame, so they run off the frame's critical path (DESIGN section 5).  Each frame gets at once
+an *estimate*: the newest exact posterior, after frames [0, m), importance-reweighted by the
+frames [m, j] it has not assimilated yet::
+
+    w_i  proportional to  W_i * prod_{p=m}^{j} p(y_p | theta_i)
+    log Z_j(model) = log Z_m(model) + log sum_i W_i prod_{p=m}^{j} p(y_p | theta_i)
+
+(W_i: the exact posterior's normalised weights).  This is the IBIS reweighting step without
+the move, a consistent estimate of the same posterior and evidence; its effective sample size
+says how good it is (``diagnostics.ess`` per model) and ``frames_behind`` = j + 1 - m how
+far the exact sampler lags.  Once the worker has assimilated frame j, the exact posterior
+of frame j follows (``exact_payloads``): it, never the estimate, is what the final result,
+the recording's ``posterior`` messages and ``beamkin analyze`` agree on to rounding.
+
+The onset alert is decided on the estimates, so that it comes with the frame that shows the
+onset rather than when the sampler's moves have caught up.
+
+The Numba kernels release the GIL (``nogil=True``); the worker thread is the only caller of
+the parallel kernels (if any), the estimate uses the serial ones.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import queue
+import threading
+
+import numpy as np
+
+from . import likelihood as lk
+from .alert import OnsetAlert
+from .payload import ParticleView, PayloadBuilder
+from .smc import FrameHistory, OnlineInference
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+#: a new exact snapshot behind by at most this many frames is taken up on a frame's arrival;
+#: one further behind only once ``prepare`` has summed its frames between arrivals
+MAX_FRAMES_ON_CRITICAL_PATH = 2
+
+
+class _Snapshot:
+    """The exact posterior after its first ``n_frames`` frames (views share no mutable state)."""
+
+    __slots__ = ("n_frames", "views", "serial")
+
+    def __init__(self, n_frames: int, views: dict[str, ParticleView], serial: int):
+        self.n_frames = n_frames
+        self.views = views
+        self.serial = serial
+
+
+class LiveInference:
+    """Immediate estimates on the caller's thread, the exact sampler on a worker thread.
+
+    ``submit`` validates a frame, queues it for the exact sampler and returns the estimate's
+    payload; ``exact_payloads`` returns the exact payloads finished since the last call;
+    ``caught_up`` is True when every submitted frame is assimilated; ``result`` (only when
+    caught up) is the exact result with the alert that was raised live.  An exception in the
+    worker is raised again by the next call of ``exact_payloads``, ``submit`` or ``result``.
+    """
+
+    def __init__(self, engine: OnlineInference):
+        self.engine = engine
+        self.history = FrameHistory()  # the caller's copy of the frames, validated on arrival
+        self.builder = PayloadBuilder(**engine.payload_settings, cache=engine.payload_builder.cache)
+        self.alert = OnsetAlert(engine.alert.threshold, engine.alert.consecutive)
+        self.alert_payload: dict | None = None
+        self._kind = lk.NOISE_NORMAL if engine.noise == "normal" else lk.NOISE_STUDENT
+        self._snapshot = _Snapshot(0, engine.views(), 0)  # the worker's newest
+        self._base = self._snapshot  # the one the latest estimate was reweighted from
+        self.builder.warm(self._snapshot.views)
+        self._prepared: tuple[int, int] = (-1, -1)  # (snapshot, frames) whose pending sums are done
+        # per model: (snapshot serial, frames [m, upto) summed) -> log likelihood of those frames
+        self._pending: dict[str, tuple[int, int, np.ndarray]] = {}
+        self._inbox: queue.Queue = queue.Queue()
+        self._finished: collections.deque = collections.deque()
+        self._submitted = 0
+        self._assimilated = 0
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"exact-sampler-{engine.series_id}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ worker thread
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            try:
+                item = self._inbox.get(timeout=0.05)
+            except queue.Empty:
+                engine.rejuvenate()  # deferred moves (defer_rejuvenation) while waiting
+                continue
+            if item is _STOP:
+                return
+            try:
+                payload = engine.update(*item)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                self._error = exc
+                log.error("exact sampler failed at frame %s: %s", item[0], exc,
+                          extra={"series_id": engine.series_id, "frame_index": item[0]})
+                return
+            payload.pop("alert", None)  # the alert is decided on the estimates (caller's thread)
+            self._snapshot = _Snapshot(engine.n_frames, engine.views(), self._snapshot.serial + 1)
+            self._finished.append(payload)
+            self._assimilated += 1
+
+    def _raise_worker_error(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"exact sampler of series {self.engine.series_id} failed: {self._error}") \
+                from self._error
+
+    # ------------------------------------------------------------------ caller's thread
+    @property
+    def frames_behind(self) -> int:
+        """Frames submitted but not yet assimilated by the exact sampler."""
+        return self._submitted - self._assimilated
+
+    @property
+    def caught_up(self) -> bool:
+        return self._assimilated == self._submitted or self._error is not None
+
+    def exact_payloads(self) -> list[dict]:
+        """Exact payloads finished since the last call, in frame order."""
+        out = []
+        while self._finished:
+            out.append(self._finished.popleft())
+        if not out:  # the posteriors finished before a failure are delivered first
+            self._raise_worker_error()
+        return out
+
+    def submit(self, frame_index: int, time_s: float, exposure_s: float, alpha: float,
+               sigma: float | None) -> dict:
+        """Queue a frame (mid-exposure time and exposure in s) and return its estimate's payload.
+
+        Raises ValueError (nothing queued) for a frame the sampler cannot take: non-finite
+        values, a window before the previous frame's, a repeated index.
+        """
+        self._raise_worker_error()
+        j = self.history.append(frame_index, time_s, exposure_s, alpha, sigma)
+        self._inbox.put((int(frame_index), float(time_s), float(exposure_s), float(alpha), sigma))
+        self._submitted += 1
+        snapshot = self._estimate_base()
+        views = {name: self._reweighted(view, snapshot, j + 1) for name, view in snapshot.views.items()}
+        self._base = snapshot
+        readout_s = float(time_s) + 0.5 * float(exposure_s)
+        probs = PayloadBuilder.probabilities(views)
+        onset = PayloadBuilder.onset_probability(views, probs, readout_s)
+        alert = None
+        if self.alert.observe(int(frame_index), float(time_s), onset):
+            alert = self.alert_payload = self.builder.alert(views, probs, int(frame_index), float(time_s), onset,
+                                                            self.engine.gas_time_s)
+            log.info("onset alert", extra={"series_id": self.engine.series_id, "frame_index": int(frame_index),
+                                           "t0_mean": alert["t0"]["mean"], "leading_model": alert["leading_model"]})
+        payload = self.builder.build(views, int(frame_index), float(time_s), readout_s, j + 1, alert)
+        payload["diagnostics"] = {"frames_behind": j + 1 - snapshot.n_frames}
+        return payload
+
+    def _estimate_base(self) -> _Snapshot:
+        """The snapshot to reweight the next frame from: the newest one if its pending frames
+        are summed already (``prepare``) or few, else the previous base, which needs one frame."""
+        newest = self._snapshot
+        if newest is self._base:
+            return newest
+        if self._prepared == (newest.serial, self.history.m - 1) or self.history.m - newest.n_frames <= MAX_FRAMES_ON_CRITICAL_PATH:
+            return newest
+        return self._base
+
+    def prepare(self) -> bool:
+        """Idle-time work: sum the likelihood of the frames the newest exact snapshot has not
+        assimilated, so the next estimate starts from it at the cost of one frame; True if
+        there was work."""
+        self._raise_worker_error()
+        newest = self._snapshot
+        if newest is self._base or self._prepared == (newest.serial, self.history.m):
+            return False
+        self.builder.warm(newest.views)
+        for view in newest.views.values():
+            self._reweighted(view, newest, self.history.m)
+        self._prepared = (newest.serial, self.history.m)
+        return True
+
+    def _reweighted(self, view: ParticleView, snapshot: _Snapshot, upto: int) -> ParticleView:
+        """``view`` (posterior after snapshot.n_frames frames) reweighted by frames [m, upto)."""
+        m = snapshot.n_frames
+        if upto == m:
+            return view
+        serial, done, ll = self._pending.get(view.name, (-1, m, None))
+        if serial != snapshot.serial or ll is None:
+            done, ll = m, np.zeros(view.theta.shape[0])
+        h = self.history
+        logw = np.empty_like(ll)
+        inc = lk.reweight_frames(view.code, view.theta, done, upto, h.t_lo, h.t_hi, h.y, h.sig2, self._kind,
+                                 self.engine.student_nu, ll, view.logw, logw)
+        self._pending[view.name] = (snapshot.serial, upto, ll)
+        if not math.isfinite(inc):  # no particle explains the new frames: the model is ruled out
+            return dataclasses.replace(view, log_evidence=-math.inf,
+                                       diagnostics={**view.diagnostics, "reweight_failed": True})
+        return dataclasses.replace(view, logw=logw, log_evidence=view.log_evidence + inc)
+
+    def result(self) -> dict:
+        """The exact final result (call when ``caught_up``) with the alert raised live."""
+        self._raise_worker_error()
+        if not self.caught_up:
+            raise RuntimeError("result() before the exact sampler has caught up")
+        self.close()
+        result = self.engine.result()
+        alert = {"time": self.alert.fired_time_s, "frame_index": self.alert.fired_frame_index}
+        if self.alert_payload is not None:
+            alert.update({k: v for k, v in self.alert_payload.items() if k not in ("time_s", "frame_index")})
+        result["alert"] = alert
+        return result
+
+    def close(self) -> None:
+        """Stop the worker thread (after the frames already queued)."""
+        if self._thread.is_alive():
+            self._inbox.put(_STOP)
+            self._thread.join()
+
