@@ -9,8 +9,8 @@ For frame j with exposure window [lo_j, hi_j] = [t_j - e_j/2, t_j + e_j/2] (seco
 
 The exposure mean is (1/(x_b - x_a)) * integral of alpha over [x_a, x_b] in x = k (t - t0):
 the part beyond the saturation point (alpha == 1 exactly, see ``models.saturation_x``)
-is integrated exactly, the transition part from the antiderivative for F1, F2, F3, R2, R3,
-D1, D2, D3 and Pn, and for A2, A3, A4, An and D4 with an 8-point Gauss-Legendre rule on pieces
+is integrated exactly, the transition part from the antiderivative for F1, F2, F3, A2, R2,
+R3, D1, D2, D3 and Pn, and for A3, A4, An and D4 with an 8-point Gauss-Legendre rule on pieces
 of width <= 1/4; a range that starts at the onset x = 0 uses x = u^2 and one that ends
 at the saturation point uses x = xs - u^2, which removes the square-root / logarithmic
 behaviour of D1, D2, D3, D4 and An (n < 1) at these points (accuracy ~1e-8 or better).
@@ -95,7 +95,8 @@ def _d2_antiderivative(alpha):
 @numba.njit(cache=True, nogil=True)
 def closed_form_integral(code, a, b):
     """Integral of alpha(x) dx over [a, b] (0 <= a < b <= saturation point) from the
-    antiderivative, or NaN for the models without an elementary one (A2, A3, A4, An, D4).
+    antiderivative, or NaN for the models without one in elementary functions and erf
+    (A3, A4, An, D4).
 
     With w = b - a, every difference of powers is factored through w so that the absolute
     error is ~1e-16 * w, i.e. ~1e-16 in the exposure mean integral / w:
@@ -104,8 +105,10 @@ def closed_form_integral(code, a, b):
     R2: w - [(1-a)^3 - (1-b)^3] / 3; R3: w - [(1-a)^4 - (1-b)^4] / 4;
     D1: 2/3 (b^1.5 - a^1.5); D3 (alpha = 3 x^0.5 - 3 x + x^1.5):
     2 (b^1.5 - a^1.5) - 1.5 (b^2 - a^2) + 0.4 (b^2.5 - a^2.5); Pn: (b^(n+1) - a^(n+1)) / (n+1);
-    D2 (substituting x = g(alpha)): H(alpha(b)) - H(alpha(a)) (``_d2_antiderivative``), whose
-    difference is not factored: used for w >= 1e-4 only (error <= ~1e-12 in the mean).
+    A2: w - sqrt(pi)/2 (erf(b) - erf(a));
+    D2 (substituting x = g(alpha)): H(alpha(b)) - H(alpha(a)) (``_d2_antiderivative``).
+    The A2 and D2 differences are not factored: used for w >= 1e-4 only (error <= ~1e-12 in
+    the mean); NaN below, where the Gauss-Legendre rule is cheap.
     """
     w = b - a
     if code == 0:
@@ -114,6 +117,13 @@ def closed_form_integral(code, a, b):
         return w - math.log1p(w / (1.0 + a))
     elif code == 2:
         return w - 2.0 * w / (math.sqrt(1.0 + 2.0 * b) + math.sqrt(1.0 + 2.0 * a))
+    elif code == 3:
+        if w < 1e-4:
+            return math.nan
+        # w - sqrt(pi)/2 (erf(b) - erf(a)), with erfc on the tail where erf rounds to 1
+        if a > 1.0:
+            return w - 0.5 * math.sqrt(math.pi) * (math.erfc(a) - math.erfc(b))
+        return w - 0.5 * math.sqrt(math.pi) * (math.erf(b) - math.erf(a))
     elif code == 7 or code == 8:
         p, q = 1.0 - a, 1.0 - b
         if code == 7:  # p^3 - q^3 = w (p^2 + p q + q^2)
@@ -221,6 +231,36 @@ def _frame_loglik_impl(code, params, t_lo, t_hi, y, sig2, kind, nu, out):
 # one body, compiled serial and parallel (prange is range in the serial build)
 frame_loglik = numba.njit(cache=True, nogil=True)(_frame_loglik_impl)
 frame_loglik_parallel = numba.njit(cache=True, nogil=True, parallel=True)(_frame_loglik_impl)
+
+
+@numba.njit(cache=True, nogil=True)
+def reweight_frames(code, params, first, last, t_lo, t_hi, y, sig2, kind, nu, loglik_sum, base_logw, logw_out):
+    """Importance reweighting of particles by frames [first, last) (IBIS without the move).
+
+    Adds sum_{p=first}^{last-1} log p(y_p | theta_i) to ``loglik_sum[i]`` (NaN counts as a
+    zero likelihood), writes the normalised log weights
+    ``logw_out[i] = base_logw[i] + loglik_sum[i] - c`` and returns
+    c = log sum_i exp(base_logw[i] + loglik_sum[i]), the log evidence increment when
+    ``base_logw`` is normalised (-inf when no particle explains the frames; then ``logw_out``
+    is left unchanged).
+    """
+    sc = _student_const(nu)
+    n = params.shape[0]
+    top = -math.inf
+    for i in range(n):
+        for p in range(first, last):
+            v = _particle_frame_loglik(code, params[i], t_lo[p], t_hi[p], y[p], sig2[p], kind, nu, sc)
+            loglik_sum[i] += v if v == v else -math.inf
+        top = max(top, base_logw[i] + loglik_sum[i])
+    if top == -math.inf:
+        return top
+    total = 0.0
+    for i in range(n):
+        total += math.exp(base_logw[i] + loglik_sum[i] - top)
+    c = top + math.log(total)
+    for i in range(n):
+        logw_out[i] = base_logw[i] + loglik_sum[i] - c
+    return c
 
 
 @numba.njit(cache=True, nogil=True)

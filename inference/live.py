@@ -26,11 +26,14 @@ the parallel kernels (if any), the estimate uses the serial ones.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import math
+import os
 import queue
 import threading
+import time
 
 import numpy as np
 
@@ -45,6 +48,10 @@ _STOP = object()
 #: a new exact snapshot behind by at most this many frames is taken up on a frame's arrival;
 #: one further behind only once ``prepare`` has summed its frames between arrivals
 MAX_FRAMES_ON_CRITICAL_PATH = 2
+#: threads sharing out the models of an estimate's reweighting (the critical path)
+ESTIMATE_THREADS = 2
+#: the exact sampler's thread runs this much nicer than the estimates (Linux per-thread nice)
+WORKER_NICENESS = 10
 
 
 class _Snapshot:
@@ -86,12 +93,18 @@ class LiveInference:
         self._submitted = 0
         self._assimilated = 0
         self._error: BaseException | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._thread = threading.Thread(target=self._run, name=f"exact-sampler-{engine.series_id}", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ worker thread
     def _run(self) -> None:
         engine = self.engine
+        try:  # the estimates are the critical path: the exact sampler yields the CPU to them
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                           os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + WORKER_NICENESS)
+        except (AttributeError, OSError) as exc:  # not Linux, or not allowed: run at equal priority
+            log.debug("exact sampler thread keeps its priority: %s", exc)
         while True:
             try:
                 item = self._inbox.get(timeout=0.05)
@@ -101,7 +114,9 @@ class LiveInference:
             if item is _STOP:
                 return
             try:
+                began = time.perf_counter()
                 payload = engine.update(*item)
+                payload["diagnostics"] = {"exact_update_s": time.perf_counter() - began}
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
                 self._error = exc
                 log.error("exact sampler failed at frame %s: %s", item[0], exc,
@@ -148,7 +163,7 @@ class LiveInference:
         self._inbox.put((int(frame_index), float(time_s), float(exposure_s), float(alpha), sigma))
         self._submitted += 1
         snapshot = self._estimate_base()
-        views = {name: self._reweighted(view, snapshot, j + 1) for name, view in snapshot.views.items()}
+        views = self._reweighted_all(snapshot, j + 1)
         self._base = snapshot
         readout_s = float(time_s) + 0.5 * float(exposure_s)
         probs = PayloadBuilder.probabilities(views)
@@ -182,10 +197,18 @@ class LiveInference:
         if newest is self._base or self._prepared == (newest.serial, self.history.m):
             return False
         self.builder.warm(newest.views)
-        for view in newest.views.values():
-            self._reweighted(view, newest, self.history.m)
+        self._reweighted_all(newest, self.history.m)
         self._prepared = (newest.serial, self.history.m)
         return True
+
+    def _reweighted_all(self, snapshot: _Snapshot, upto: int) -> dict[str, ParticleView]:
+        """Every model's view reweighted by frames [snapshot.n_frames, upto), the models shared
+        out to ``ESTIMATE_THREADS`` threads (the kernel releases the GIL)."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(ESTIMATE_THREADS, thread_name_prefix="estimate")
+        futures = {name: self._pool.submit(self._reweighted, view, snapshot, upto)
+                   for name, view in snapshot.views.items()}
+        return {name: future.result() for name, future in futures.items()}
 
     def _reweighted(self, view: ParticleView, snapshot: _Snapshot, upto: int) -> ParticleView:
         """``view`` (posterior after snapshot.n_frames frames) reweighted by frames [m, upto)."""
@@ -219,7 +242,10 @@ class LiveInference:
         return result
 
     def close(self) -> None:
-        """Stop the worker thread (after the frames already queued)."""
+        """Stop the worker thread (after the frames already queued) and the estimate threads."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         if self._thread.is_alive():
             self._inbox.put(_STOP)
             self._thread.join()
