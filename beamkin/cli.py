@@ -207,7 +207,9 @@ def _demo(args: argparse.Namespace) -> int:
     return _supervised(config, with_simulator=True, once=args.once)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(analyze_arguments: bool = True) -> argparse.ArgumentParser:
+    """The command-line parser; ``analyze_arguments=False`` leaves out the options of
+    ``analyze`` (and their imports) when another command is run."""
     parser = argparse.ArgumentParser(prog="beamkin", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -242,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--record", metavar="FILE", help="record every message to this HDF5 file")
     demo.set_defaults(func=_demo)
 
-    _add_offline_commands(commands)
+    _add_offline_commands(commands, analyze_arguments)
     return parser
 
 
@@ -280,12 +282,13 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_offline_commands(commands) -> None:
-    from inference import analyze
-
+def _add_offline_commands(commands, analyze_arguments: bool = True) -> None:
     offline = commands.add_parser("analyze", help="offline Bayesian analysis of phase fractions (CSV or recording)")
-    analyze.add_arguments(offline)
-    offline.set_defaults(func=analyze.main)
+    if analyze_arguments:  # imports numba and scipy (~0.5 s): only when the command may be analyze
+        from inference import analyze
+
+        analyze.add_arguments(offline)
+        offline.set_defaults(func=analyze.main)
 
     report = commands.add_parser("report", help="self-contained HTML report of a recording or an analyze --json result")
     report.add_argument("input", help="beamkin recording (.h5) or the JSON written by --json")
@@ -309,7 +312,8 @@ def _add_offline_commands(commands) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(analyze_arguments="analyze" in argv or not argv or argv[0].startswith("-"))
     args = parser.parse_args(argv)
     try:
         return args.func(args)
