@@ -106,11 +106,7 @@ class LiveInference:
         except (AttributeError, OSError) as exc:  # not Linux, or not allowed: run at equal priority
             log.debug("exact sampler thread keeps its priority: %s", exc)
         while True:
-            try:
-                item = self._inbox.get(timeout=0.05)
-            except queue.Empty:
-                engine.rejuvenate()  # deferred moves (defer_rejuvenation) while waiting
-                continue
+            item = self._inbox.get()
             if item is _STOP:
                 return
             try:

@@ -49,7 +49,6 @@ def make_engine(inference_config: dict[str, Any], start: protocol.Message | None
         n_particles=int(inference_config["particles"]), seed=int(inference_config["seed"]),
         noise=inference_config["noise"], student_nu=float(inference_config["student_nu"]),
         ess_threshold=float(inference_config["ess_threshold"]),
-        defer_rejuvenation=bool(inference_config["defer_rejuvenation"]),
         temper_threshold=float(inference_config["temper_threshold"]) or None,
         light_probability=float(inference_config["light_probability"]),
         histogram_bins=int(inference_config["histogram_bins"]),

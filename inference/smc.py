@@ -206,7 +206,6 @@ class ModelSampler:
         self.rejuvenations = 0
         self.tempering_steps = 0
         self.acceptance_rate: float | None = None
-        self._pending_move: int | None = None
         #: incremented whenever ``theta`` is replaced (resampling); a ParticleView is keyed by it
         self._version = 0
 
@@ -252,14 +251,8 @@ class ModelSampler:
                 break
         return max(lo, 1e-12)
 
-    def assimilate(self, j: int, defer: bool = False) -> None:
-        """Bring the posterior from frames [0, j) to frames [0, j] (j: position in history).
-
-        With ``defer`` a resample-move due after the frame is left pending (weighted
-        particles represent the posterior meanwhile) and done by ``rejuvenate``, at the
-        latest before the next frame: the same computation in the same order.
-        """
-        self.rejuvenate()
+    def assimilate(self, j: int) -> None:
+        """Bring the posterior from frames [0, j) to frames [0, j] (j: position in history)."""
         l = self._frame_loglik(j)
         l = np.where(np.isnan(l), -np.inf, l)
         lam = 0.0
@@ -282,18 +275,7 @@ class ModelSampler:
                 l = np.where(np.isnan(l), -np.inf, l)
         self.tempering_steps = steps
         if self.ess() < self.ess_threshold * self.n:
-            if defer:
-                self._pending_move = j + 1
-            else:
-                self._resample_move(m_hist=j + 1, pending=-1, lam=0.0)
-
-    def rejuvenate(self) -> bool:
-        """Run a resample-move left pending by ``assimilate(defer=True)``; True if one ran."""
-        if self._pending_move is None:
-            return False
-        m_hist, self._pending_move = self._pending_move, None
-        self._resample_move(m_hist=m_hist, pending=-1, lam=0.0)
-        return True
+            self._resample_move(m_hist=j + 1, pending=-1, lam=0.0)
 
     # ------------------------------------------------------------------ rejuvenation
     def _resample_move(self, m_hist: int, pending: int, lam: float) -> None:
@@ -383,15 +365,11 @@ class OnlineInference:
     window (see ``Priors.for_series``).  ``update`` accepts frames in time order with any
     (increasing or not, but unique) frame indices.
 
-    ``defer_rejuvenation=True`` takes the resample-move that follows a frame off that
-    frame's critical path: the payload is published from the weighted particles and the
-    move runs in ``rejuvenate()`` (call it while waiting for the next frame) or, at the
-    latest, at the start of the next ``update``: the same computation in the same order.
-    Moves between tempering steps stay on the critical path, so deferral only has work to
-    do with ``temper_threshold`` < ``ess_threshold`` (frames that keep the ESS above
-    ``temper_threshold * N`` enter whole and the move follows).  Measured cost of
-    temper_threshold = 0.2: evidence of a misspecified model (A2 on F1 data) 0.45 nat off
-    at N = 4096, model recovery at N = 512 down from 12/12 to 9/12; default off.
+    The moves cost up to seconds per frame near the onset; ``inference.live`` runs this
+    class in a thread of its own and publishes an immediate estimate per frame meanwhile.
+    ``temper_threshold`` < ``ess_threshold`` lets frames that keep the ESS above
+    ``temper_threshold * N`` enter whole (measured cost of 0.2: evidence of a misspecified
+    model, A2 on F1 data, 0.45 nat off at N = 4096; default: ``ess_threshold``).
     """
 
     def __init__(self, models: Iterable[str] = MODEL_NAMES, priors: Priors | None = None,
@@ -399,7 +377,7 @@ class OnlineInference:
                  ess_threshold: float = 0.5, alert_threshold: float = 0.99, alert_consecutive: int = 2,
                  gas_time_s: float | None = None, histogram_bins: int = 60, predictive_points: int = 100,
                  predictive_draws: int = 200, series_id: str | None = None, parallel: bool = False,
-                 light_probability: float = 1e-6, defer_rejuvenation: bool = False,
+                 light_probability: float = 1e-6,
                  temper_threshold: float | None = None):
         models = tuple(models)
         if not models:
@@ -432,7 +410,6 @@ class OnlineInference:
         if not 0.0 <= light_probability < 1.0:
             raise ValueError(f"light_probability must be in [0, 1), got {light_probability}")
         self.light_probability = float(light_probability)
-        self.defer_rejuvenation = bool(defer_rejuvenation)
         self.history = FrameHistory()
         kind = lk.NOISE_NORMAL if noise == "normal" else lk.NOISE_STUDENT
         seeds = np.random.SeedSequence(self.seed).spawn(len(MODEL_NAMES))
@@ -518,7 +495,7 @@ class OnlineInference:
         before = self.model_probabilities()
         for name, sampler in self.samplers.items():
             sampler.light = before[name] < self.light_probability
-            sampler.assimilate(j, defer=self.defer_rejuvenation)
+            sampler.assimilate(j)
         self.last_time_s = float(time_s)
         self.last_frame_index = int(frame_index)
         # "now" for the onset is the end of this frame's exposure (when it was read out): a frame
@@ -539,14 +516,8 @@ class OnlineInference:
         """Model-averaged posterior probability P(t0 <= time_s)."""
         return PayloadBuilder.onset_probability(self.views(), probs or self.model_probabilities(), time_s)
 
-    def rejuvenate(self) -> int:
-        """Run the resample-moves left pending by ``defer_rejuvenation`` (call while idle
-        between frames, from the thread that calls ``update``); returns how many ran."""
-        return sum(s.rejuvenate() for s in self.samplers.values())
-
     def result(self) -> dict:
         """Final result (times in s from series start, k in 1/s)."""
-        self.rejuvenate()
         probs = self.model_probabilities()
         views = self.views()
         builder = self.payload_builder

@@ -104,22 +104,3 @@ def test_same_seed_same_result_and_non_contiguous_frame_indices():
     assert r3["models"]["F1"]["log_evidence"] != r1["models"]["F1"]["log_evidence"]
     assert p1[-1]["frame_index"] == int(idx[-1]) and p1[-1]["n_frames"] == 36
 
-
-def test_deferred_rejuvenation_gives_the_same_posterior():
-    rng = np.random.default_rng(2)
-    y = alpha_numpy("F1", 0.6 * (TIMES - 5.0)) + rng.normal(0.0, NOISE, TIMES.size)
-    results, pending_seen = [], 0
-    for defer in (False, True):
-        engine = OnlineInference(models=("F1", "R3"), priors=Priors.for_series(12.0), n_particles=256, seed=1,
-                                 defer_rejuvenation=defer, temper_threshold=0.2)
-        for j, (tj, yj) in enumerate(zip(TIMES, y)):
-            engine.update(j, float(tj), 0.0, float(yj), None)
-            if defer and j % 2:  # idle time between some frames
-                pending_seen += engine.rejuvenate()
-        results.append(engine.result())
-    assert pending_seen > 0
-    for key in ("models", "model_averaged", "n_frames"):
-        assert results[0][key] == results[1][key]
-    # the alert fires on the same frame; its t0 summary comes from the particles of that
-    # moment (before or after the pending move), both valid posterior samples
-    assert results[0]["alert"]["frame_index"] == results[1]["alert"]["frame_index"]
