@@ -13,7 +13,9 @@ frames; the stage keeps running between its rounds), so each ratio compares two 
 fraction of a second apart: on a shared machine the load changes between runs, and even within
 one. Reported: the median of the per-round ratios and their range, the median rates, and the ratio
 of the best rounds (what each side reaches when the machine leaves it alone).
-Peak memory per worker is VmHWM of each worker process. The per-frame breakdown is measured in
+Peak memory per worker is VmHWM of each worker process; CPU per frame of each thread kind
+(worker main thread, ZeroMQ I/O threads, this process as the streamer side) comes from
+/proc/<pid>/task/*/stat over the stage rounds (clock ticks of 10 ms, summed over hundreds of frames). The per-frame breakdown is measured in
 the one-thread child: `Integrator.integrate` (mask checks + pyFAI), the phase fraction, and
 decoding a frame message plus encoding the two result messages (no sockets).
 
@@ -157,6 +159,32 @@ class OneThreadBaseline:
         self.child.wait(30)
 
 
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_s(pids) -> dict[tuple[str, str], float]:
+    """CPU seconds (user + system) so far of the given processes' threads, keyed by (process role,
+    thread kind): 'main', 'ZeroMQ I/O' or 'other' (OpenMP threads...). Roles: 'worker' for pids
+    other than this process, 'streamer side' for this process."""
+    cpu: dict[tuple[str, str], float] = {}
+    for pid in pids:
+        role = "streamer side" if pid == os.getpid() else "worker"
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                name = (task / "comm").read_text().strip()
+            except OSError:
+                continue
+            kind = "main" if task.name == str(pid) else "ZeroMQ I/O" if name.startswith("ZMQbg/IO") else "other"
+            key = (role, kind)
+            cpu[key] = cpu.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+    return cpu
+
+
 class ReduceStage:
     """`beamkin reduce --workers N` fed by this process; one pass over the frames per round."""
 
@@ -175,6 +203,8 @@ class ReduceStage:
         self.dispatcher = FrameDispatcher(self.router, worker_timeout_s=60.0)
         self.dispatcher.starts[metadata["series_id"]] = start_message(metadata, gap_mask)
         self.messages = frame_messages(metadata, frames)
+        self.cpu_s: dict[tuple[str, str], float] = {}
+        self.frames_timed = 0
         try:
             while len([w for w in self.dispatcher.workers.values() if w.capacity]) < workers:  # all joined
                 if self.router.poll(200):
@@ -204,13 +234,27 @@ class ReduceStage:
 
     def round(self) -> float:
         """frames/s over the frames after the warm-up ones (the same frames as the baseline)."""
-        return (len(self.messages) - WARM_UP_FRAMES) / self._run(self.messages[WARM_UP_FRAMES:])
+        pids = [*self.worker_pids(), os.getpid()]
+        before = thread_cpu_s(pids)
+        rate = (len(self.messages) - WARM_UP_FRAMES) / self._run(self.messages[WARM_UP_FRAMES:])
+        for key, seconds in thread_cpu_s(pids).items():
+            self.cpu_s[key] = self.cpu_s.get(key, 0.0) + seconds - before.get(key, 0.0)
+        self.frames_timed += len(self.messages) - WARM_UP_FRAMES
+        return rate
+
+    def cpu_ms_per_frame(self) -> dict[tuple[str, str], float]:
+        """Mean CPU ms per frame of each (role, thread kind) over the rounds so far."""
+        order = {"worker": 0, "streamer side": 1, "main": 0, "ZeroMQ I/O": 1, "other": 2}
+        return {key: 1e3 * seconds / max(self.frames_timed, 1)
+                for key, seconds in sorted(self.cpu_s.items(), key=lambda item: (order[item[0][0]], order[item[0][1]]))}
+
+    def worker_pids(self) -> list[int]:
+        return [pid for pid in processes_with_environment("BEAMKIN_BENCH_RUN", self.marker)
+                if b"--worker-name" in Path(f"/proc/{pid}/cmdline").read_bytes() or self.workers == 1]
 
     def peak_memory_mib(self) -> list[float]:
-        pids = [pid for pid in processes_with_environment("BEAMKIN_BENCH_RUN", self.marker)
-                if b"--worker-name" in Path(f"/proc/{pid}/cmdline").read_bytes() or self.workers == 1]
         peaks = []
-        for pid in pids:
+        for pid in self.worker_pids():
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
                     peaks.append(int(line.split()[1]) / 1024)
@@ -244,6 +288,9 @@ def compare(label: str, baseline, stage: ReduceStage, rounds: int) -> tuple[floa
           f"{min(ratios):.2f}-{max(ratios):.2f}: {', '.join(f'{x:.2f}' for x in ratios)})\n"
           f"  best rounds {max(stage_rates):.1f} vs {max(bare_rates):.1f} frames/s = "
           f"{max(stage_rates) / max(bare_rates):.2f}; peak memory per worker {memory}")
+    cpu = stage.cpu_ms_per_frame()
+    print("  CPU per frame in the stage rounds: " + ", ".join(
+        f"{role} {kind} {ms:.2f} ms" for (role, kind), ms in cpu.items() if ms >= 0.005))
     return ratio, ratios
 
 
