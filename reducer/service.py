@@ -12,6 +12,9 @@ the streamer (which forgets the frame). The integrator is built once per series 
 from __future__ import annotations
 
 import collections
+import copy
+import hashlib
+import json
 import logging
 import os
 import socket
@@ -28,13 +31,44 @@ from beamkin.supervise import StageFailed, Supervisor, signal_ready
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
-SERIES_KEPT = 4  # integrators kept per worker (a new series evicts the oldest)
+SERIES_KEPT = 4  # series (and integrators) kept per worker (a new one evicts the oldest)
+#: [reducer] options an integrator depends on
+INTEGRATOR_OPTIONS = ("npt", "unit", "method", "polarization_factor", "poni_file", "mask_file")
+
+
+def integrator_key(start: protocol.Message, reducer_config: dict[str, Any]) -> str:
+    """What an integrator depends on: detector, geometry, mask and flat-field arrays, the
+    [reducer] options of the integration and the PONI / mask files (path, size, mtime)."""
+    digest = hashlib.sha1()
+    options = {key: reducer_config.get(key) for key in INTEGRATOR_OPTIONS}
+    files = {}
+    for key in ("poni_file", "mask_file"):
+        path = reducer_config.get(key) or (start["geometry"] or {}).get(key)
+        if path:
+            try:
+                stat = os.stat(path)
+                files[key] = (str(path), stat.st_size, stat.st_mtime_ns)
+            except OSError:
+                files[key] = (str(path), None, None)
+    digest.update(json.dumps({"detector": start["detector"], "geometry": start["geometry"], "options": options,
+                              "files": files}, sort_keys=True, default=str).encode())
+    for name in sorted(start.arrays):
+        array = np.ascontiguousarray(start.arrays[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
 
 
 class SeriesReduction:
-    """Everything a worker needs to reduce one series: the integrator and the fraction estimator."""
+    """Everything a worker needs to reduce one series: the integrator and the fraction estimator.
 
-    def __init__(self, start: protocol.Message, reducer_config: dict[str, Any]):
+    ``integrators`` (optional): integrators of earlier series by ``integrator_key``; a series
+    with the same detector, geometry, masks and options reuses one (a copy sharing pyFAI's CSR
+    matrix) instead of spending seconds building it again.
+    """
+
+    def __init__(self, start: protocol.Message, reducer_config: dict[str, Any],
+                 integrators: collections.OrderedDict | None = None):
         from reducer.fractions import PhaseFractionEstimator
         from reducer.integrate import Integrator
 
@@ -42,8 +76,20 @@ class SeriesReduction:
         self.kind = start["kind"]
         metadata = {**start.fields, **start.arrays}  # pixel_mask / flatfield when the detector sent them
         self.integrator = None
+        self.reused_integrator = False
         if self.kind == "image":  # npt, unit, method, poni_file, mask_file from [reducer]
-            self.integrator = Integrator.from_metadata(metadata, config=reducer_config)
+            key = integrator_key(start, reducer_config) if integrators is not None else None
+            if key is not None and key in integrators:
+                integrators.move_to_end(key)
+                self.integrator = copy.copy(integrators[key])
+                self.integrator.series_id = self.series_id
+                self.reused_integrator = True
+            else:
+                self.integrator = Integrator.from_metadata(metadata, config=reducer_config)
+                if key is not None:
+                    integrators[key] = self.integrator
+                    while len(integrators) > SERIES_KEPT:
+                        integrators.popitem(last=False)
         self.estimator = PhaseFractionEstimator.from_config(reducer_config, metadata)
 
     def reduce(self, frame: protocol.Message) -> tuple[protocol.Message, protocol.Message]:
@@ -107,6 +153,7 @@ class Worker:
         self.dealer.connect(config["endpoints"]["frames"])
         self.to_inference = sockets.pusher(self.context, config["endpoints"]["reduced"])
         self.series: collections.OrderedDict[str, SeriesReduction | Exception] = collections.OrderedDict()
+        self.integrators: collections.OrderedDict = collections.OrderedDict()  # by integrator_key
         self.frames_reduced = 0
         self.last_heartbeat = 0.0
 
@@ -119,8 +166,10 @@ class Worker:
         self.heartbeat(quiet_s=float(self.reducer_config["build_quiet_s"]))
         began = time.perf_counter()
         try:
-            self.series[series_id] = SeriesReduction(start, self.reducer_config)
-            log.info("integrator ready in %.2f s", time.perf_counter() - began, extra={"series_id": series_id})
+            reduction = self.series[series_id] = SeriesReduction(start, self.reducer_config, self.integrators)
+            log.info("integrator %s in %.2f s", "of an earlier series with the same geometry reused"
+                     if reduction.reused_integrator else "ready", time.perf_counter() - began,
+                     extra={"series_id": series_id})
         except Exception as exc:  # bad geometry etc.: every frame of the series gets flagged
             self.series[series_id] = exc
             log.error("cannot reduce series: %s", exc, extra={"series_id": series_id})

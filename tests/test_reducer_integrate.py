@@ -338,3 +338,39 @@ def test_float32_conversion_matches_numpy(dtype):
     out[:] = 0
     _to_float32(values, out)
     np.testing.assert_array_equal(out, values.astype(np.float32))
+
+
+def test_a_series_with_the_same_geometry_reuses_the_integrator():
+    """A worker keeps the integrators of earlier series: a new series with the same detector,
+    geometry and options reuses one (no CSR rebuild) and gives the same pattern; a changed
+    distance or a changed pixel mask builds a new one."""
+    import collections
+
+    from beamkin import config as configuration
+    from beamkin import protocol
+    from reducer.service import SeriesReduction
+    from streamer.synthetic import SyntheticPowderDetector, default_metadata
+
+    reducer_config = configuration.defaults()["reducer"]
+    integrators = collections.OrderedDict()
+    first_md = default_metadata(series_id="s1")
+    first = SeriesReduction(protocol.make("start", source="test", **first_md), reducer_config, integrators)
+    same = SeriesReduction(protocol.make("start", source="test", **default_metadata(series_id="s2")),
+                           reducer_config, integrators)
+    assert not first.reused_integrator and same.reused_integrator
+    assert same.integrator.series_id == "s2" and first.integrator.series_id == "s1"
+    image = SyntheticPowderDetector(first_md, seed=4).image(0.3, 0.3)
+    a, b = first.integrator.integrate(image), same.integrator.integrate(image)
+    np.testing.assert_array_equal(a.intensity, b.intensity)
+    np.testing.assert_array_equal(a.sigma, b.sigma)
+
+    moved_md = default_metadata(series_id="s3")
+    moved_md["geometry"]["distance_m"] = 0.65
+    moved = SeriesReduction(protocol.make("start", source="test", **moved_md), reducer_config, integrators)
+    assert not moved.reused_integrator
+    mask = np.zeros(tuple(first_md["detector"]["shape"]), np.uint32)
+    mask[10:20, 10:20] = 1
+    masked = SeriesReduction(protocol.make("start", {"pixel_mask": mask}, source="test",
+                                           **default_metadata(series_id="s4")), reducer_config, integrators)
+    assert not masked.reused_integrator
+    assert len(integrators) == 3
