@@ -53,6 +53,20 @@ _OPT_NUMBER = (int, float, type(None))
 
 #: Header fields of each message type (beyond protocol/version/type/arrays).
 #: Optional fields may also be absent. Arrays listed as required must be attached.
+#: fields of a posterior and of its immediate estimate
+_POSTERIOR_FIELDS = (
+    _f("series_id", str),
+    _f("frame_index", int),
+    _f("time_s", *_NUMBER),
+    _f("onset_probability", *_NUMBER),
+    _f("leading_model", str),
+    _f("models", dict),
+    _f("model_averaged", dict),
+    _f("histograms", dict, required=False),
+    _f("predictive", dict, required=False),
+    _f("diagnostics", dict, required=False),
+)
+
 MESSAGE_FIELDS: dict[str, tuple[FieldSpec, ...]] = {
     # series lifecycle (streamer -> reducers, inference, recorder)
     "start": (
@@ -99,32 +113,9 @@ MESSAGE_FIELDS: dict[str, tuple[FieldSpec, ...]] = {
         _f("received_unix_s", *_NUMBER, required=False),
     ),
     # inference results (inference PUB)
-    "posterior": (
-        _f("series_id", str),
-        _f("frame_index", int),
-        _f("time_s", *_NUMBER),
-        _f("onset_probability", *_NUMBER),
-        _f("leading_model", str),
-        _f("models", dict),
-        _f("model_averaged", dict),
-        _f("histograms", dict, required=False),
-        _f("predictive", dict, required=False),
-        _f("diagnostics", dict, required=False),
-        _f("priors", dict, required=False),
-    ),
+    "posterior": _POSTERIOR_FIELDS + (_f("priors", dict, required=False),),
     # the immediate estimate of the same posterior (inference.live), before the exact one
-    "estimate": (
-        _f("series_id", str),
-        _f("frame_index", int),
-        _f("time_s", *_NUMBER),
-        _f("onset_probability", *_NUMBER),
-        _f("leading_model", str),
-        _f("models", dict),
-        _f("model_averaged", dict),
-        _f("histograms", dict, required=False),
-        _f("predictive", dict, required=False),
-        _f("diagnostics", dict, required=False),
-    ),
+    "estimate": _POSTERIOR_FIELDS,
     "alert": (
         _f("series_id", str),
         _f("frame_index", int),
