@@ -437,7 +437,9 @@ class Integrator:
         raise ReductionError(f"unsupported frame dtype {image.dtype} (need an integer or float image)")
 
     def _float32_buffer(self) -> np.ndarray:
-        """The frame-sized float32 buffer _prepare converts integer frames into (one per series)."""
+        """The frame-sized float32 buffer _prepare converts integer frames into. Shallow copies
+        (reducer.service reuses an integrator for later series) share it, which is safe because a
+        worker integrates one frame at a time and pyFAI keeps no reference to it."""
         if getattr(self, "_float32", None) is None:
             self._float32 = np.empty(int(np.prod(self.shape)), dtype=np.float32)
         return self._float32
