@@ -271,8 +271,10 @@ class PayloadBuilder:
             mean = float(sum(pm * s["mean"] for pm, (s, _, _) in zip(p, parts)))
             second = float(sum(pm * (s["sd"] ** 2 + s["mean"] ** 2) for pm, (s, _, _) in zip(p, parts)))
             quantiles = np.empty(len(QUANTILES))
-            mixture_quantiles(np.stack([v for _, v, _ in parts]), np.stack([c for _, _, c in parts]), p, _QS,
-                              quantiles)
+            # the sorted values of the models change only when their particles do: stack once
+            stacked = self.cache.get(("stacked", param, tuple(active)), tuple(views[m].version for m in active),
+                                     lambda: np.stack([v for _, v, _ in parts]))
+            mixture_quantiles(stacked, np.stack([c for _, _, c in parts]), p, _QS, quantiles)
             out[param] = {"mean": mean, "sd": math.sqrt(max(second - mean * mean, 0.0)),
                           "q05": float(quantiles[0]), "q50": float(quantiles[1]), "q95": float(quantiles[2])}
         return out
