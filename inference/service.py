@@ -233,6 +233,9 @@ class InferenceStage:
     def _assimilate(self, series: SeriesInference, fraction: protocol.Message) -> None:
         extra = {"series_id": series.series_id, "frame_index": fraction["frame_index"]}
         self.publish(fraction)
+        if series.finished:  # its sampler failed: the data are still published (and recorded)
+            series.counters["frames_after_failure"] += 1
+            return
         if fraction["status"] != "ok" or fraction["alpha"] is None:
             series.counters["frames_flagged"] += 1
             log.warning("flagged frame not used by the sampler: %s", fraction["reason"], extra=extra)

@@ -82,3 +82,48 @@ def test_shuffled_frames_are_assimilated_in_order_and_gaps_and_garbage_reported(
     t0 = result["model_averaged"]["t0"]
     assert abs(t0["mean"] - 7.4461) < 3 * t0["sd"]
     assert stage.poll() is None, "the stage must keep running after bad input"
+
+
+def test_a_failing_sampler_aborts_its_series_and_keeps_the_stage_and_the_data():
+    """The exact sampler of a series fails at frame 3: the posteriors before it are published,
+    the series ends once with reason "aborted" and a status naming the error, and the later
+    fractions are still published (recorded), not lost."""
+    import threading
+
+    from beamkin import config as configuration
+    from inference.service import InferenceStage
+
+    config = configuration.defaults()
+    config["inference"].update(particles=128, models=["F1"], reorder_window=8)
+    stage = InferenceStage(config, publisher=None, stop=threading.Event())
+    published = []
+    stage.publish = published.append
+    start = protocol.make("start", source="test", series_id="bad", kind="profile", detector={}, geometry={},
+                          frame_time_s=FRAME_TIME_S, exposure_s=EXPOSURE_S, n_frames=8, gas_time_s=None)
+    stage.handle(start)
+    engine = stage.series["bad"].live.engine
+    original = engine.update
+
+    def failing_update(frame_index, *args):
+        if frame_index == 3:
+            raise FloatingPointError("all particles have zero likelihood")
+        return original(frame_index, *args)
+
+    engine.update = failing_update
+    for j in range(8):
+        stage.handle(protocol.make("fraction", series_id="bad", frame_index=j, time_s=(j + 0.5) * FRAME_TIME_S,
+                                   exposure_s=EXPOSURE_S, alpha=0.0, sigma_alpha=0.02, status="ok", reason=None))
+        while stage.work:
+            stage.process_one()
+        deadline = time.monotonic() + 30
+        while not stage.series["bad"].live.caught_up and time.monotonic() < deadline:
+            time.sleep(0.005)
+        stage.poll_exact()
+    kinds = [(m.type, m.get("frame_index")) for m in published]
+    assert [i for t, i in kinds if t == "posterior"] == [0, 1, 2]
+    assert [i for t, i in kinds if t == "fraction"] == list(range(8))
+    ends = [m for m in published if m.type == "end"]
+    assert len(ends) == 1 and ends[0]["reason"] == "aborted"
+    status = [m for m in published if m.type == "status" and "error" in m["counters"]]
+    assert "all particles have zero likelihood" in status[0]["counters"]["error"]
+    assert stage.finished_series == 1 and stage.series["bad"].counters["frames_after_failure"] >= 3
