@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from inference import likelihood as lk  # noqa: E402
-from inference.live import LiveInference, tune_garbage_collector  # noqa: E402
+from inference.live import LiveInference, tune_interpreter_for_latency  # noqa: E402
 from inference.models import MODEL_NAMES, alpha_numpy, model_code  # noqa: E402
 from inference.priors import Priors  # noqa: E402
 from inference.smc import OnlineInference  # noqa: E402
@@ -81,7 +81,7 @@ def latency(n_frames: int, n_particles: int, parallel: bool, speed: float, light
     engine = OnlineInference(models=MODEL_NAMES, priors=Priors.for_series(t_end), n_particles=n_particles,
                              seed=0, parallel=parallel, histogram_bins=120, light_probability=light_probability)
     engine.warm_up()
-    tune_garbage_collector()  # as the inference stage does
+    tune_interpreter_for_latency()  # as the inference stage does
     live = LiveInference(engine)
     lat = np.empty(n_frames)
     behind = np.empty(n_frames, dtype=int)

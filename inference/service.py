@@ -336,9 +336,9 @@ def run_inference(config: dict[str, Any], stop: threading.Event) -> int:
     sockets.bind(pull, endpoints["reduced"])
     pub = sockets.publisher(context, endpoints["results"])
     warm_up(config["inference"])
-    from inference.live import tune_garbage_collector
+    from inference.live import tune_interpreter_for_latency
 
-    tune_garbage_collector()
+    tune_interpreter_for_latency()
     stage = InferenceStage(config, pub, stop)
     log.info("inference listening on %s, publishing on %s", endpoints["reduced"], endpoints["results"])
     signal_ready()
