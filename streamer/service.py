@@ -39,6 +39,7 @@ class WorkerState:
     last_seen: float = field(default_factory=time.monotonic)
     quiet_s: float = 0.0  # announced silence (building an integrator) on top of the timeout
     in_flight: dict[tuple[str, int], protocol.Message] = field(default_factory=dict)
+    last_dispatch: int = 0  # dispatch sequence number of the last frame it was given
     series_started: set[str] = field(default_factory=set)
 
 
@@ -95,12 +96,14 @@ class FrameDispatcher:
 
     # -- dispatch ----------------------------------------------------------------------
     def dispatch(self) -> None:
-        """Send pending frames to workers below capacity, the least loaded first."""
+        """Send pending frames to workers below capacity, the least loaded first and, among
+        equally loaded ones, the one served least recently (so every worker takes part and has
+        the series' integrator built early, not only when the others are busy)."""
         while self.pending:
             ready = [w for w in self.workers.values() if len(w.in_flight) < w.capacity]
             if not ready:
                 return
-            worker = min(ready, key=lambda w: len(w.in_flight) / w.capacity)
+            worker = min(ready, key=lambda w: (len(w.in_flight) / w.capacity, w.last_dispatch))
             frame = self.pending.popleft()
             series_id = frame["series_id"]
             try:
@@ -114,6 +117,7 @@ class FrameDispatcher:
                 continue
             worker.in_flight[(series_id, frame["frame_index"])] = frame
             self.counters["frames_dispatched"] += 1
+            worker.last_dispatch = self.counters["frames_dispatched"]
 
     @property
     def in_flight(self) -> int:
