@@ -20,7 +20,10 @@ The onset alert is decided on the estimates, so that it comes with the frame tha
 onset rather than when the sampler's moves have caught up.
 
 The Numba kernels release the GIL (``nogil=True``); the worker thread is the only caller of
-the parallel kernels (if any), the estimate uses the serial ones.
+the parallel kernels (if any), the estimate uses the serial ones.  Parallel kernels must not
+run in two threads at once (Numba's workqueue layer aborts), so at most one LiveInference
+per process may hold an engine built with ``parallel=True``; the inference stage builds
+serial engines only.
 """
 
 from __future__ import annotations
