@@ -508,7 +508,7 @@ class OnlineInference:
         alert = self.payload_builder.alert(self.views(), probs, int(frame_index), float(time_s), onset,
                                            self.gas_time_s)
         self._alert_payload = alert
-        logger.info("onset alert", extra={"series_id": self.series_id, "frame_index": int(frame_index),
+        logger.debug("onset alert rule fired", extra={"series_id": self.series_id, "frame_index": int(frame_index),
                                           "t0_mean": alert["t0"]["mean"], "leading_model": alert["leading_model"]})
         return alert
 
