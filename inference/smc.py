@@ -508,8 +508,9 @@ class OnlineInference:
         alert = self.payload_builder.alert(self.views(), probs, int(frame_index), float(time_s), onset,
                                            self.gas_time_s)
         self._alert_payload = alert
-        logger.debug("onset alert rule fired", extra={"series_id": self.series_id, "frame_index": int(frame_index),
-                                          "t0_mean": alert["t0"]["mean"], "leading_model": alert["leading_model"]})
+        logger.debug("onset alert rule fired", extra={
+            "series_id": self.series_id, "frame_index": int(frame_index), "t0_mean": alert["t0"]["mean"],
+            "leading_model": alert["leading_model"]})
         return alert
 
     def onset_probability(self, time_s: float, probs: dict[str, float] | None = None) -> float:
