@@ -111,6 +111,9 @@ class LiveInference:
         self._snapshot = _Snapshot(0, engine.views(), 0)  # the worker's newest
         self._base = self._snapshot  # the one the latest estimate was reweighted from
         self.builder.warm(self._snapshot.views)
+        # one payload from the prior particles, discarded: the first frame's estimate then finds
+        # every code path of the payload run once (first calls cost several ms)
+        self.builder.build(self._snapshot.views, -1, 0.0, 0.0, 0, None)
         self._candidate: _Snapshot | None = None  # a newer snapshot being prepared as the next base
         self._candidate_sums: dict[str, tuple[int, np.ndarray]] = {}
         # per model: (snapshot serial, frames [m, upto) summed) -> log likelihood of those frames
@@ -120,7 +123,9 @@ class LiveInference:
         self._submitted = 0
         self._assimilated = 0
         self._error: BaseException | None = None
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(ESTIMATE_THREADS, thread_name_prefix="estimate")
+        for future in [self._pool.submit(time.sleep, 0.001) for _ in range(ESTIMATE_THREADS)]:
+            future.result()  # start the threads now, not on the first frame
         self._thread = threading.Thread(target=self._run, name=f"exact-sampler-{engine.series_id}", daemon=True)
         self._thread.start()
 
@@ -244,7 +249,7 @@ class LiveInference:
         """Every model's view reweighted by frames [snapshot.n_frames, upto), the models shared
         out to ``ESTIMATE_THREADS`` threads (the kernel releases the GIL)."""
         if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(ESTIMATE_THREADS, thread_name_prefix="estimate")
+            raise RuntimeError(f"live inference of series {self.engine.series_id} is closed")
         futures = {name: self._pool.submit(self._reweighted, view, snapshot, upto)
                    for name, view in snapshot.views.items()}
         return {name: future.result() for name, future in futures.items()}
