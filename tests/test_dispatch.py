@@ -45,7 +45,8 @@ def test_idle_workers_take_frames_in_turn():
             protocol.send(dealer, protocol.make("done", worker=worker.name, series_id="s", frame_index=index))
             assert router.poll(5000)
             dispatcher.handle_worker_message()
-        assert served == ["w1", "w2", "w1", "w2", "w1", "w2"]
+        # whichever worker's ready message came first, the two alternate
+        assert set(served[:2]) == {"w1", "w2"} and served == served[:2] * 3
         assert dispatcher.counters["frames_done"] == 6
     finally:
         for dealer in dealers.values():
