@@ -17,6 +17,7 @@ class OnsetAlert:
     run_length: int = 0
     fired_frame_index: int | None = None
     fired_time_s: float | None = None
+    content: dict | None = None  # what the alert said, set by the caller when it fires
 
     def __post_init__(self):
         if not 0.0 < self.threshold <= 1.0:
@@ -40,3 +41,11 @@ class OnsetAlert:
             self.fired_time_s = float(time_s)
             return True
         return False
+
+    def summary(self) -> dict:
+        """The alert part of a result: time (s) and frame (None when it never fired) and, once
+        it fired, what it said (t0, leading model, ...)."""
+        out = {"time": self.fired_time_s, "frame_index": self.fired_frame_index}
+        if self.content is not None:
+            out.update({k: v for k, v in self.content.items() if k not in ("time_s", "frame_index")})
+        return out

@@ -106,8 +106,6 @@ class LiveInference:
         self.history = FrameHistory()  # the caller's copy of the frames, validated on arrival
         self.builder = PayloadBuilder(**engine.payload_settings, cache=engine.payload_builder.cache)
         self.alert = OnsetAlert(engine.alert.threshold, engine.alert.consecutive)
-        self.alert_payload: dict | None = None
-        self._kind = lk.NOISE_NORMAL if engine.noise == "normal" else lk.NOISE_STUDENT
         self._snapshot = _Snapshot(0, engine.views(), 0)  # the worker's newest
         self._base = self._snapshot  # the one the latest estimate was reweighted from
         self.builder.warm(self._snapshot.views)
@@ -198,11 +196,11 @@ class LiveInference:
         onset = PayloadBuilder.onset_probability(views, probs, readout_s)
         alert = None
         if self.alert.observe(int(frame_index), float(time_s), onset):
-            alert = self.alert_payload = self.builder.alert(views, probs, int(frame_index), float(time_s), onset,
+            alert = self.alert.content = self.builder.alert(views, probs, int(frame_index), float(time_s), onset,
                                                             self.engine.gas_time_s)
             log.info("onset alert", extra={"series_id": self.engine.series_id, "frame_index": int(frame_index),
                                            "t0_mean": alert["t0"]["mean"], "leading_model": alert["leading_model"]})
-        payload = self.builder.build(views, int(frame_index), float(time_s), readout_s, j + 1, alert)
+        payload = self.builder.build(views, int(frame_index), float(time_s), readout_s, j + 1, alert, probs, onset)
         payload["diagnostics"] = {"frames_behind": j + 1 - snapshot.n_frames}
         return payload
 
@@ -236,8 +234,8 @@ class LiveInference:
             upto = min(done + max_frames, h.m)
             if upto > done:
                 scratch = np.empty_like(ll) if scratch is None else scratch
-                lk.reweight_frames(view.code, view.theta, done, upto, h.t_lo, h.t_hi, h.y, h.sig2, self._kind,
-                                   self.engine.student_nu, ll, view.logw, scratch)
+                lk.reweight_frames(view.code, view.theta, done, upto, h.t_lo, h.t_hi, h.y, h.sig2,
+                                   self.engine.noise_kind, self.engine.student_nu, ll, view.logw, scratch)
                 self._candidate_sums[name] = (upto, ll)
         if all(done == h.m for done, _ in self._candidate_sums.values()):
             self.builder.warm(candidate.views)
@@ -264,8 +262,8 @@ class LiveInference:
             done, ll = m, np.zeros(view.theta.shape[0])
         h = self.history
         logw = np.empty_like(ll)
-        inc = lk.reweight_frames(view.code, view.theta, done, upto, h.t_lo, h.t_hi, h.y, h.sig2, self._kind,
-                                 self.engine.student_nu, ll, view.logw, logw)
+        inc = lk.reweight_frames(view.code, view.theta, done, upto, h.t_lo, h.t_hi, h.y, h.sig2,
+                                 self.engine.noise_kind, self.engine.student_nu, ll, view.logw, logw)
         self._pending[view.name] = (snapshot.serial, upto, ll)
         if not math.isfinite(inc):  # no particle explains the new frames: the model is ruled out
             return dataclasses.replace(view, log_evidence=-math.inf,
@@ -279,10 +277,7 @@ class LiveInference:
             raise RuntimeError("result() before the exact sampler has caught up")
         self.close()
         result = self.engine.result()
-        alert = {"time": self.alert.fired_time_s, "frame_index": self.alert.fired_frame_index}
-        if self.alert_payload is not None:
-            alert.update({k: v for k, v in self.alert_payload.items() if k not in ("time_s", "frame_index")})
-        result["alert"] = alert
+        result["alert"] = self.alert.summary()
         return result
 
     def close(self) -> None:

@@ -336,9 +336,10 @@ class PayloadBuilder:
         return {"time_s": times.tolist(), "leading": bands(lead), "model_averaged": bands(mix)}
 
     def build(self, views: dict, frame_index: int, time_s: float, readout_s: float, n_frames: int,
-              alert: dict | None) -> dict:
-        """The payload of one frame (``readout_s``: end of its exposure, "now" for the onset)."""
-        probs = self.probabilities(views)
+              alert: dict | None, probs: dict[str, float] | None = None, onset: float | None = None) -> dict:
+        """The payload of one frame (``readout_s``: end of its exposure, "now" for the onset);
+        ``probs`` and ``onset`` when the caller has computed them already (for the alert rule)."""
+        probs = probs if probs is not None else self.probabilities(views)
         leading = max(probs, key=probs.get)
         memo: dict = {}
         models = {}
@@ -358,7 +359,7 @@ class PayloadBuilder:
             "frame_index": frame_index,
             "time_s": time_s,
             "n_frames": n_frames,
-            "onset_probability": self.onset_probability(views, probs, readout_s),
+            "onset_probability": onset if onset is not None else self.onset_probability(views, probs, readout_s),
             "leading_model": leading,
             "models": models,
             "model_averaged": self.model_averaged(views, probs, memo=memo),

@@ -227,8 +227,7 @@ class ModelSampler:
     # ------------------------------------------------------------------ IBIS step
     @property
     def weights(self) -> np.ndarray:
-        w = np.exp(self.logw - np.max(self.logw))
-        return w / w.sum()
+        return self.view().weights
 
     def ess(self) -> float:
         return math.exp(_log_ess(self.logw))
@@ -411,7 +410,8 @@ class OnlineInference:
             raise ValueError(f"light_probability must be in [0, 1), got {light_probability}")
         self.light_probability = float(light_probability)
         self.history = FrameHistory()
-        kind = lk.NOISE_NORMAL if noise == "normal" else lk.NOISE_STUDENT
+        #: the likelihood kernels' noise code
+        self.noise_kind = kind = lk.NOISE_NORMAL if noise == "normal" else lk.NOISE_STUDENT
         seeds = np.random.SeedSequence(self.seed).spawn(len(MODEL_NAMES))
         self.samplers = {
             name: ModelSampler(name, priors, self.n_particles,
@@ -421,7 +421,6 @@ class OnlineInference:
             for name in models
         }
         self.alert = OnsetAlert(alert_threshold, alert_consecutive)
-        self._alert_payload: dict | None = None
         if "k" in priors.fixed:
             k_lo, k_hi = 0.5 * priors.fixed["k"], 2.0 * priors.fixed["k"]
         else:
@@ -507,7 +506,7 @@ class OnlineInference:
             return None
         alert = self.payload_builder.alert(self.views(), probs, int(frame_index), float(time_s), onset,
                                            self.gas_time_s)
-        self._alert_payload = alert
+        self.alert.content = alert
         logger.debug("onset alert rule fired", extra={
             "series_id": self.series_id, "frame_index": int(frame_index), "t0_mean": alert["t0"]["mean"],
             "leading_model": alert["leading_model"]})
@@ -526,14 +525,11 @@ class OnlineInference:
         for name, view in views.items():
             models[name] = {"log_evidence": float(view.log_evidence), "probability": probs[name],
                             "params": builder.summaries(view), "diagnostics": {**view.diagnostics, "ess": view.ess}}
-        alert = {"time": self.alert.fired_time_s, "frame_index": self.alert.fired_frame_index}
-        if self._alert_payload is not None:
-            alert.update({k: v for k, v in self._alert_payload.items() if k not in ("time_s", "frame_index")})
         return {
             "models": models,
             "leading_model": max(probs, key=probs.get),
             "model_averaged": builder.model_averaged(views, probs),
-            "alert": alert,
+            "alert": self.alert.summary(),
             "priors": self.priors.to_dict(),
             "n_frames": self.n_frames,
             "settings": {"n_particles": self.n_particles, "seed": self.seed, "noise": self.noise,
