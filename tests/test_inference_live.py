@@ -25,6 +25,25 @@ def engine(n_particles=512, seed=3):
                            seed=seed)
 
 
+def before_each_update(sampler, hook):
+    """Make the exact sampler call ``hook(frame_index)`` before each update: a slow or a failing
+    sampler, whatever the machine."""
+    original = sampler.update
+
+    def update(frame_index, *args):
+        hook(frame_index)
+        return original(frame_index, *args)
+
+    sampler.update = update
+
+
+def fail_at(failing_frame):
+    def hook(frame_index):
+        if frame_index == failing_frame:
+            raise FloatingPointError("all particles have zero likelihood")
+    return hook
+
+
 def wait_caught_up(live, timeout_s=120.0):
     deadline = time.monotonic() + timeout_s
     while not live.caught_up:
@@ -69,13 +88,7 @@ def test_final_result_does_not_depend_on_how_far_the_sampler_lagged():
     result of the same sampler run offline: same seed, same numbers."""
     t, y = series()
     sampler = engine()
-    original = sampler.update
-
-    def slow_update(*args):  # a slow exact sampler, whatever the machine's speed
-        time.sleep(0.02)
-        return original(*args)
-
-    sampler.update = slow_update
+    before_each_update(sampler, lambda frame_index: time.sleep(0.02))
     live = LiveInference(sampler)
     behind = []
     exact = []
@@ -122,14 +135,7 @@ def test_bad_frame_is_rejected_before_it_reaches_the_sampler():
 def test_a_failure_of_the_exact_sampler_is_raised_with_the_series():
     sampler = engine(n_particles=128)
     sampler.series_id = "series-7"
-    original = sampler.update
-
-    def failing_update(frame_index, *args):
-        if frame_index == 2:
-            raise FloatingPointError("all particles have zero likelihood")
-        return original(frame_index, *args)
-
-    sampler.update = failing_update
+    before_each_update(sampler, fail_at(2))
     live = LiveInference(sampler)
     for j in range(3):
         live.submit(j, 0.5 + j * FRAME_S, 0.3, 0.0, 0.02)

@@ -92,6 +92,7 @@ def test_a_failing_sampler_aborts_its_series_and_keeps_the_stage_and_the_data():
 
     from beamkin import config as configuration
     from inference.service import InferenceStage
+    from tests.test_inference_live import before_each_update, fail_at, wait_caught_up
 
     config = configuration.defaults()
     config["inference"].update(particles=128, models=["F1"], reorder_window=8)
@@ -101,23 +102,14 @@ def test_a_failing_sampler_aborts_its_series_and_keeps_the_stage_and_the_data():
     start = protocol.make("start", source="test", series_id="bad", kind="profile", detector={}, geometry={},
                           frame_time_s=FRAME_TIME_S, exposure_s=EXPOSURE_S, n_frames=8, gas_time_s=None)
     stage.handle(start)
-    engine = stage.series["bad"].live.engine
-    original = engine.update
-
-    def failing_update(frame_index, *args):
-        if frame_index == 3:
-            raise FloatingPointError("all particles have zero likelihood")
-        return original(frame_index, *args)
-
-    engine.update = failing_update
+    live = stage.series["bad"].live
+    before_each_update(live.engine, fail_at(3))
     for j in range(8):
         stage.handle(protocol.make("fraction", series_id="bad", frame_index=j, time_s=(j + 0.5) * FRAME_TIME_S,
                                    exposure_s=EXPOSURE_S, alpha=0.0, sigma_alpha=0.02, status="ok", reason=None))
         while stage.work:
             stage.process_one()
-        deadline = time.monotonic() + 30
-        while not stage.series["bad"].live.caught_up and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_caught_up(live, 30.0)
         stage.poll_exact()
     kinds = [(m.type, m.get("frame_index")) for m in published]
     assert [i for t, i in kinds if t == "posterior"] == [0, 1, 2]
