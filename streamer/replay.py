@@ -73,18 +73,26 @@ class _Progress:
               file=sys.stderr, flush=True)
 
 
-class RecordingReplay:
+class _FileReplay:
+    """What every replay source takes: the file, its source spec, the pace (``speed``: times
+    the original pace, 0 = as fast as possible), progress lines on stderr, counters."""
+
+    def __init__(self, path: str | Path, options: Mapping[str, Any] | None = None, *, spec: str | None = None) -> None:
+        self.options = dict(options or {})
+        self.path = Path(path)
+        self.spec = spec or f"replay:{path}"
+        self.speed = float(self.options.get("speed", 1.0))
+        self.progress = bool(self.options.get("progress", True))
+        self.counters: Counter = Counter()
+
+
+class RecordingReplay(_FileReplay):
     """Source re-emitting a beamkin recording (see module doc)."""
 
     def __init__(self, path: str | Path, options: Mapping[str, Any] | None = None, *, spec: str | None = None) -> None:
-        options = dict(options or {})
-        self.path = Path(path)
-        self.spec = spec or f"replay:{path}"
-        self.speed = float(options.get("speed", 1.0))
-        types = options.get("types", DEFAULT_TYPES)
+        super().__init__(path, options, spec=spec)
+        types = self.options.get("types", DEFAULT_TYPES)
         self.types = None if types == "all" else tuple(types)
-        self.progress = bool(options.get("progress", True))
-        self.counters: Counter = Counter()
 
     def messages(self, stop_event: threading.Event) -> Iterator[Message]:
         pacer = _Pacer(self.speed, stop_event)
@@ -124,17 +132,12 @@ class RecordingReplay:
         progress.update(emitted, force=True)
 
 
-class EigerMasterReplay:
+class EigerMasterReplay(_FileReplay):
     """Source emitting an EIGER HDF5 master file's frames as one series (see module doc)."""
 
     def __init__(self, path: str | Path, options: Mapping[str, Any] | None = None, *, spec: str | None = None) -> None:
-        options = dict(options or {})
-        self.path = Path(path)
-        self.spec = spec or f"replay:{path}"
-        self.speed = float(options.get("speed", 1.0))
-        self.gas_time_s = options.get("gas_time_s")
-        self.progress = bool(options.get("progress", True))
-        self.counters: Counter = Counter()
+        super().__init__(path, options, spec=spec)
+        self.gas_time_s = self.options.get("gas_time_s")
 
     def messages(self, stop_event: threading.Event) -> Iterator[Message]:
         assembler = SeriesAssembler(self.spec, self.counters)
