@@ -210,14 +210,14 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser(analyze_arguments: bool = True) -> argparse.ArgumentParser:
     """The command-line parser; ``analyze_arguments=False`` leaves out the options of
     ``analyze`` (and their imports) when another command is run."""
-    parser = argparse.ArgumentParser(prog="beamkin", description=__doc__,
+    parser = argparse.ArgumentParser(prog="beamkin", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     runners = {"simulate": _run_simulate, "stream": _run_stream, "reduce": _run_reduce,
                "infer": _run_infer, "dashboard": _run_dashboard, "record": _run_record}
     for name, (help_text, sections) in STAGES.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = commands.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         configuration.add_arguments(sub, sections + ("logging",))
         sub.add_argument("--resolved-config", help=argparse.SUPPRESS)
         if name == "reduce":
@@ -228,7 +228,7 @@ def build_parser(analyze_arguments: bool = True) -> argparse.ArgumentParser:
             sub.add_argument("--worker-name", help=argparse.SUPPRESS)
         sub.set_defaults(func=_stage_main(name, runners[name]))
 
-    run = commands.add_parser("run", help="run the whole pipeline on a source")
+    run = commands.add_parser("run", help="run the whole pipeline on a source", allow_abbrev=False)
     configuration.add_arguments(run)
     run.add_argument("--source", help="dectris2:tcp://HOST:PORT, dectris1:tcp://HOST:PORT, files:FOLDER, replay:FILE or simulate")
     run.add_argument("--once", action="store_true", help="stop at the end of the first series")
@@ -236,7 +236,8 @@ def build_parser(analyze_arguments: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--json", metavar="FILE", help="write the final result of the series as JSON")
     run.set_defaults(func=_run)
 
-    demo = commands.add_parser("demo", help="the whole pipeline on the built-in simulated experiment, with the dashboard")
+    demo = commands.add_parser("demo", help="the whole pipeline on the built-in simulated experiment, with the dashboard",
+                               allow_abbrev=False)
     configuration.add_arguments(demo)
     demo.add_argument("--speed", type=float, help="run X times faster than real time (0 = as fast as possible)")
     demo.add_argument("--once", action="store_true", help="exit when the series ends")
@@ -259,8 +260,16 @@ def _replay(args: argparse.Namespace) -> int:
     return _supervised(config, with_simulator=False, once=True)
 
 
+def _offline_config(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """Configuration of an offline command (defaults < --config < options), logging set up."""
+    config = configuration.from_arguments(args)
+    logs.configure(name, config["logging"]["level"], config["logging"]["format"])
+    return config
+
+
 def _export(args: argparse.Namespace) -> int:
     from streamer.export import export_csv
+    _offline_config(args, "export")
     for path in export_csv(args.recording, args.csv):
         print(path)
     return 0
@@ -270,6 +279,7 @@ def _report(args: argparse.Namespace) -> int:
     from dashboards.report import ReportInputError, build_report, load_analysis_json
     from streamer.recorder import is_recording, read_messages
 
+    _offline_config(args, "report")
     try:
         if is_recording(args.input):
             messages = (message for _, message in read_messages(args.input))
@@ -283,20 +293,24 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _add_offline_commands(commands, analyze_arguments: bool = True) -> None:
-    offline = commands.add_parser("analyze", help="offline Bayesian analysis of phase fractions (CSV or recording)")
+    offline = commands.add_parser("analyze", help="offline Bayesian analysis of phase fractions (CSV or recording)",
+                                  allow_abbrev=False)
     if analyze_arguments:  # imports numba and scipy (~0.5 s): only when the command may be analyze
         from inference import analyze
 
         analyze.add_arguments(offline)
         offline.set_defaults(func=analyze.main)
 
-    report = commands.add_parser("report", help="self-contained HTML report of a recording or an analyze --json result")
+    report = commands.add_parser("report", help="self-contained HTML report of a recording or an analyze --json result",
+                                 allow_abbrev=False)
+    configuration.add_arguments(report, ("logging",))
     report.add_argument("input", help="beamkin recording (.h5) or the JSON written by --json")
     report.add_argument("--out", metavar="DIR", required=True, help="folder for report.html")
     report.add_argument("--data", metavar="CSV", help="with a JSON result: the data it was fitted to")
     report.set_defaults(func=_report)
 
-    replay = commands.add_parser("replay", help="run the pipeline on a recording, an EIGER master file or a folder of frames")
+    replay = commands.add_parser("replay", help="run the pipeline on a recording, an EIGER master file or a folder of frames",
+                                 allow_abbrev=False)
     configuration.add_arguments(replay)
     replay.add_argument("file", help="beamkin recording (.h5), EIGER HDF5 master file, or a folder of frames / profiles")
     replay.add_argument("--speed", type=float, default=1.0,
@@ -305,7 +319,9 @@ def _add_offline_commands(commands, analyze_arguments: bool = True) -> None:
     replay.add_argument("--record", metavar="FILE", help="record the re-analysis to this HDF5 file")
     replay.set_defaults(func=_replay)
 
-    export = commands.add_parser("export", help="write a recording's patterns, fractions and posteriors as CSV")
+    export = commands.add_parser("export", help="write a recording's patterns, fractions and posteriors as CSV",
+                                 allow_abbrev=False)
+    configuration.add_arguments(export, ("logging",))
     export.add_argument("recording")
     export.add_argument("--csv", metavar="DIR", required=True, help="output folder")
     export.set_defaults(func=_export)
@@ -314,7 +330,14 @@ def _add_offline_commands(commands, analyze_arguments: bool = True) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(analyze_arguments="analyze" in argv or not argv or argv[0].startswith("-"))
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    for token in unknown:
+        error = configuration.suggest_option(token)
+        if error is not None:
+            print(f"beamkin: configuration error: {error}", file=sys.stderr)
+            return 2
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
     except configuration.ConfigError as exc:

@@ -5,12 +5,23 @@ Resolution order (later wins): ``beamkin/defaults.toml`` < the user's ``--config
 read as TOML literals (``--inference.particles 2048``, ``--inference.models '["F1","A2"]'``);
 anything that is not a TOML literal is taken as a string, and a comma-separated value is
 split for keys whose default is a list (``--inference.models F1,A2``).
+
+The schema is the defaults file itself: every key it sets, plus the optional keys it documents as
+commented-out assignments (``# k = [0.01, 100.0]  # description`` under ``[inference.priors]``),
+plus the ``[reducer.fractions]`` table whose keys are those of ``reducer.fractions.FractionConfig``
+(windows: ``WindowSpec``, lines: ``Line``). Any other key, in a TOML file or on the command line,
+is a :class:`ConfigError` naming the key and the nearest valid one (``difflib``). Each key's
+description is the comment after it in the defaults file (shown by ``--help``).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import difflib
+import functools
+import re
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -21,10 +32,154 @@ class ConfigError(ValueError):
     """A configuration file or option that cannot be used (the text says which and why)."""
 
 
+def defaults_text() -> str:
+    """The text of the built-in defaults file, beamkin/defaults.toml."""
+    return resources.files("beamkin").joinpath("defaults.toml").read_text()
+
+
 def defaults() -> dict[str, Any]:
     """The built-in defaults (beamkin/defaults.toml) as a fresh dict."""
-    text = resources.files("beamkin").joinpath("defaults.toml").read_text()
-    return tomllib.loads(text)
+    return tomllib.loads(defaults_text())
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyDoc:
+    """One configuration key of the defaults file: dotted name, default (None for an optional key
+    the file only documents), description (the comment after it) and whether it is optional."""
+
+    dotted: str
+    default: Any
+    description: str
+    optional: bool = False
+
+
+_SECTION_LINE = re.compile(r"^\s*\[([A-Za-z0-9_.]+)\]\s*(#.*)?$")
+_KEY_LINE = re.compile(r"^([A-Za-z0-9_]+)\s*=\s*(.*)$")
+_OPTIONAL_LINE = re.compile(r"^#\s*([A-Za-z0-9_]+)\s*=\s*(.*)$")
+
+
+def _value_and_comment(rest: str) -> tuple[Any, str]:
+    """Split ``VALUE  # comment`` at the first '#' outside the TOML value."""
+    for position in [i for i, char in enumerate(rest) if char == "#"] + [len(rest)]:
+        try:
+            value = tomllib.loads(f"v = {rest[:position]}")["v"]
+        except tomllib.TOMLDecodeError:
+            continue
+        return value, rest[position + 1:].strip()
+    raise ConfigError(f"defaults file: cannot read the value {rest!r}")
+
+
+@functools.lru_cache(maxsize=1)
+def key_docs() -> dict[str, KeyDoc]:
+    """Every key of beamkin/defaults.toml (set or documented as optional) with its description."""
+    docs: dict[str, KeyDoc] = {}
+    section = ""
+    last: str | None = None  # key whose description an indented comment line continues
+    for line in defaults_text().splitlines():
+        header = _SECTION_LINE.match(line)
+        if header:
+            section, last = header.group(1), None
+            continue
+        stripped = line.strip()
+        if stripped.startswith("#") and line[:1].isspace() and last is not None:
+            previous = docs[last]
+            docs[last] = dataclasses.replace(previous, description=f"{previous.description} {stripped[1:].strip()}")
+            continue
+        key_line, optional_line = _KEY_LINE.match(line), _OPTIONAL_LINE.match(line)
+        match = key_line or optional_line
+        if not match or not section:
+            last = None
+            continue
+        dotted = f"{section}.{match.group(1)}"
+        value, comment = _value_and_comment(match.group(2))
+        docs[dotted] = KeyDoc(dotted, None if optional_line else value, comment, optional=bool(optional_line))
+        last = dotted
+    return docs
+
+
+def _sections(table: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    for key, value in table.items():
+        if isinstance(value, dict):
+            yield f"{prefix}{key}"
+            yield from _sections(value, f"{prefix}{key}.")
+
+
+#: optional tables whose schema lives in the code that reads them (dotted name -> dataclass path)
+OPTIONAL_TABLES = ("reducer.fractions",)
+
+
+def _fraction_schema() -> dict[str, Any]:
+    """Keys of [reducer.fractions] (FractionConfig), its windows (WindowSpec) and lines (Line)."""
+    from reducer.fractions import FractionConfig, Line, WindowSpec
+
+    lines = {f.name: None for f in dataclasses.fields(Line)}
+    windows = {f.name: None for f in dataclasses.fields(WindowSpec)}
+    windows["lines"] = [lines]
+    table = {f.name: None for f in dataclasses.fields(FractionConfig) if f.name != "phases"}
+    table["windows"] = [windows]
+    return table
+
+
+def _nearest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _unknown(dotted: str, section: str, names: list[str]) -> ConfigError:
+    """The error for an unknown key, with the nearest valid key of the same table (or anywhere)."""
+    where = f"in [{section}]" if section else "at the top level"
+    hint = _nearest(dotted, [f"{section}.{n}" if section else n for n in names])
+    if not hint:
+        hint = _nearest(dotted, sorted(set(key_docs()) | set(_sections(defaults())) | set(OPTIONAL_TABLES)))
+    return ConfigError(f"unknown configuration key {dotted!r} {where}{hint}")
+
+
+def _check_against(value: Any, schema: Any, dotted: str) -> None:
+    """Check a value under a schema: dict = table of known keys, [dict] = array of such tables."""
+    if isinstance(schema, list) and isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_against(item, schema[0], f"{dotted}[{i}]")
+    elif isinstance(schema, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{dotted} must be a table, got {value!r:.60}")
+        for key, item in value.items():
+            if key not in schema:
+                raise _unknown(f"{dotted}.{key}", dotted, list(schema))
+            _check_against(item, schema[key], f"{dotted}.{key}")
+
+
+def check_key(dotted: str, value: Any = None) -> None:
+    """ConfigError unless ``dotted`` is a key (or a key inside an optional table) of the schema."""
+    docs = key_docs()
+    tables = set(_sections(defaults()))
+    if dotted in docs or dotted in tables:
+        return
+    for table in OPTIONAL_TABLES:
+        if dotted == table or dotted.startswith(table + "."):
+            inner = dotted[len(table) + 1:]
+            wrapped: Any = value
+            for key in reversed(inner.split(".") if inner else []):
+                wrapped = {key: wrapped}
+            if inner:
+                _check_against(wrapped, _fraction_schema(), table)
+            return
+    section, _, _ = dotted.rpartition(".")
+    names = [d.rpartition(".")[2] for d in docs if d.rpartition(".")[0] == section]
+    names += [t.rpartition(".")[2] for t in tables | set(OPTIONAL_TABLES) if t.rpartition(".")[0] == section]
+    raise _unknown(dotted, section, names)
+
+
+def check_keys(user: dict[str, Any], where: str = "") -> None:
+    """ConfigError for the first key of a user's table that the schema does not know."""
+    tables = set(_sections(defaults()))
+    for key, value in user.items():
+        dotted = f"{where}{key}"
+        if dotted in OPTIONAL_TABLES:
+            _check_against(value, _fraction_schema(), dotted)
+        elif dotted in tables and isinstance(value, dict):
+            check_keys(value, dotted + ".")
+        else:
+            check_key(dotted)
 
 
 def _leaves(table: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -51,6 +206,7 @@ def parse_value(text: str, like: Any = None) -> Any:
 
 def set_path(config: dict[str, Any], dotted: str, value: Any) -> None:
     """Set config[a][b][c] = value for dotted = 'a.b.c', checking the type against the default."""
+    check_key(dotted, value)
     keys = dotted.split(".")
     table = config
     for key in keys[:-1]:
@@ -102,9 +258,19 @@ def load(path: str | Path | None) -> dict[str, Any]:
             user = tomllib.loads(path.read_text())
         except FileNotFoundError as exc:
             raise ConfigError(f"configuration file {path} does not exist") from exc
+        except IsADirectoryError as exc:
+            raise ConfigError(f"configuration file {path} is a folder, not a file") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"configuration file {path} is not text (TOML is UTF-8)") from exc
+        except OSError as exc:
+            raise ConfigError(f"configuration file {path} cannot be read: {exc.strerror or exc}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
-        config = merge(config, user)
+        try:
+            check_keys(user)
+            config = merge(config, user)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
     return config
 
 
@@ -115,14 +281,40 @@ def add_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] | N
         "--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
         help="set any configuration key (repeatable), e.g. --set inference.priors.k=[0.1,10]",
     )
-    group = parser.add_argument_group("configuration keys (see beamkin/defaults.toml)")
-    for dotted, value in _leaves(defaults()):
+    group = parser.add_argument_group("configuration keys (beamkin/defaults.toml; docs/configuration.md)")
+    for dotted, doc in key_docs().items():
         if sections is not None and dotted.split(".")[0] not in sections:
             continue
+        default = "optional, unset by default" if doc.optional else f"default: {_toml(doc.default)}"
+        text = f"{doc.description} ({default})" if doc.description else f"({default})"
         group.add_argument(
             f"--{dotted}", dest=f"cfg:{dotted}", metavar="VALUE", default=None,
-            help=f"default: {value!r}",
+            help=text.replace("%", "%%"),
         )
+
+
+def _toml(value: Any) -> str:
+    """A value as it is written in TOML (for --help)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+def suggest_option(option: str) -> ConfigError | None:
+    """For an unrecognised ``--SECTION.KEY`` command-line option: the error naming the key and
+    the nearest valid one; None if the option does not look like a configuration key."""
+    name = option[2:].split("=", 1)[0] if option.startswith("--") else ""
+    if "." not in name:
+        return None
+    try:
+        check_key(name)
+    except ConfigError as exc:
+        return ConfigError(f"--{name}: {exc}")
+    return None
 
 
 def from_arguments(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[str, Any]:
