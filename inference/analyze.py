@@ -4,13 +4,22 @@ The series is fed frame by frame to the same ``OnlineInference`` used live, so t
 offline posterior equals the live one for the same data, priors, particles and seed.
 
 Input: a CSV file with a header row and columns ``time_s`` (mid-exposure time, s),
-``alpha`` (transformed fraction), optional ``sigma`` (standard uncertainty of alpha) and
-optional ``exposure_s`` (s; 0 = instantaneous).  ``load_series`` dispatches on the file
-suffix so that other formats (beamkin recordings) can be added to ``READERS``.
+``alpha`` (transformed fraction, 0..1), optional ``sigma`` (standard uncertainty of alpha) and
+optional ``exposure_s`` (s; 0 = instantaneous); UTF-8 with or without a byte-order mark, LF or
+CRLF line ends (as Excel writes them).  ``load_series`` dispatches on the file suffix so that
+other formats (beamkin recordings) can be added to ``READERS``.  alpha outside [-0.5, 1.5]
+(``ALPHA_PLAUSIBLE``) is analysed but warned about: alpha in percent is the usual cause.
 
-The t0 prior window defaults to [ts, t_end] with ts = ``--gas-time`` (else 0) and t_end
-= last time + median frame spacing (equal to n_frames * frame_time for frames at
-0, dt, 2 dt, ..., which is what the live service uses).
+Settings: the ``[inference]`` table of the same configuration as the live service
+(``beamkin/defaults.toml`` < ``--config FILE`` < ``--inference.KEY VALUE``; ``--models``,
+``--particles``, ``--seed``, ``--noise``, ``--student-nu`` are short forms), and the engine
+is built by the live service's own ``inference.service.make_engine``, so that ``analyze`` of a
+recording reproduces the live posterior by default.  ``--prior`` / ``--fix`` add to
+``[inference.priors]``.
+
+The t0 prior window defaults to [ts, t_end] with ts = ``--gas-time`` (else the recording's, else 0)
+and t_end = the recording's n_frames * frame_time, else last time + median frame spacing (equal to
+n_frames * frame_time for frames at 0, dt, 2 dt, ..., which is what the live service uses).
 """
 
 from __future__ import annotations
@@ -33,6 +42,9 @@ from .priors import Priors, parse_fix_option, parse_prior_option
 
 logger = logging.getLogger(__name__)
 
+#: alpha values outside this range are warned about (alpha is a fraction, not percent)
+ALPHA_PLAUSIBLE = (-0.5, 1.5)
+
 
 @dataclasses.dataclass(frozen=True)
 class Series:
@@ -45,6 +57,7 @@ class Series:
     source: str = ""
     t_end_s: float | None = None  # end of the series window when the source knows it (s)
     gas_time_s: float | None = None  # gas-introduction time ts when the source knows it (s)
+    start: dict | None = None  # the recorded start message's fields (recordings only)
 
     def __len__(self) -> int:
         return int(self.time_s.size)
@@ -73,9 +86,26 @@ def _number(text: str, column: str, path: str, line: int) -> float:
 
 
 def load_csv_series(path: str | pathlib.Path) -> Series:
-    """Read a CSV series; raises SeriesFormatError naming the line of the first problem."""
+    """Read a CSV series; raises SeriesFormatError naming the line of the first problem.
+
+    A byte-order mark and CRLF line ends are accepted; a binary file is refused by name."""
     path = str(path)
-    with open(path, newline="") as fh:
+    try:
+        return _read_csv_series(path)
+    except UnicodeDecodeError as exc:
+        raise SeriesFormatError(f"{path}: not a text CSV file (byte {exc.start} is not UTF-8)") from None
+    except csv.Error as exc:
+        raise SeriesFormatError(f"{path}: not a CSV file ({exc})") from None
+    except IsADirectoryError:
+        raise SeriesFormatError(f"{path} is a folder, expected a CSV file") from None
+    except FileNotFoundError:
+        raise SeriesFormatError(f"{path} does not exist") from None
+    except OSError as exc:
+        raise SeriesFormatError(f"{path} cannot be read: {exc.strerror or exc}") from None
+
+
+def _read_csv_series(path: str) -> Series:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         try:
             header = [h.strip() for h in next(reader)]
@@ -113,6 +143,17 @@ def load_csv_series(path: str | pathlib.Path) -> Series:
                   source=path)
 
 
+def implausible_alpha(series: Series) -> str | None:
+    """A warning when alpha leaves ALPHA_PLAUSIBLE (alpha given in percent, usually); None if not."""
+    lo, hi = ALPHA_PLAUSIBLE
+    outside = (series.alpha < lo) | (series.alpha > hi)
+    if not outside.any():
+        return None
+    hint = " (in percent? alpha is a fraction, 0 to 1)" if float(np.max(series.alpha)) > 2.0 else ""
+    return (f"{series.source}: {int(outside.sum())} of {len(series)} alpha values lie outside [{lo}, {hi}] "
+            f"(from {float(np.min(series.alpha)):g} to {float(np.max(series.alpha)):g}){hint}")
+
+
 def load_recording_series(path: str | pathlib.Path) -> Series:
     """The phase fractions of the first series of a beamkin recording (HDF5, streamer.recorder).
 
@@ -144,7 +185,7 @@ def load_recording_series(path: str | pathlib.Path) -> Series:
                   exposure_s=np.array([m["exposure_s"] for m in rows], dtype=float),
                   source=f"{path} (series {start.series_id})",
                   t_end_s=n_frames * frame_time if n_frames and frame_time else None,
-                  gas_time_s=start.get("gas_time_s"))
+                  gas_time_s=start.get("gas_time_s"), start=dict(start.fields))
 
 
 #: file suffix -> reader
@@ -165,16 +206,20 @@ def load_series(path: str | pathlib.Path) -> Series:
 
 def analyze_series(series: Series, models=MODEL_NAMES, priors: Priors | None = None, n_particles: int = 4096,
                    seed: int = 0, noise: str = "normal", student_nu: float = 4.0, gas_time_s: float | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> dict:
-    """Run the online sampler over a whole series and return ``OnlineInference.result()``."""
+                   progress: Callable[[int, int], None] | None = None, engine=None) -> dict:
+    """Run the online sampler over a whole series and return ``OnlineInference.result()``.
+
+    ``engine``: an OnlineInference already built (``engine_for``: the live service's settings);
+    without it one is built from models, priors, n_particles, seed, noise, student_nu, gas_time_s."""
     from .smc import OnlineInference
 
-    if priors is None:
-        priors = Priors.for_series(series.default_t_end(), gas_time_s)
-    elif priors.t0 is None:
-        priors = priors.with_t0_window(0.0 if gas_time_s is None else gas_time_s, series.default_t_end())
-    engine = OnlineInference(models=models, priors=priors, n_particles=n_particles, seed=seed, noise=noise,
-                             student_nu=student_nu, gas_time_s=gas_time_s)
+    if engine is None:
+        if priors is None:
+            priors = Priors.for_series(series.default_t_end(), gas_time_s)
+        elif priors.t0 is None:
+            priors = priors.with_t0_window(0.0 if gas_time_s is None else gas_time_s, series.default_t_end())
+        engine = OnlineInference(models=models, priors=priors, n_particles=n_particles, seed=seed, noise=noise,
+                                 student_nu=student_nu, gas_time_s=gas_time_s)
     engine.warm_up()
     for j in range(len(series)):
         sigma = None if series.sigma is None else float(series.sigma[j])
@@ -207,19 +252,29 @@ def format_table(result: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``beamkin analyze``: the input, the [inference] and [logging] keys of the
+    shared configuration (with short forms), priors, ts and the JSON output."""
+    from beamkin import config as configuration
+
     parser.add_argument("input", help="CSV with time_s, alpha[, sigma][, exposure_s], or a beamkin recording (.h5)")
-    parser.add_argument("--models", default=",".join(MODEL_NAMES),
-                        help="comma-separated kinetic models (default: all 16)")
+    configuration.add_arguments(parser, ("inference", "logging"))
+    short = parser.add_argument_group("short forms of [inference] keys")
+    short.add_argument("--models", dest="cfg:inference.models", metavar="F1,A2,...",
+                       help="comma-separated kinetic models (= --inference.models; default: the live service's)")
+    short.add_argument("--particles", dest="cfg:inference.particles", metavar="N",
+                       help="particles per model (= --inference.particles)")
+    short.add_argument("--seed", dest="cfg:inference.seed", metavar="N", help="random seed (= --inference.seed)")
+    short.add_argument("--noise", dest="cfg:inference.noise", choices=("normal", "student"),
+                       help="noise model (= --inference.noise)")
+    short.add_argument("--student-nu", dest="cfg:inference.student_nu", metavar="NU",
+                       help="Student-t degrees of freedom (= --inference.student_nu)")
     parser.add_argument("--prior", action="append", default=[], metavar="NAME=LO:HI",
-                        help="prior bounds; t0, A, n uniform, k, s log-uniform (repeatable)")
+                        help="prior bounds; t0, A, n uniform, k, s log-uniform (repeatable; adds to [inference.priors])")
     parser.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE",
-                        help="fix a parameter, e.g. A=1 (repeatable)")
-    parser.add_argument("--particles", type=int, default=4096, help="particles per model (default 4096)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--noise", choices=("normal", "student"), default="normal", help="noise model")
-    parser.add_argument("--student-nu", type=float, default=4.0, help="Student-t degrees of freedom")
+                        help="fix a parameter, e.g. A=1 (repeatable; adds to [inference.priors] fixed)")
     parser.add_argument("--gas-time", type=float, default=None, metavar="SECONDS",
-                        help="gas-introduction time ts: start of the t0 prior window (default 0)")
+                        help="gas-introduction time ts: start of the t0 prior window "
+                             "(default: the recording's ts, else 0)")
     parser.add_argument("--json", metavar="FILE", default=None, help="write the result as JSON ('-' = stdout)")
 
 
@@ -229,6 +284,8 @@ def gas_time_from(args: argparse.Namespace, series: Series) -> float | None:
 
 
 def priors_from_args(args: argparse.Namespace, series: Series) -> Priors:
+    """Priors from --prior / --fix alone (t0 window [ts or 0, series end]); see inference_config
+    for the priors of the configuration."""
     gas_time_s = gas_time_from(args, series)
     t_lo = 0.0 if gas_time_s is None else float(gas_time_s)
     values: dict = {"t0": (t_lo, series.default_t_end())}
@@ -239,17 +296,67 @@ def priors_from_args(args: argparse.Namespace, series: Series) -> Priors:
     return Priors(**values, fixed=fixed)
 
 
+def inference_config(args: argparse.Namespace) -> dict:
+    """The [inference] table: defaults < --config < options, plus --prior / --fix in its priors."""
+    from beamkin import config as configuration
+
+    table = configuration.from_arguments(args)["inference"]
+    priors = dict(table.get("priors") or {})
+    for text in args.prior:
+        name, bounds = parse_prior_option(text)
+        priors[name] = list(bounds)
+    fixed = dict(priors.get("fixed") or {})
+    fixed.update(parse_fix_option(text) for text in args.fix)
+    if fixed:
+        priors["fixed"] = fixed
+    table["priors"] = priors
+    for name in table["models"]:
+        model_code(name)
+    return table
+
+
+def series_start(series: Series, gas_time_s: float | None) -> dict:
+    """The start-message fields the live service would have had for this series: the recorded
+    start (ts replaced by ``gas_time_s``), else n_frames and frame_time_s spanning
+    [0, series.default_t_end()] (s)."""
+    if series.start is not None:
+        return {**series.start, "gas_time_s": gas_time_s}
+    n = len(series)
+    return {"series_id": pathlib.Path(series.source).stem or "series", "n_frames": n,
+            "frame_time_s": series.default_t_end() / n, "gas_time_s": gas_time_s}
+
+
+def engine_for(series: Series, table: dict, gas_time_s: float | None):
+    """The OnlineInference the live service builds for this series with this [inference] table."""
+    from .service import make_engine
+
+    return make_engine(table, series_start(series, gas_time_s))
+
+
+def _check_output(path: str | None) -> None:
+    from beamkin.outputs import check_output_file
+
+    if path and path != "-":
+        check_output_file(path, "--json file")
+
+
 def main(args: argparse.Namespace) -> int:
-    """Run the analysis; returns the process exit status (2 for bad input)."""
+    """Run the analysis; returns the process exit status (2 for bad input or settings)."""
+    from beamkin import logs
+    from beamkin.config import ConfigError
+
     try:
-        models = tuple(m.strip() for m in args.models.split(",") if m.strip())
-        for m in models:
-            model_code(m)
+        table = inference_config(args)
+        _check_output(args.json)
         series = load_series(args.input)
-        priors = priors_from_args(args, series)
-    except (OSError, ValueError) as exc:
+        gas_time_s = gas_time_from(args, series)
+        engine = engine_for(series, table, gas_time_s)
+    except (OSError, ValueError, ConfigError) as exc:
         print(f"beamkin analyze: {exc}", file=sys.stderr)
         return 2
+    warning = implausible_alpha(series)
+    if warning:
+        print(f"beamkin analyze: warning: {warning}", file=sys.stderr)
     start = time.monotonic()
     last = [0.0]
 
@@ -261,10 +368,7 @@ def main(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
 
     try:
-        result = analyze_series(series, models=models, priors=priors, n_particles=args.particles, seed=args.seed,
-                                noise=args.noise, student_nu=args.student_nu,
-                                gas_time_s=gas_time_from(args, series),
-                                progress=progress)
+        result = analyze_series(series, engine=engine, progress=progress)
     except ValueError as exc:
         print(f"beamkin analyze: {exc}", file=sys.stderr)
         return 2
@@ -274,6 +378,10 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(format_table(result))
         if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(result, fh, indent=1)
+            try:
+                with open(args.json, "w") as fh:
+                    json.dump(result, fh, indent=1)
+            except OSError as exc:
+                print(f"beamkin analyze: cannot write {args.json}: {exc.strerror or exc}", file=sys.stderr)
+                return 2
     return 0
