@@ -1,7 +1,10 @@
 """`beamkin simulate`: a synthetic gas-dosing experiment acting as a DECTRIS EIGER.
 
 Frames are Debye-ring images of the CPL-1-like material (streamer.synthetic) whose loaded-phase
-fraction follows a kinetic model (inference.models): for frame j with exposure window
+fraction follows a kinetic model (inference.models). The background is scaled so that the empty
+phase's strongest line stands ``peak_to_background`` times above it, as in a synchrotron pattern of
+a MOF powder, so the transition is visible in every pattern; ``counts_scale`` then sets the counting
+noise (the defaults give sigma(alpha) ~ 0.02 per 0.3 s frame). For frame j with exposure window
 [t_j - e/2, t_j + e/2] the rendered fraction is the exposure average
 
     alpha_j = (1/e) * integral over the window of  A * alpha_model( k (t - t0) ) dt,   alpha = 0 for t < t0,
@@ -121,10 +124,22 @@ def source_for(options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return f"{scheme}:{options['endpoint']}", {}
 
 
+def make_detector(options: dict[str, Any], metadata: dict[str, Any]):
+    """The synthetic detector of the ``[simulator]`` options: ``counts_scale`` (or
+    ``profile_counts_scale`` in profile mode) and the line-to-background contrast
+    ``peak_to_background`` (absent or 0: the unscaled default background)."""
+    from streamer.synthetic import SyntheticPowderDetector
+
+    scale_key = "profile_counts_scale" if options.get("mode") == "profile" else "counts_scale"
+    contrast = options.get("peak_to_background")
+    return SyntheticPowderDetector(metadata, seed=int(options["seed"]), counts_scale=float(options[scale_key]),
+                                   peak_to_background=float(contrast) if contrast else None)
+
+
 def run_simulator(options: dict[str, Any], stop: threading.Event) -> int:
     """Send `repeat` simulated series (see defaults.toml [simulator])."""
     from streamer.fake_eiger import StreamV1Sender, StreamV2Sender
-    from streamer.synthetic import SyntheticPowderDetector, default_metadata
+    from streamer.synthetic import default_metadata
 
     frame_time, exposure = float(options["frame_time_s"]), float(options["exposure_s"])
     if not 0 < exposure <= frame_time:
@@ -132,8 +147,7 @@ def run_simulator(options: dict[str, Any], stop: threading.Event) -> int:
     n_frames = int(options["n_frames"])
     metadata = default_metadata(frame_time_s=frame_time, exposure_s=exposure, n_frames=n_frames,
                                 gas_time_s=options.get("gas_time_s"))
-    scale_key = "profile_counts_scale" if options.get("mode") == "profile" else "counts_scale"
-    detector = SyntheticPowderDetector(metadata, seed=int(options["seed"]), counts_scale=float(options[scale_key]))
+    detector = make_detector(options, metadata)
     mid_times = np.arange(n_frames) * frame_time + exposure / 2
     alphas = exposure_averaged_alpha(options["model"], options["t0_s"], options["k_per_s"], options["extent"],
                                      options["n_exponent"], mid_times, exposure)

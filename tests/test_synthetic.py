@@ -146,3 +146,85 @@ def test_pattern_sum_matches_numpy_sum_of_lines():
     got = phases.pattern_sum(x, half, centres, fwhm, areas, eta)
     # Lines are cut at 60 FWHM: the Lorentzian tail beyond is below eta * 2/(pi * 4 * 60^2 * FWHM) per unit area.
     np.testing.assert_allclose(got, ref, rtol=0, atol=areas.sum() * eta / (2 * np.pi * 3600 * fwhm.min()))
+
+
+# ------------------------------------------------------------------------------ simulator defaults
+@pytest.fixture(scope="module")
+def simulator_options():
+    from beamkin.config import defaults
+    return dict(defaults()["simulator"])
+
+
+@pytest.fixture(scope="module")
+def simulator_detector(simulator_options):
+    from streamer.simulator import make_detector
+    md = default_metadata(frame_time_s=simulator_options["frame_time_s"], exposure_s=simulator_options["exposure_s"])
+    return make_detector(simulator_options, md)
+
+
+def test_sparse_frames_are_poisson_by_splitting(simulator_detector, simulator_options):
+    """The simulator's 0.3 s frames hold well under 2 counts per pixel: they are drawn by Poisson
+    splitting. Per pixel the counts must still be Poisson(mu): standardised residuals of mean 0
+    and variance 1, and the fraction of empty pixels equal to the mean of exp(-mu) (a Gaussian or
+    rounded draw of the same mean and variance fails this at these counts)."""
+    from streamer import synthetic
+    exposure = simulator_options["exposure_s"]
+    mu = simulator_detector.expected_image(0.4, exposure)
+    ok = np.isfinite(mu)
+    assert mu[ok].mean() < synthetic.SPARSE_COUNTS_PER_PIXEL  # the splitting path is the one tested
+    img = simulator_detector.image(0.4, exposure, seed=17)
+    assert np.array_equal(img == np.iinfo(np.uint32).max, simulator_detector.gap_mask)
+    counts = img[ok].astype(float)
+    z = (counts - mu[ok]) / np.sqrt(mu[ok])
+    assert abs(z.mean()) < 0.005 and z.var() == pytest.approx(1.0, abs=0.01)  # 1e6 pixels
+    p_zero = np.exp(-mu[ok])
+    n = ok.sum()
+    assert (counts == 0).mean() == pytest.approx(p_zero.mean(), abs=5 * math.sqrt(p_zero.mean() * (1 - p_zero.mean()) / n))
+    # total counts of a frame: Poisson(sum mu), so within 5 sd of it
+    assert abs(counts.sum() - mu[ok].sum()) < 5 * math.sqrt(mu[ok].sum())
+    assert np.array_equal(simulator_detector.image(0.4, exposure, seed=17), img)
+
+
+def test_alias_table_reproduces_the_distribution():
+    from streamer.synthetic import _alias_table
+    rates = np.array([0.0, 1.0, 2.0, 0.5, 0.0, 6.5])
+    prob, alias = _alias_table(rates)
+    # P(i) = (prob_i + sum over j aliasing to i of (1 - prob_j)) / n
+    n = rates.size
+    got = prob / n
+    for j in range(n):
+        got[alias[j]] += (1 - prob[j]) / n
+    np.testing.assert_allclose(got, rates / rates.sum(), atol=1e-12)
+
+
+def test_simulator_defaults_give_paper_noise_and_a_visible_transition(simulator_detector, simulator_options):
+    """At the [simulator] defaults, reduced with the real integrator and fraction estimator:
+    sigma(alpha) ~ 0.02 per 0.3 s frame (the source paper's noise), calibrated (z-scores of unit
+    spread), while the strongest line stands >= 10 times above the background of the integrated
+    pattern and the empty-phase lines vanish as alpha goes 0 -> 1 (a visible transition)."""
+    from reducer.fractions import PhaseFractionEstimator
+    from reducer.integrate import Integrator
+    md = simulator_detector.metadata
+    exposure = simulator_options["exposure_s"]
+    integrator = Integrator.from_metadata(md, npt=2000)
+    estimator = PhaseFractionEstimator.from_config({}, md)
+    alphas, sigmas, z = [], [], []
+    for i, alpha in enumerate(np.repeat([0.0, 0.5, 1.0], 15)):
+        res = estimator.estimate(integrator.integrate(simulator_detector.image(alpha, exposure, seed=500 + i)), 20.0)
+        assert res.status == "ok", res.reason
+        sigmas.append(res.sigma_alpha)
+        z.append((res.alpha - alpha) / res.sigma_alpha)
+    assert 0.014 < np.median(sigmas) < 0.028
+    assert 0.7 < np.std(z, ddof=1) < 1.35 and abs(np.mean(z)) < 0.5
+
+    empty = integrator.integrate(simulator_detector.image(0.0, exposure, seed=1))
+    loaded = integrator.integrate(simulator_detector.image(1.0, exposure, seed=2))
+    tth = np.asarray(empty.radial)
+    inside = (tth > 3.0) & (tth < 13.0)
+    background = np.median(np.asarray(empty.intensity)[inside])
+    strongest = simulator_detector.phase_a.two_theta_deg[np.argmax(simulator_detector.phase_a.intensity)]
+    at_line = np.abs(tth - strongest) < 0.02
+    assert np.asarray(empty.intensity)[at_line].max() > 10 * background
+    drop = np.asarray(empty.intensity)[at_line].max() - np.asarray(loaded.intensity)[at_line].max()
+    noise = np.asarray(empty.sigma)[at_line].max()
+    assert drop > 10 * noise  # the empty phase's strongest line disappears, far beyond the noise
