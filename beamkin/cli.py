@@ -76,7 +76,31 @@ def _run_simulate(config, args, stop):
 
 def _run_stream(config, args, stop):
     from streamer.service import run_streamer
+    check_source(config["streamer"]["source"])
     return run_streamer(config, stop)
+
+
+def check_source(spec: str) -> None:
+    """ConfigError now, before any stage starts, for a source that names a missing file or folder
+    (``files:FOLDER``, ``replay:FILE``); detector endpoints are only known once connected."""
+    scheme, _, target = spec.partition(":")
+    if scheme == "files" and target and not os.path.isdir(target):
+        what = "is a file, not a folder" if os.path.exists(target) else "does not exist"
+        raise configuration.ConfigError(f"source folder {target} {what} (--source files:FOLDER)")
+    if scheme == "replay" and target and not os.path.isfile(target):
+        what = "is a folder, not a file" if os.path.exists(target) else "does not exist"
+        raise configuration.ConfigError(f"replay file {target} {what}")
+
+
+def check_outputs(config: dict[str, Any]) -> None:
+    """OutputPathError now, before the pipeline starts, for a --json or --record path that
+    could not be written at the end of the run."""
+    from beamkin.outputs import check_output_file
+
+    if config["inference"]["json"]:
+        check_output_file(config["inference"]["json"], "result file (--json / inference.json)")
+    if config["recorder"]["path"]:
+        check_output_file(config["recorder"]["path"], "recording (--record / recorder.path)")
 
 
 def _run_reduce(config, args, stop):
@@ -133,6 +157,9 @@ def _supervised(config: dict[str, Any], with_simulator: bool, once: bool) -> int
     """Start the pipeline stages as processes, then the simulator; stop all on failure or Ctrl-C."""
     from beamkin.supervise import StageFailed, Supervisor
 
+    check_outputs(config)
+    if not with_simulator:
+        check_source(config["streamer"]["source"])
     once = once or config["inference"]["once"]  # --once, or once = true in the TOML
     if once:
         config["streamer"]["once"] = True
@@ -269,24 +296,29 @@ def _offline_config(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
 def _export(args: argparse.Namespace) -> int:
     from streamer.export import export_csv
+    from beamkin.outputs import OutputPathError
+    from streamer.recording_check import RecordingInputError
+
     _offline_config(args, "export")
-    for path in export_csv(args.recording, args.csv):
+    try:
+        paths = export_csv(args.recording, args.csv)
+    except (RecordingInputError, OutputPathError, OSError) as exc:
+        print(f"beamkin export: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
         print(path)
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from dashboards.report import ReportInputError, build_report, load_analysis_json
-    from streamer.recorder import is_recording, read_messages
+    from beamkin.outputs import OutputPathError, check_output_folder
+    from dashboards.report import ReportInputError, build_report, load_report_input
 
     _offline_config(args, "report")
     try:
-        if is_recording(args.input):
-            messages = (message for _, message in read_messages(args.input))
-        else:
-            messages = load_analysis_json(args.input, args.data)
-        print(build_report(messages, args.out))
-    except (ReportInputError, OSError) as exc:
+        check_output_folder(args.out, "--out folder")
+        print(build_report(load_report_input(args.input, args.data), args.out))
+    except (ReportInputError, OutputPathError, OSError) as exc:
         print(f"beamkin report: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -338,10 +370,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    from beamkin.outputs import OutputPathError
+
     try:
         return args.func(args)
     except configuration.ConfigError as exc:
         print(f"beamkin: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except OutputPathError as exc:
+        print(f"beamkin {args.command}: {exc}", file=sys.stderr)
         return 2
 
 

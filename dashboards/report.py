@@ -116,11 +116,40 @@ def collect_series(messages: Iterable[Message]) -> list[SeriesReport]:
     return reports
 
 
+def load_report_input(path: str | Path, data_csv: str | Path | None = None) -> Iterable[Message]:
+    """The messages of a recording (an HDF5 file) or of an analyze/demo ``--json`` result (any
+    other file); ReportInputError, one line naming the file, for anything else."""
+    from streamer.recording_check import HDF5_SIGNATURE, RecordingInputError, check_recording
+    from streamer.recorder import read_messages
+
+    path = Path(path)
+    if not path.exists():
+        raise ReportInputError(f"{path} does not exist")
+    if path.is_dir():
+        raise ReportInputError(f"{path} is a folder, expected a beamkin recording (.h5) or a --json result")
+    with path.open("rb") as handle:
+        hdf5 = handle.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
+    if not hdf5:
+        return load_analysis_json(path, data_csv)
+    try:
+        check_recording(path)
+    except RecordingInputError as exc:
+        raise ReportInputError(str(exc)) from None
+    return (message for _, message in read_messages(path))
+
+
 def load_analysis_json(path: str | Path, data_csv: str | Path | None = None, series_id: str | None = None) -> list[Message]:
     """Messages equivalent to an ``beamkin analyze --json`` result (and its data CSV, if given)."""
     path = Path(path)
     try:
-        result = json.loads(path.read_text())
+        result = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise ReportInputError(f"{path} is neither a beamkin recording (HDF5) nor a JSON result "
+                               "(binary content)") from None
+    except FileNotFoundError:
+        raise ReportInputError(f"{path} does not exist") from None
+    except OSError as exc:
+        raise ReportInputError(f"{path} cannot be read: {exc.strerror or exc}") from None
     except json.JSONDecodeError as exc:
         raise ReportInputError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(result, dict) or not isinstance(result.get("models"), dict) or not result["models"]:
@@ -135,21 +164,40 @@ def load_analysis_json(path: str | Path, data_csv: str | Path | None = None, ser
 
 def _fractions_from_csv(path: Path, series_id: str) -> list[Message]:
     aliases = {"time_s": ("time_s", "time", "t"), "alpha": ("alpha",), "sigma_alpha": ("sigma_alpha", "sigma")}
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(row for row in handle if not row.lstrip().startswith("#"))
-        names = {name.strip().lower(): name for name in reader.fieldnames or []}
-        columns = {}
-        for key, options in aliases.items():
-            columns[key] = next((names[o] for o in options if o in names), None)
-        if columns["time_s"] is None or columns["alpha"] is None:
-            raise ReportInputError(f"{path} needs columns time_s and alpha, has {reader.fieldnames}")
-        messages = []
-        for index, record in enumerate(reader):
-            sigma = record.get(columns["sigma_alpha"]) if columns["sigma_alpha"] else None
-            messages.append(protocol.make(
-                "fraction", series_id=series_id, frame_index=index, time_s=float(record[columns["time_s"]]),
-                exposure_s=0.0, alpha=float(record[columns["alpha"]]),
-                sigma_alpha=float(sigma) if sigma not in (None, "") else None, status="ok", reason=None))
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            return _read_fractions_csv(path, handle, aliases, series_id)
+    except UnicodeDecodeError:
+        raise ReportInputError(f"--data {path} is not a text CSV file (binary content)") from None
+    except (csv.Error, ValueError) as exc:
+        if isinstance(exc, ReportInputError):
+            raise
+        raise ReportInputError(f"--data {path}: {exc}") from None
+    except FileNotFoundError:
+        raise ReportInputError(f"--data {path} does not exist") from None
+    except OSError as exc:
+        raise ReportInputError(f"--data {path} cannot be read: {exc.strerror or exc}") from None
+
+
+def _read_fractions_csv(path: Path, handle, aliases: dict, series_id: str) -> list[Message]:
+    reader = csv.DictReader(row for row in handle if not row.lstrip().startswith("#"))
+    names = {name.strip().lower(): name for name in reader.fieldnames or []}
+    columns = {}
+    for key, options in aliases.items():
+        columns[key] = next((names[o] for o in options if o in names), None)
+    if columns["time_s"] is None or columns["alpha"] is None:
+        raise ReportInputError(f"{path} needs columns time_s and alpha, has {reader.fieldnames}")
+    messages = []
+    for index, record in enumerate(reader):
+        sigma = record.get(columns["sigma_alpha"]) if columns["sigma_alpha"] else None
+        try:
+            time_s, alpha = float(record[columns["time_s"]]), float(record[columns["alpha"]])
+            sigma = float(sigma) if sigma not in (None, "") else None
+        except (TypeError, ValueError):
+            raise ReportInputError(f"{path}, line {reader.line_num}: time_s, alpha and sigma must be numbers") from None
+        messages.append(protocol.make(
+            "fraction", series_id=series_id, frame_index=index, time_s=time_s,
+            exposure_s=0.0, alpha=alpha, sigma_alpha=sigma, status="ok", reason=None))
     return messages
 
 
@@ -324,6 +372,18 @@ def model_table_html(report: SeriesReport) -> str:
     return f"<table class='models' id='models-{html.escape(report.series_id)}'>{head}{''.join(body)}</table>"
 
 
+def _data_points(report: SeriesReport) -> str:
+    """"N data points": the fractions in the input, else the frames the result says it was fitted to."""
+    if report.time_s:
+        return f"{len(report.time_s)} data points"
+    fitted = report.fit.get("n_frames")
+    if fitted is None:
+        fitted = (report.fit.get("input") or {}).get("n_frames")
+    if fitted is None:
+        return "No data points in the input"
+    return f"{int(fitted)} data points (not in the input: give --data CSV to plot them)"
+
+
 def _summary_html(report: SeriesReport) -> str:
     start = report.start
     averaged = report.fit.get("model_averaged") or {}
@@ -336,7 +396,7 @@ def _summary_html(report: SeriesReport) -> str:
                      f"frame time {_num(start.get('frame_time_s')):.4f} s, exposure {_num(start.get('exposure_s')):.4f} s, "
                      f"wavelength {_num(geometry.get('wavelength_A')):.4f} Å, "
                      f"gas introduced at ts = {_num(start.get('gas_time_s')):.3f} s. ")
-    parts.append(f"{len(report.time_s)} data points. Model-averaged onset t0 = {_pm(averaged.get('t0'))} s, "
+    parts.append(f"{_data_points(report)}. Model-averaged onset t0 = {_pm(averaged.get('t0'))} s, "
                  f"rate k = {_pm(averaged.get('k'))} 1/s; leading model {html.escape(str(leading))} "
                  f"(probability {_num((models.get(leading) or {}).get('probability')):.4f}).")
     gas = start.get("gas_time_s")

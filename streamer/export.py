@@ -9,6 +9,10 @@ Files written (only those the recording has data for)::
     alerts.csv       the alert fields, flattened the same way
     series.csv       one row per series: series_id, source, kind, n_frames (announced), frames recorded,
                      end reason, gas_time_s, frame_time_s, exposure_s
+
+A file that is not a beamkin recording, a recording without messages, or one with nothing of the
+above to export raises ``RecordingInputError`` (one line naming the file and the problem) before
+anything is written; so does an output folder that cannot be written (``OutputPathError``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from beamkin.outputs import check_output_folder
 from streamer.recorder import read_messages
+from streamer.recording_check import RecordingInputError, check_recording
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -45,8 +51,8 @@ def _write(path: Path, columns: list[str], rows: Iterable[dict[str, Any]]) -> No
 
 def export_csv(recording: str | Path, out_dir: str | Path) -> list[Path]:
     """Write the CSV files described in the module doc into ``out_dir``; returns their paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_output_folder(out_dir, "export folder")
+    check_recording(recording)
     fractions, patterns, posteriors, alerts = [], [], [], []
     series: dict[str, dict[str, Any]] = {}
     for _, message in read_messages(recording, types=("start", "frame", "end", "fraction", "pattern", "posterior", "alert"),
@@ -81,6 +87,10 @@ def export_csv(recording: str | Path, out_dir: str | Path) -> list[Path]:
             posteriors.append(row)
         elif message.type == "alert":
             alerts.append(flatten(f))
+    if not (series or fractions or patterns or posteriors or alerts):
+        raise RecordingInputError(f"{recording} holds no series, fractions, patterns, posteriors or alerts: "
+                                  "nothing to export")
+    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
 
     def emit(name: str, columns: list[str], rows: list[dict[str, Any]]) -> None:

@@ -148,3 +148,31 @@ def test_report_rejects_input_without_models(tmp_path):
     good.write_text(json.dumps({"models": {"F1": {"log_evidence": 1.0, "probability": 1.0, "params": {}}}}))
     with pytest.raises(ReportInputError, match="needs columns time_s and alpha"):
         load_analysis_json(good, data)
+
+
+def test_report_of_a_result_json_counts_the_frames_it_was_fitted_to(tmp_path):
+    """Without --data, the data points are the result's n_frames (36), not the 0 rows given."""
+    stat = {"mean": 7.4, "sd": 0.03, "q05": 7.35, "q50": 7.4, "q95": 7.45}
+    result = {"models": {"F1": {"log_evidence": -3.0, "probability": 1.0, "params": {"t0": stat, "k": stat}}},
+              "model_averaged": {"t0": stat}, "n_frames": 36, "alert": {"time": None}}
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(result))
+    page_html = build_report(load_analysis_json(path), tmp_path).read_text()
+    assert "36 data points (not in the input: give --data CSV to plot them)" in page_html
+    assert "0 data points" not in page_html
+    del result["n_frames"]
+    result["input"] = {"source": "x.csv", "n_frames": 24}  # beamkin analyze also records its input
+    path.write_text(json.dumps(result))
+    assert "24 data points" in build_report(load_analysis_json(path), tmp_path).read_text()
+
+
+def test_report_data_csv_from_excel_with_bom_and_crlf(tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"models": {"F1": {"log_evidence": 1.0, "probability": 1.0, "params": {}}}}))
+    data = tmp_path / "data.csv"
+    data.write_bytes("\ufefftime_s,alpha\r\n0,0.1\r\n1,0.2\r\n".encode())
+    messages = load_analysis_json(good, data)
+    assert [(m["time_s"], m["alpha"]) for m in messages if m.type == "fraction"] == [(0.0, 0.1), (1.0, 0.2)]
+    data.write_bytes(b"\xff\xfe\x00\x01binary")
+    with pytest.raises(ReportInputError, match="not a text CSV file"):
+        load_analysis_json(good, data)
