@@ -174,17 +174,21 @@ def _supervised(config: dict[str, Any], with_simulator: bool, once: bool) -> int
         config["streamer"].update(source_options)
     supervisor = Supervisor(config)
     dash = config["dashboard"]
+    feed_stop = threading.Event()
     try:
         supervisor.start("inference", "infer")
         supervisor.start("dashboard", "dashboard")
         if config["recorder"]["path"]:
             supervisor.start("recorder", "record")
-        supervisor.start("reducer", "reduce")
-        supervisor.start("streamer", "stream")
+        if feed is None:
+            supervisor.start("reducer", "reduce")
+            supervisor.start("streamer", "stream")
         supervisor.wait_ready()
         print(f"beamkin dashboard: http://{dash['address']}:{dash['port']}/", flush=True)
         if with_simulator:
             supervisor.start("simulator", "simulate")
+        if feed is not None:
+            threading.Thread(target=feed, args=(feed_stop,), name="feed", daemon=True).start()
         if once:
             supervisor.wait_for_exit("inference")
             log.info("series finished; stopping the pipeline")
@@ -199,6 +203,7 @@ def _supervised(config: dict[str, Any], with_simulator: bool, once: bool) -> int
         log.info("interrupted; stopping every stage")
         return 130
     finally:
+        feed_stop.set()
         supervisor.stop_all()
 
 
@@ -277,14 +282,42 @@ def build_parser(analyze_arguments: bool = True) -> argparse.ArgumentParser:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    """Run the pipeline on a recording or EIGER master file, re-emitted with its timing / speed."""
+    """Run the pipeline on a recording, an EIGER master file or a folder, re-emitted with its timing / speed.
+
+    A recording is replayed from what it holds (streamer.replay.replay_plan): its raw frames
+    through the reducers, or, recorded without them, its phase fractions and patterns straight
+    into the inference. A replay that cannot be done is one line saying why, exit status 2."""
+    from streamer.eiger_h5 import is_eiger_master
+    from streamer.recording_check import RecordingInputError
+    from streamer.replay import FROM_FRACTIONS, feed_reduced, replay_plan
+
     config = _supervisor_config(args, "replay")
     if os.path.isdir(args.file):  # a file series: its frames in acquisition order (not paced)
         config["streamer"]["source"] = f"files:{args.file}"
-    else:
-        config["streamer"]["source"] = f"replay:{args.file}"
-        config["streamer"]["speed"] = args.speed
-    return _supervised(config, with_simulator=False, once=True)
+        return _supervised(config, with_simulator=False, once=True)
+    check_source(f"replay:{args.file}")
+    config["streamer"]["source"] = f"replay:{args.file}"
+    config["streamer"]["speed"] = args.speed
+    if is_eiger_master(args.file):
+        if args.replay_from == FROM_FRACTIONS:
+            print(f"beamkin replay: {args.file} is an EIGER master file: it holds frames, not phase fractions",
+                  file=sys.stderr)
+            return 2
+        return _supervised(config, with_simulator=False, once=True)
+    try:
+        mode, contents = replay_plan(args.file, args.replay_from)
+    except RecordingInputError as exc:
+        print(f"beamkin replay: {exc}", file=sys.stderr)
+        return 2
+    if mode != FROM_FRACTIONS:
+        return _supervised(config, with_simulator=False, once=True)
+    print(f"beamkin replay: {args.file} holds no raw frames; replaying its {contents['fractions']} phase fractions "
+          f"and {contents['patterns']} patterns into the inference (no reducer)", flush=True)
+
+    def feed(stop: threading.Event) -> None:
+        feed_reduced(args.file, config["endpoints"]["reduced"], stop, {"speed": args.speed})
+
+    return _supervised(config, with_simulator=False, once=True, feed=feed)
 
 
 def _offline_config(args: argparse.Namespace, name: str) -> dict[str, Any]:
@@ -347,6 +380,10 @@ def _add_offline_commands(commands, analyze_arguments: bool = True) -> None:
     replay.add_argument("file", help="beamkin recording (.h5), EIGER HDF5 master file, or a folder of frames / profiles")
     replay.add_argument("--speed", type=float, default=1.0,
                         help="X times the original pace (0 = as fast as possible; default 1)")
+    replay.add_argument("--from", dest="replay_from", choices=("auto", "frames", "fractions"), default="auto",
+                        help="replay a recording from its raw frames (through the reducers) or from its phase "
+                             "fractions and patterns (into the inference); default auto: frames when every frame "
+                             "was recorded with its image, else fractions")
     replay.add_argument("--json", metavar="FILE", help="write the final result as JSON")
     replay.add_argument("--record", metavar="FILE", help="record the re-analysis to this HDF5 file")
     replay.set_defaults(func=_replay)

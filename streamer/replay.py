@@ -10,11 +10,20 @@ A series whose end is missing from the file (recorder killed) gets an ``aborted`
 An EIGER master file is emitted as one series paced at ``frame_time / speed``; option
 ``gas_time_s`` sets the start message's gas-introduction time.
 
+What a recording holds decides how it is replayed (:func:`replay_plan`): a recording whose frames
+all carry their image or profile is replayed from the frames (through reducers); one without raw
+frames (``raw_frames = false``, the default) is replayed from its reduced messages: its first
+series' ``start``, ``pattern``, ``fraction`` and ``end`` messages are pushed straight to the
+inference (:func:`feed_reduced`), which then computes the same posterior as live for the same
+[inference] settings, because it is fed the same fractions. A recording with neither is refused
+with the reason (:class:`~streamer.recording_check.RecordingInputError`).
+
 Progress goes to stderr about once a second (option ``progress``, default True).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
@@ -23,15 +32,21 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from beamkin import protocol
 from beamkin.protocol import Message, make
 from streamer.eiger_h5 import is_eiger_master, iter_master_frames, read_master_start
 from streamer.errors import StreamDecodeError
-from streamer.recorder import count_messages, is_recording, read_messages
+from streamer.recorder import LOG_FIELDS, count_messages, is_recording, read_messages
+from streamer.recording_check import RecordingInputError, check_recording
 from streamer.series import SeriesAssembler
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TYPES = ("start", "frame", "end")
+#: what a recording without raw frames is replayed from (into the inference)
+REDUCED_TYPES = ("start", "pattern", "fraction", "end")
+#: replay_plan modes: from the raw frames (reducers run again) or from the reduced messages
+FROM_FRAMES, FROM_FRACTIONS = "frames", "fractions"
 
 
 class _Pacer:
@@ -174,3 +189,122 @@ def open_replay(path: str, options: Mapping[str, Any] | None = None, *, spec: st
     if is_eiger_master(path):
         return EigerMasterReplay(path, options, spec=spec)
     raise ValueError(f"{path} is neither a beamkin recording nor an EIGER HDF5 master file")
+
+
+def recording_contents(path: str | Path) -> Counter:
+    """What the first series of a recording holds: counts of its ``frame`` messages, of those whose
+    image or profile was recorded (``frames_with_data``), of ``fraction`` (``fractions_ok``: status
+    "ok") and ``pattern`` messages; ``series`` is the number of series started in the file."""
+    import h5py
+
+    contents: Counter = Counter()
+    first: str | None = None
+    with h5py.File(path, "r") as f:
+        group = f["log"]
+        n = min(group[name].shape[0] for name in LOG_FIELDS)
+        types = group["type"].asstr()[:n]
+        series_ids = group["series_id"].asstr()[:n]
+        refs_column = group["arrays"].asstr()[:n]
+        headers = group["header"].asstr()
+        for i in range(n):
+            kind, series_id = types[i], series_ids[i]
+            if kind == "start" and series_id != first:
+                contents["series"] += 1
+                first = first or series_id
+            if first is None or series_id != first:
+                continue
+            if kind == "frame":
+                contents["frames"] += 1
+                refs = json.loads(refs_column[i])
+                if refs.get("image") is not None or refs.get("counts") is not None:
+                    contents["frames_with_data"] += 1
+            elif kind == "fraction":
+                contents["fractions"] += 1
+                if json.loads(headers[i]).get("status") == "ok":
+                    contents["fractions_ok"] += 1
+            elif kind == "pattern":
+                contents["patterns"] += 1
+    return contents
+
+
+def replay_plan(path: str | Path, requested: str = "auto") -> tuple[str, Counter]:
+    """How to replay a recording: FROM_FRAMES or FROM_FRACTIONS, and its contents.
+
+    ``requested``: "auto" (frames when every recorded frame has its data, else fractions),
+    "frames" or "fractions". RecordingInputError says why a requested replay cannot be done."""
+    check_recording(path)
+    contents = recording_contents(path)
+    if contents["series"] == 0:
+        raise RecordingInputError(f"{path} has no series start message: nothing to replay")
+    frames_complete = contents["frames"] > 0 and contents["frames_with_data"] == contents["frames"]
+    have_fractions = contents["fractions"] > 0
+    if requested == FROM_FRAMES or (requested == "auto" and frames_complete):
+        if not frames_complete:
+            missing = contents["frames"] - contents["frames_with_data"]
+            raise RecordingInputError(
+                f"{path}: {missing} of {contents['frames']} frames were recorded without their image "
+                f"(raw_frames = false){'; --from fractions replays its phase fractions' if have_fractions else ''}")
+        return FROM_FRAMES, contents
+    if requested not in ("auto", FROM_FRACTIONS):
+        raise ValueError(f"replay from {requested!r}: expected auto, {FROM_FRAMES} or {FROM_FRACTIONS}")
+    if not have_fractions:
+        why = ("its frames were recorded without their images (raw_frames = false)" if contents["frames"]
+               else "it holds no frames")
+        raise RecordingInputError(f"{path} cannot be replayed: {why} and it holds no phase fractions")
+    return FROM_FRACTIONS, contents
+
+
+class ReducedReplay(RecordingReplay):
+    """The first series of a recording as its reduced messages (REDUCED_TYPES), paced as recorded."""
+
+    def __init__(self, path: str | Path, options: Mapping[str, Any] | None = None, *, spec: str | None = None) -> None:
+        super().__init__(path, {**dict(options or {}), "types": REDUCED_TYPES}, spec=spec)
+
+    def messages(self, stop_event: threading.Event) -> Iterator[Message]:
+        first: str | None = None
+        for message in super().messages(stop_event):
+            if first is None and message.type == "start":
+                first = message.series_id
+            if message.series_id != first:
+                continue
+            if message.type == "fraction":
+                self.counters["fractions"] += 1
+            elif message.type == "pattern":
+                self.counters["patterns"] += 1
+            yield message
+            if message.type == "end":
+                return
+
+
+def feed_reduced(path: str | Path, endpoint: str, stop_event: threading.Event,
+                 options: Mapping[str, Any] | None = None, send_timeout_s: float = 0.2) -> Counter:
+    """PUSH the first series' reduced messages of a recording to the inference at ``endpoint``
+    (its ``reduced`` PULL socket), paced by ``options["speed"]``; returns the replay counters.
+
+    A message the inference does not take (queue full, not started yet) is retried every
+    ``send_timeout_s`` seconds until ``stop_event`` is set; nothing is dropped."""
+    import zmq
+
+    replay = ReducedReplay(path, options)
+    context = zmq.Context()
+    socket = context.socket(zmq.PUSH)
+    socket.setsockopt(zmq.SNDTIMEO, int(send_timeout_s * 1000))
+    socket.setsockopt(zmq.LINGER, 5000)
+    socket.connect(endpoint)
+    try:
+        for message in replay.messages(stop_event):
+            while not stop_event.is_set():
+                try:
+                    protocol.send(socket, message)
+                    replay.counters["sent"] += 1
+                    break
+                except zmq.Again:
+                    continue
+            if stop_event.is_set():
+                break
+    finally:
+        socket.close()
+        context.term()
+    log.info("replayed %d fractions and %d patterns of %s into the inference", replay.counters["fractions"],
+             replay.counters["patterns"], path)
+    return replay.counters

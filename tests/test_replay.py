@@ -154,3 +154,120 @@ def test_damaged_recording_stops_cleanly(tmp_path):
     replayed = [m for _, m in collect(source)]
     assert [m.type for m in replayed] == ["start", "frame", "end"]
     assert replayed[-1]["reason"] == "aborted" and source.counters["malformed"] == 1
+
+
+# ------------------------------------------------ replay what a recording holds (issue 13, item 4)
+def kinetics_recording(path, n_frames=24, raw_frames=False, with_fractions=True):
+    """A recording as `beamkin run` writes it without raw frames: start, frames (header only),
+    fractions of an F1 reaction (t0 = 6 s, k = 0.7 1/s, sigma 0.02), end."""
+    from inference.models import alpha_numpy
+
+    t = np.arange(n_frames) * 0.5 + 0.25
+    y = alpha_numpy("F1", 0.7 * (t - 6.0)) + np.random.default_rng(2).normal(0, 0.02, n_frames)
+    messages = [make("start", series_id="rec1", kind="profile", source="test", detector={}, geometry={},
+                     frame_time_s=0.5, exposure_s=0.5, n_frames=n_frames, gas_time_s=3.0)]
+    for j in range(n_frames):
+        messages.append(make("frame", arrays={"image": np.zeros((4, 4), np.uint16)}, series_id="rec1",
+                             frame_index=j, time_s=float(t[j]), exposure_s=0.5))
+        if with_fractions:
+            messages.append(make("fraction", series_id="rec1", frame_index=j, time_s=float(t[j]), exposure_s=0.5,
+                                 alpha=float(y[j]), sigma_alpha=0.02, status="ok", reason=None))
+    messages.append(make("end", series_id="rec1", n_frames=n_frames, reason="completed"))
+    with Recorder(path, raw_frames=raw_frames) as recorder:
+        for i, message in enumerate(messages):
+            recorder.write(message, received_s=1_000_000.0 + 0.01 * i)
+    return messages
+
+
+def test_replay_plan_follows_what_the_recording_holds(tmp_path):
+    from streamer.recording_check import RecordingInputError
+    from streamer.replay import replay_plan
+
+    with_frames, without_frames, nothing = tmp_path / "a.h5", tmp_path / "b.h5", tmp_path / "c.h5"
+    kinetics_recording(with_frames, n_frames=4, raw_frames=True)
+    kinetics_recording(without_frames, n_frames=4, raw_frames=False)
+    kinetics_recording(nothing, n_frames=4, raw_frames=False, with_fractions=False)
+    mode, contents = replay_plan(with_frames)
+    assert mode == "frames" and contents["frames_with_data"] == 4 and contents["fractions"] == 4
+    mode, contents = replay_plan(without_frames)
+    assert mode == "fractions" and contents["frames"] == 4 and contents["frames_with_data"] == 0
+    assert replay_plan(with_frames, "fractions")[0] == "fractions"
+    with pytest.raises(RecordingInputError, match=r"4 of 4 frames were recorded without their image .*--from fractions"):
+        replay_plan(without_frames, "frames")
+    with pytest.raises(RecordingInputError, match="without their images .* and it holds no phase fractions"):
+        replay_plan(nothing)
+
+
+def test_reduced_replay_sends_the_first_series_fractions_and_patterns(tmp_path):
+    from streamer.replay import ReducedReplay
+
+    path = tmp_path / "rec.h5"
+    original = kinetics_recording(path, n_frames=5)
+    source = ReducedReplay(path, {"speed": 0, "progress": False})
+    replayed = [m for _, m in collect(source)]
+    assert [m.type for m in replayed] == ["start"] + ["fraction"] * 5 + ["end"]
+    for got, want in zip(replayed, [m for m in original if m.type != "frame"]):
+        assert_same(got, want)
+    assert source.counters["fractions"] == 5
+
+
+def test_replay_without_raw_frames_reproduces_the_live_posterior(tmp_path):
+    """`beamkin replay` of a recording made without raw frames feeds its fractions to a real
+    inference process; the result equals the live service's engine fed the same fractions."""
+    import json
+    import os
+    import signal
+
+    from beamkin import config as configuration
+    from beamkin.loopback import LoopbackPorts, beamkin_process
+    from inference.service import make_engine
+
+    path = tmp_path / "rec.h5"
+    messages = kinetics_recording(path)
+    out = tmp_path / "replayed.json"
+    process = beamkin_process("replay", str(path), "--speed", "0", "--json", str(out),
+                              "--inference.particles", "256", *LoopbackPorts.free().options())
+    try:
+        output, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, output[-3000:]
+    assert "holds no raw frames; replaying its 24 phase fractions" in output
+    assert "frame missing" not in output
+    replayed = json.loads(out.read_text())
+
+    table = configuration.defaults()["inference"]
+    table["particles"] = 256
+    live = make_engine(table, messages[0])
+    live.warm_up()
+    for m in messages:
+        if m.type == "fraction":
+            live.assimilate(m["frame_index"], m["time_s"], m["exposure_s"], m["alpha"], m["sigma_alpha"])
+    want = json.loads(json.dumps(live.result()))
+    # The live exact sampler tempers in the frames that arrived while it was busy as one batch, so
+    # the posterior equals the frame-by-frame one within Monte Carlo error, not bit for bit.
+    assert replayed["n_frames"] == 24 and sorted(replayed["models"]) == sorted(want["models"])
+    for name, model in want["models"].items():
+        assert abs(replayed["models"][name]["probability"] - model["probability"]) < 0.05
+    for param in ("t0", "k"):
+        got, ref = replayed["models"]["F1"]["params"][param], want["models"]["F1"]["params"][param]
+        assert abs(got["mean"] - ref["mean"]) < 0.5 * ref["sd"], (param, got, ref)
+        assert got["sd"] == pytest.approx(ref["sd"], rel=0.3)
+    t0 = replayed["models"]["F1"]["params"]["t0"]
+    assert t0["q05"] < 6.0 < t0["q95"]  # the truth of the recorded reaction
+
+
+def test_replay_that_cannot_be_done_says_why(tmp_path, capsys):
+    from beamkin import cli
+
+    path = tmp_path / "empty-series.h5"
+    kinetics_recording(path, n_frames=3, with_fractions=False)
+    assert cli.main(["replay", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"beamkin replay: {path} cannot be replayed: its frames were recorded without their images "
+                   "(raw_frames = false) and it holds no phase fractions\n")
+    with_fractions = tmp_path / "fractions-only.h5"
+    kinetics_recording(with_fractions, n_frames=3)
+    assert cli.main(["replay", str(with_fractions), "--from", "frames"]) == 2
+    assert "3 of 3 frames were recorded without their image" in capsys.readouterr().err
