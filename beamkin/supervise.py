@@ -26,6 +26,10 @@ from typing import Any
 log = logging.getLogger("beamkin.supervise")
 
 READY_LINE = "BEAMKIN-READY"
+#: Exit code of a stage that stopped because its input was rejected (the streamer with ``once``
+#: after a rejected start and no usable one within ``[streamer] rejected_wait_s``); its last
+#: ERROR line names the field and the value.
+EXIT_SERIES_REJECTED = 3
 
 
 class StageFailed(RuntimeError):
@@ -34,6 +38,11 @@ class StageFailed(RuntimeError):
     def __init__(self, name: str, returncode: int, tail: list[str]):
         self.name, self.returncode, self.tail = name, returncode, tail
         how = f"was killed by signal {-returncode}" if returncode < 0 else f"exited with code {returncode}"
+        if returncode == EXIT_SERIES_REJECTED:
+            how = f"rejected the series (exit code {returncode})"
+            reasons = [line for line in tail if "ERROR" in line]
+            if reasons:
+                how += f": {reasons[0].strip()}"
         detail = "\n    ".join(tail[-12:]) if tail else "(no output)"
         super().__init__(f"stage '{name}' {how}; its last output:\n    {detail}")
 

@@ -10,8 +10,14 @@ from __future__ import annotations
 
 
 class StreamDecodeError(ValueError):
-    """Input that cannot be decoded; the text says what was wrong, ``counter`` which kind."""
+    """Input that cannot be decoded; the text says what was wrong, ``counter`` which kind.
 
-    def __init__(self, text: str, counter: str = "malformed") -> None:
+    ``field`` and ``value`` (optional) name the message field at fault and a short rendering of
+    its value, so a rejected start message can be reported as "field X = Y".
+    """
+
+    def __init__(self, text: str, counter: str = "malformed", *, field: str | None = None, value: str | None = None) -> None:
         super().__init__(text)
         self.counter = counter
+        self.field = field
+        self.value = value

@@ -18,6 +18,10 @@ series; so does ``series_timeout_s`` (option, default 30 s) without a new file, 
 Frame i's time: ``i * frame_time + exposure / 2`` seconds since the first frame.
 An EIGER master file is one series by itself, its frames emitted as its data files appear.
 Files present before the source started are read too unless option ``skip_existing`` is true.
+
+Bad files never stop the source: a file that cannot be read is retried and then counted, and
+any other exception while reading one file is logged with the file name, counted as
+``handler_errors`` and the file skipped.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from beamkin.protocol import Message
 from streamer.eiger_h5 import iter_master_frames, read_master_start
 from streamer.errors import StreamDecodeError
 from streamer.profiles import PROFILE_SUFFIXES, read_profile
-from streamer.series import SeriesAssembler, make_detector, make_geometry
+from streamer.series import DEFAULT_FRAME_INDEX_WINDOW, SeriesAssembler, make_detector, make_geometry
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +129,8 @@ class FolderSource:
         self.max_retries = int(self.options.get("max_retries", 20))
         self.n_frames = self.options.get("n_frames")
         self.counters: Counter = Counter()
-        self.series = SeriesAssembler(self.spec, self.counters)
+        self.series = SeriesAssembler(self.spec, self.counters,
+                                      frame_index_window=int(self.options.get("frame_index_window", DEFAULT_FRAME_INDEX_WINDOW)))
         self._seen: dict[Path, _Seen] = {}
         self._done: set[Path] = set()
         self._prefix: str | None = None
@@ -198,7 +203,16 @@ class FolderSource:
 
     # ------------------------------------------------------------------ reading
     def _read(self, path: Path) -> list[Message] | None:
-        """Messages for one complete file; None when it should be retried later."""
+        """Messages for one complete file; None when it should be retried later (or was skipped)."""
+        try:
+            return self._read_file(path)
+        except Exception:  # a bug must cost one file, never the source
+            self._done.add(path)
+            self.counters["handler_errors"] += 1
+            log.exception("error reading %s; skipping it", path, extra={"series_id": self.series.series_id})
+            return None
+
+    def _read_file(self, path: Path) -> list[Message] | None:
         seen = self._seen[path]
         try:
             if not binary_section_complete(path, seen.size):
@@ -299,6 +313,11 @@ class FolderSource:
                 self._index = index + 1
         except (OSError, KeyError, ValueError, RuntimeError) as exc:  # a data file still being written
             log.debug("EIGER data not readable yet (%s); retrying", exc)
+        except Exception:  # anything else: this master file is given up, the source goes on
+            self.counters["handler_errors"] += 1
+            log.exception("error reading the frames of %s; ending its series", self._master,
+                          extra={"series_id": self.series.series_id})
+            return out + self._end_series()
         announced = self.series.start_fields.get("n_frames") if self.series.is_open else None
         if announced is not None and self._index >= announced:
             out.extend(self._end_series())

@@ -21,6 +21,12 @@ holds every message up to the last flushed one (readers take the shortest /log d
 
 The same ``start``/``end`` of a series may arrive twice (from the streamer's and the inference's
 PUB sockets); identical repeats are recorded once.
+
+Series ids are stored as HDF5 can hold them: NUL and lone surrogates (which HDF5 strings cannot
+hold) are percent-encoded in ``/log/series_id`` and in group names, and the group
+``/series/<id>`` keeps the original id exactly in its attribute ``series_id_json`` (JSON text);
+the original is also in the message's ``/log/header``. A message that still cannot be written is
+logged with its series and frame, counted (``write_errors``) and skipped; the recorder goes on.
 """
 
 from __future__ import annotations
@@ -50,11 +56,24 @@ LOG_FIELDS = ("received_s", "type", "series_id", "frame_index", "header", "array
 _STR = h5py.string_dtype("utf-8")
 
 
+def hdf5_text(text: str) -> str:
+    """``text`` with what an HDF5 string cannot hold percent-encoded: NUL as ``%00``, a lone
+    surrogate as ``%uXXXX``. Text without them is returned unchanged."""
+    if "\0" not in text:
+        try:
+            text.encode("utf-8")
+            return text
+        except UnicodeEncodeError:
+            pass
+    return "".join("%00" if c == "\0" else f"%u{ord(c):04X}" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
+
+
 def group_name(series_id: str | None) -> str:
-    """HDF5-safe group name of a series id ("/" and "." quoted; None -> "_none")."""
+    """HDF5-safe group name of a series id ("%", "/" and "." quoted, then :func:`hdf5_text`;
+    None -> "_none")."""
     if series_id is None or series_id == "":
         return "_none"
-    return series_id.replace("%", "%25").replace("/", "%2F").replace(".", "%2E")
+    return hdf5_text(series_id.replace("%", "%25").replace("/", "%2F").replace(".", "%2E"))
 
 
 class Recorder:
@@ -75,7 +94,16 @@ class Recorder:
             self._log[name] = group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
         self._n = 0
         self._lifecycle_seen: dict[tuple[str, str], str] = {}
+        self._series_groups: set[str] = set()
         self._file.flush()
+
+    def _series_group(self, series_id: str) -> None:
+        """Create /series/<id> once, with the exact original id as JSON text in ``series_id_json``."""
+        if series_id in self._series_groups:
+            return
+        group = self._file.require_group(f"series/{group_name(series_id)}")
+        group.attrs["series_id_json"] = json.dumps(series_id)
+        self._series_groups.add(series_id)
 
     def write(self, message: Message, received_s: float | None = None) -> None:
         """Append one message (arrays first, then its log row) and flush the file."""
@@ -92,6 +120,8 @@ class Recorder:
                 self.counters["repeated"] += 1
                 return
             self._lifecycle_seen[key] = header
+        if message.series_id:
+            self._series_group(message.series_id)
         refs: dict[str, Any] = {}
         for name, array in message.arrays.items():
             if message.type == "frame" and name == "image" and not self.raw_frames:
@@ -99,7 +129,7 @@ class Recorder:
                 continue
             refs[name] = self._append_array(message, name, np.asarray(array))
         row = self._n
-        values = (received_s, message.type, message.series_id or "",
+        values = (received_s, message.type, hdf5_text(message.series_id or ""),
                   -1 if message.frame_index is None else int(message.frame_index), header,
                   json.dumps(refs, separators=(",", ":")))
         # "type" goes last: a row whose type is still empty (a reader looking while this runs,
@@ -181,7 +211,7 @@ def run_recorder(endpoints: Iterable[str], path: str | Path, raw_frames: bool, s
                 recorder.counters["malformed"] += 1
                 log.warning("recorder dropping malformed message: %s", exc)
                 continue
-            recorder.write(message)
+            _write_surviving(recorder, message)
         # record what is still arriving: stop only after drain_ms without a message
         while poller.poll(drain_ms):
             try:
@@ -189,12 +219,22 @@ def run_recorder(endpoints: Iterable[str], path: str | Path, raw_frames: bool, s
             except ProtocolError:
                 recorder.counters["malformed"] += 1
                 continue
-            recorder.write(message)
+            _write_surviving(recorder, message)
     finally:
         recorder.close()
         socket.close(linger=0)
     log.info("recording %s closed: %s", path, dict(recorder.counters))
     return recorder.counters
+
+
+def _write_surviving(recorder: Recorder, message: Message) -> None:
+    """Write one message; an error is logged (series, frame), counted as ``write_errors`` and survived."""
+    try:
+        recorder.write(message)
+    except Exception:
+        recorder.counters["write_errors"] += 1
+        log.exception("recorder could not write a %s message", message.type,
+                      extra={"series_id": message.series_id, "frame_index": message.frame_index})
 
 
 def is_recording(path: str | Path) -> bool:

@@ -8,7 +8,23 @@ series lifecycle on untrustworthy input:
 * a start while a series is open (its end was lost): an ``end`` with reason ``"aborted"`` is
   synthesised for the open series first (counter ``missing_end``);
 * a duplicate frame index: dropped, counted (``duplicate_frame``);
+* a frame index at or beyond the announced ``n_frames``, or, when the length is unknown, more
+  than ``frame_index_window`` beyond the highest index so far: dropped, counted
+  (``frame_index_out_of_range``), so a stray ``image_id`` 200 000 in a 36-frame series never
+  reaches the analysis;
 * an end of a series that is not open: dropped, counted (``end_without_start``).
+
+Each kind of dropped frame is logged once per series as a WARNING (later ones at DEBUG) and
+summed up when the series ends, so a flood of bad frames cannot flood the log.
+
+Series ids are sanitised for every sink (:func:`safe_series_id`: percent-encoded UTF-8 outside
+``A-Z a-z 0-9 - _ . : + @``, at most 128 characters); an id that had to change keeps the
+original in the start's ``user_data["source_series_id"]``.
+
+A rejected start (:meth:`SeriesAssembler.reject`) is loud: one ERROR naming the field and the
+value; the series' images and end are counted as belonging to a rejected series
+(``rejected_series_frames``, ``rejected_series_end``) without a warning each; and a ``status``
+message with a ``rejected`` object (series id, field, value, reason) is emitted for the stage.
 
 Frame time when the source has no timestamps: ``t_i = i * frame_time + exposure / 2`` seconds
 since series start (mid-exposure).
@@ -16,9 +32,12 @@ since series start (mid-exposure).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import time
 from collections import Counter
 from typing import Any, Mapping
+from urllib.parse import quote
 
 import numpy as np
 
@@ -28,6 +47,30 @@ log = logging.getLogger(__name__)
 
 #: Speed of light times Planck's constant in eV * angstrom: lambda[A] = HC / E[eV].
 HC_EV_ANGSTROM = 12398.419843320026
+
+
+#: Characters a series id keeps as they are, besides ASCII letters and digits.
+SAFE_ID_CHARACTERS = "-_.:+@"
+MAX_SERIES_ID_LENGTH = 128
+#: Frames of a series of unknown length accepted beyond the highest frame index so far.
+DEFAULT_FRAME_INDEX_WINDOW = 1024
+
+
+def safe_series_id(raw: str) -> str:
+    """A series id safe for every sink (file names, HDF5 names and strings, logs, URLs).
+
+    Characters outside ASCII letters, digits and ``-_.:+@`` are percent-encoded as UTF-8 (so
+    NUL becomes ``%00`` and ``%`` itself ``%25``: the mapping is reversible); an empty id becomes
+    ``unnamed``; an id longer than 128 characters keeps its first 111 and ``~`` and 16 hex digits
+    of its SHA-256.
+    """
+    text = quote(raw, safe=SAFE_ID_CHARACTERS, errors="surrogatepass")
+    if not text:
+        return "unnamed"
+    if len(text) > MAX_SERIES_ID_LENGTH:
+        digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        text = text[: MAX_SERIES_ID_LENGTH - 17] + "~" + digest
+    return text
 
 
 def wavelength_from_energy(energy_ev: float | None) -> float | None:
@@ -83,46 +126,104 @@ def gas_time_from(*mappings: Any) -> float | None:
 
 
 class SeriesAssembler:
-    """Turns decoded start/frame/end events into validated beamkin messages (see module doc)."""
+    """Turns decoded start/frame/end events into validated beamkin messages (see module doc).
 
-    def __init__(self, source: str, counters: Counter | None = None) -> None:
+    ``frame_index_window``: frames accepted beyond the highest index so far when the series
+    length is unknown.
+    """
+
+    def __init__(self, source: str, counters: Counter | None = None, *,
+                 frame_index_window: int = DEFAULT_FRAME_INDEX_WINDOW) -> None:
         self.source = source
         self.counters: Counter = counters if counters is not None else Counter()
-        self.series_id: str | None = None
+        self.frame_index_window = max(1, int(frame_index_window))
+        self.series_id: str | None = None  # the open series' (sanitised) id
+        self.source_key: str | None = None  # its id as the source sent it
         self.start_fields: dict[str, Any] | None = None
+        self.rejected: dict[str, Any] | None = None  # the last rejected series, until the next start
         self._seen: set[int] = set()
         self._frames = 0
+        self._highest = -1
+        self._dropped: Counter = Counter()  # per kind, for the open (or rejected) series
 
     @property
     def is_open(self) -> bool:
         return self.series_id is not None
 
-    def _count(self, counter: str, text: str, *args: Any, series_id: str | None = None, frame_index: int | None = None) -> None:
+    def count_dropped(self, counter: str, text: str, *args: Any, series_id: str | None = None, frame_index: int | None = None) -> None:
+        """Count a dropped event; WARNING the first time per series and kind, DEBUG afterwards."""
         self.counters[counter] += 1
-        log.warning(text, *args, extra={"series_id": series_id, "frame_index": frame_index})
+        self._dropped[counter] += 1
+        level = logging.WARNING if self._dropped[counter] == 1 else logging.DEBUG
+        if level == logging.WARNING and self.is_open:
+            text += " (further ones in this series are counted, not logged)"
+        log.log(level, text, *args, extra={"series_id": series_id, "frame_index": frame_index})
+
+    def _key_matches(self, key: str | None, reference: str | None) -> bool:
+        return key is None or key == reference
 
     def start(self, fields: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> list[Message]:
-        """A series starts: ``fields`` are the start fields except ``source``."""
+        """A series starts: ``fields`` are the start fields except ``source``; ``fields["series_id"]``
+        is the id as the source sent it (sanitised here)."""
         out = []
+        fields = dict(fields)
+        raw_id = fields.get("series_id")
+        if isinstance(raw_id, str):
+            safe = safe_series_id(raw_id)
+            if safe != raw_id:
+                user_data = dict(fields.get("user_data") or {})
+                user_data["source_series_id"] = raw_id
+                fields["user_data"] = user_data
+                fields["series_id"] = safe
+                self.counters["series_id_sanitised"] += 1
+                log.warning("series id %r sanitised to %r (the original is kept as user_data.source_series_id)",
+                            raw_id[:200], safe, extra={"series_id": safe})
         try:
             message = make("start", arrays=arrays, source=self.source, **fields)
         except ProtocolError as exc:
-            self._count("malformed", "dropping invalid start message: %s", exc, series_id=fields.get("series_id"))
-            return out
+            return self.reject(raw_id if isinstance(raw_id, str) else None, None, None, str(exc))
         if self.is_open:
-            self._count(
-                "missing_end", "series %s had no end before series %s started; ending it as aborted",
-                self.series_id, message["series_id"], series_id=self.series_id,
-            )
-            out.extend(self.end(self.series_id, reason="aborted"))
+            self.counters["missing_end"] += 1
+            log.warning("series %s had no end before series %s started; ending it as aborted",
+                        self.series_id, message["series_id"], extra={"series_id": self.series_id})
+            out.extend(self.end(self.source_key, reason="aborted"))
+        self.rejected = None
         self.series_id = message["series_id"]
+        self.source_key = raw_id if isinstance(raw_id, str) else message["series_id"]
         self.start_fields = message.fields
         self._seen = set()
         self._frames = 0
+        self._highest = -1
+        self._dropped = Counter()
         self.counters["series"] += 1
         log.info("series %s started (%s)", self.series_id, self.source, extra={"series_id": self.series_id})
         out.append(message)
         return out
+
+    def reject(self, series_key: str | None, field: str | None, value: Any, reason: str) -> list[Message]:
+        """A start message that cannot be used: ERROR naming the field and the value; the series'
+        images and end are then counted as belonging to a rejected series. Returns the messages to
+        emit: an aborted end of a series left open, and a ``status`` saying what was rejected."""
+        out: list[Message] = []
+        if self.is_open:
+            self.counters["missing_end"] += 1
+            out.extend(self.close())
+        self.counters["series_rejected"] += 1
+        shown = None if value is None else str(value)[:200]
+        where = f"field {field} = {shown}: " if field is not None else ""
+        safe = safe_series_id(series_key) if isinstance(series_key, str) else None
+        log.error("rejected the start of series %s: %s%s; its images and end will be counted, not analysed",
+                  safe, where, reason, extra={"series_id": safe})
+        self.rejected = {"series_id": safe, "key": series_key, "field": field, "value": shown,
+                         "reason": f"{where}{reason}", "at_unix_s": time.time()}
+        self._dropped = Counter()
+        public = {k: v for k, v in self.rejected.items() if k != "key"}
+        out.append(make("status", stage="source", series_id=safe,
+                        counters={"series_rejected": self.counters["series_rejected"]}, rejected=public))
+        return out
+
+    def _belongs_to_rejected(self, series_key: str | None) -> bool:
+        return self.rejected is not None and not self.is_open and self._key_matches(series_key, self.rejected["key"])
 
     def frame_time(self, frame_index: int) -> float:
         """Mid-exposure time of a frame without timestamps: i * frame_time + exposure / 2 (s)."""
@@ -137,23 +238,37 @@ class SeriesAssembler:
         time_s: float | None = None,
         exposure_s: float | None = None,
     ) -> list[Message]:
-        """A frame of ``series_id`` (None: the open series). Returns [] when it is dropped."""
+        """A frame of the series the source calls ``series_id`` (None: the open series).
+        Returns [] when it is dropped."""
+        if self._belongs_to_rejected(series_id):
+            self.counters["rejected_series_frames"] += 1
+            return []
         if not self.is_open:
-            self._count("frame_before_start", "dropping frame %s: no series is open", frame_index,
+            self.count_dropped("frame_before_start", "dropping frame %s: no series is open", frame_index,
                         series_id=series_id, frame_index=frame_index)
             return []
-        if series_id is not None and series_id != self.series_id:
-            self._count("series_mismatch", "dropping frame %s of series %s while series %s is open",
-                        frame_index, series_id, self.series_id, series_id=series_id, frame_index=frame_index)
+        if series_id is not None and series_id != self.source_key:
+            self.count_dropped("series_mismatch", "dropping frame %s of series %s while series %s is open",
+                        frame_index, str(series_id)[:200], self.series_id, series_id=self.series_id, frame_index=frame_index)
+            return []
+        expected_frames = self.start_fields.get("n_frames")
+        if expected_frames is not None and expected_frames >= 0 and frame_index >= expected_frames:
+            self.count_dropped("frame_index_out_of_range", "dropping frame %s: the series announced %d frames",
+                        frame_index, expected_frames, series_id=self.series_id, frame_index=frame_index)
+            return []
+        if expected_frames is None and frame_index > self._highest + self.frame_index_window:
+            self.count_dropped("frame_index_out_of_range",
+                        "dropping frame %s: more than %d beyond the highest frame index so far (%d) of a series of unknown length",
+                        frame_index, self.frame_index_window, self._highest, series_id=self.series_id, frame_index=frame_index)
             return []
         if frame_index in self._seen:
-            self._count("duplicate_frame", "dropping duplicate frame %s", frame_index,
+            self.count_dropped("duplicate_frame", "dropping duplicate frame %s", frame_index,
                         series_id=self.series_id, frame_index=frame_index)
             return []
         if "image" in arrays:
             expected = tuple(self.start_fields["detector"]["shape"])
             if arrays["image"].shape != expected:
-                self._count("shape_mismatch", "dropping frame %s: image shape %s, detector shape %s",
+                self.count_dropped("shape_mismatch", "dropping frame %s: image shape %s, detector shape %s",
                             frame_index, arrays["image"].shape, expected,
                             series_id=self.series_id, frame_index=frame_index)
                 return []
@@ -165,22 +280,30 @@ class SeriesAssembler:
             message = make("frame", arrays=arrays, series_id=self.series_id, frame_index=int(frame_index),
                            time_s=float(time_s), exposure_s=float(exposure_s))
         except ProtocolError as exc:
-            self._count("malformed", "dropping invalid frame %s: %s", frame_index, exc,
+            self.count_dropped("malformed", "dropping invalid frame %s: %s", frame_index, exc,
                         series_id=self.series_id, frame_index=frame_index)
             return []
         self._seen.add(frame_index)
+        self._highest = max(self._highest, frame_index)
         self._frames += 1
         self.counters["frames"] += 1
         return [message]
 
     def end(self, series_id: str | None, reason: str | None = None) -> list[Message]:
-        """The end of ``series_id`` (None: the open one); reason defaults from the frame count."""
-        if not self.is_open:
-            self._count("end_without_start", "dropping end of series %s: no series is open", series_id, series_id=series_id)
+        """The end of the series the source calls ``series_id`` (None: the open one); reason
+        defaults from the frame count."""
+        if self._belongs_to_rejected(series_id):
+            self.counters["rejected_series_end"] += 1
+            log.info("end of rejected series %s (%d of its images were not analysed)", self.rejected["series_id"],
+                     self.counters["rejected_series_frames"], extra={"series_id": self.rejected["series_id"]})
             return []
-        if series_id is not None and series_id != self.series_id:
-            self._count("series_mismatch", "dropping end of series %s while series %s is open",
-                        series_id, self.series_id, series_id=series_id)
+        if not self.is_open:
+            self.count_dropped("end_without_start", "dropping end of series %s: no series is open",
+                        None if series_id is None else str(series_id)[:200], series_id=series_id)
+            return []
+        if series_id is not None and series_id != self.source_key:
+            self.count_dropped("series_mismatch", "dropping end of series %s while series %s is open",
+                        str(series_id)[:200], self.series_id, series_id=self.series_id)
             return []
         expected = self.start_fields.get("n_frames")
         if reason is None:
@@ -188,15 +311,20 @@ class SeriesAssembler:
         if reason == "aborted":
             log.warning("series %s ended aborted after %d of %s frames", self.series_id, self._frames, expected,
                         extra={"series_id": self.series_id})
+        if self._dropped:
+            log.warning("series %s: frames dropped at the door: %s", self.series_id, dict(self._dropped),
+                        extra={"series_id": self.series_id})
         message = make("end", series_id=self.series_id, n_frames=self._frames, reason=reason)
         log.info("series %s ended (%s, %d frames)", self.series_id, reason, self._frames, extra={"series_id": self.series_id})
         self.series_id = None
+        self.source_key = None
         self.start_fields = None
         self._seen = set()
+        self._dropped = Counter()
         return [message]
 
     def close(self) -> list[Message]:
         """The source is stopping: end an open series as aborted so consumers can close it."""
         if self.is_open:
-            return self.end(self.series_id, reason="aborted")
+            return self.end(self.source_key, reason="aborted")
         return []

@@ -8,7 +8,18 @@ says ``done``, and hands the frames of a worker that goes silent to another one,
 lost. A worker declared lost that speaks again simply joins anew.
 
 Messages: ``start``/``end`` go to the inference (PUSH) and to every worker before its first
-frame of that series; every message is published on the raw PUB for the recorder.
+frame of that series. Every message goes to the recorder's own socket (``[endpoints] record``,
+XPUB_NODROP: lossless, the streamer waits for a slow recorder once ``record_hwm`` messages are
+queued) and to the raw PUB for live viewers (``[endpoints] raw``: never waits; a slow subscriber
+holds at most ``raw_budget_bytes`` of frames and then misses frames, see
+:class:`beamkin.sockets.BudgetedPublisher`).
+
+Hostile input (issue 11): a malformed message from a DEALER is logged, counted and survived; any
+exception while handling one message is logged with its series and frame, counted
+(``handler_errors``) and survived. Per-series state is bounded: a series' start is kept only
+while it is open or has frames pending or in flight. A source that fails makes the stage exit 1
+(never 0), and with ``once`` a rejected start not followed by a usable one within
+``rejected_wait_s`` makes it exit :data:`EXIT_SERIES_REJECTED` with the rejection as the reason.
 """
 
 from __future__ import annotations
@@ -24,11 +35,18 @@ from typing import Any
 import zmq
 
 from beamkin import protocol, sockets
-from beamkin.supervise import signal_ready
+from beamkin.supervise import EXIT_SERIES_REJECTED, signal_ready
 
 log = logging.getLogger(__name__)
 
 STATUS_PERIOD_S = 1.0
+#: A worker announcing more capacity than this is held to it (a hostile `ready` cannot make the
+#: streamer hand one peer every frame); quiet_s is held to [0, MAX_QUIET_S] seconds.
+MAX_WORKER_CAPACITY = 256
+MAX_QUIET_S = 3600.0
+#: Workers send only small `ready` / `done` messages: the ROUTER disconnects a peer sending a part
+#: larger than this (bytes) before it is ever assembled in memory (ZMQ_MAXMSGSIZE).
+MAX_WORKER_MESSAGE_BYTES = 1 << 20
 
 
 @dataclass
@@ -52,24 +70,41 @@ class FrameDispatcher:
         self.workers: dict[bytes, WorkerState] = {}
         self.pending: collections.deque[protocol.Message] = collections.deque()
         self.starts: dict[str, protocol.Message] = {}
+        self.ended: set[str] = set()  # ended series whose start is kept until their frames are done
         self.counters = collections.Counter()
 
     # -- worker side -------------------------------------------------------------------
     def handle_worker_message(self) -> None:
+        """Read one message from a worker; malformed input is logged, counted and survived."""
         try:
             (identity,), message = protocol.recv(self.router, prefix_parts=1)
         except protocol.ProtocolError as exc:
             self.counters["malformed_worker_messages"] += 1
             log.warning("malformed message from a reducer worker: %s", exc)
             return
+        try:
+            self._worker_message(identity, message)
+        except Exception:  # never let one peer's message take the streamer down
+            self.counters["handler_errors"] += 1
+            log.exception("error handling a %s message from a reducer worker", message.type,
+                          extra={"series_id": message.series_id, "frame_index": message.frame_index})
+
+    def _worker_message(self, identity: bytes, message: protocol.Message) -> None:
         worker = self.workers.get(identity)
         if worker is None:
-            worker = self.workers[identity] = WorkerState(identity, message.get("worker", "?"))
+            name = message.get("worker", "?")
+            worker = self.workers[identity] = WorkerState(identity, name[:64] if isinstance(name, str) else "?")
             log.info("reducer worker %s joined", worker.name)
         worker.last_seen = time.monotonic()
         if message.type == "ready":
-            worker.capacity = message["capacity"]
-            worker.quiet_s = float(message.get("quiet_s", 0.0))
+            capacity = message["capacity"]
+            if not 0 <= capacity <= MAX_WORKER_CAPACITY:
+                self.counters["worker_capacity_clamped"] += 1
+                log.warning("reducer worker %s announced capacity %d; using %d", worker.name, capacity,
+                            min(max(capacity, 0), MAX_WORKER_CAPACITY))
+            worker.capacity = min(max(capacity, 0), MAX_WORKER_CAPACITY)
+            quiet = message.get("quiet_s", 0.0)
+            worker.quiet_s = min(max(float(quiet), 0.0), MAX_QUIET_S) if quiet == quiet else 0.0  # NaN -> 0
         elif message.type == "done":
             key = (message["series_id"], message["frame_index"])
             if worker.in_flight.pop(key, None) is not None:
@@ -123,9 +158,38 @@ class FrameDispatcher:
     def in_flight(self) -> int:
         return sum(len(w.in_flight) for w in self.workers.values())
 
+    # -- bounded per-series state -----------------------------------------------------
+    def series_started(self, start: protocol.Message) -> None:
+        self.starts[start["series_id"]] = start
+        self.ended.discard(start["series_id"])
 
-def _read_source(source, stop: threading.Event, inbox: queue.Queue) -> None:
-    """Source thread: put normalised messages on the bounded inbox (blocks = backpressure)."""
+    def series_ended(self, series_id: str) -> None:
+        self.ended.add(series_id)
+        self.release_finished()
+
+    def release_finished(self) -> None:
+        """Forget the start of every ended series with no frame pending or in flight, and which
+        workers had it: the state kept is that of open series and of frames still owed."""
+        if not self.ended:
+            return
+        owed = {m["series_id"] for m in self.pending}
+        for worker in self.workers.values():
+            owed.update(series_id for series_id, _ in worker.in_flight)
+        for series_id in list(self.ended):
+            if series_id in owed:
+                continue
+            self.ended.discard(series_id)
+            self.starts.pop(series_id, None)
+            for worker in self.workers.values():
+                worker.series_started.discard(series_id)
+
+
+def _read_source(source, stop: threading.Event, inbox: queue.Queue, failure: list) -> None:
+    """Source thread: put normalised messages on the bounded inbox (blocks = backpressure).
+
+    An exception escaping the source (a bug: sources handle bad input themselves) is logged and
+    recorded in ``failure``, so the stage exits non-zero instead of looking finished.
+    """
     try:
         for message in source.messages(stop):
             while not stop.is_set():
@@ -136,10 +200,26 @@ def _read_source(source, stop: threading.Event, inbox: queue.Queue) -> None:
                     continue
             if stop.is_set():
                 break
-    except Exception:  # a source bug must not hang the stage: report it and stop
+    except Exception as exc:  # a source bug must not hang the stage: report it and stop
+        failure.append(f"source {getattr(source, 'spec', source)} failed: {type(exc).__name__}: {exc}")
         log.exception("source %s failed", getattr(source, "spec", source))
     finally:
         inbox.put(None)
+
+
+def frame_bytes(start: protocol.Message) -> int:
+    """Approximate size in bytes of one frame message of the series ``start`` announces:
+    ny * nx * bytes per pixel (from ``bit_depth``, 4 when unknown) for images, 24 bytes per
+    point (2theta, counts, sigma as float64) for profiles, plus 1 KiB of header."""
+    detector = start.get("detector") or {}
+    shape = detector.get("shape") if isinstance(detector, dict) else None
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)):
+        return 4 << 20
+    if start.get("kind") == "profile":
+        return 24 * shape[0] * shape[1] + 1024
+    bits = detector.get("bit_depth")
+    per_pixel = 4 if not isinstance(bits, int) or bits <= 0 else 1 if bits <= 8 else 2 if bits <= 16 else 4 if bits <= 32 else 8
+    return shape[0] * shape[1] * per_pixel + 1024
 
 
 #: [streamer] keys whose "unknown" value in TOML (which has no null) is 0, [] or negative
@@ -158,6 +238,11 @@ def source_options(streamer_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_streamer(config: dict[str, Any], stop: threading.Event) -> int:
+    """Run the streamer stage until the source ends, ``once`` is satisfied or ``stop`` is set.
+
+    Returns the exit code: 0 when done, 1 when the source failed, EXIT_SERIES_REJECTED when
+    ``once`` is set and the only series was rejected (see the module doc).
+    """
     from streamer.sources import open_source
 
     options = config["streamer"]
@@ -167,12 +252,15 @@ def run_streamer(config: dict[str, Any], stop: threading.Event) -> int:
     router = context.socket(zmq.ROUTER)
     router.setsockopt(zmq.ROUTER_MANDATORY, 1)
     router.setsockopt(zmq.LINGER, 1000)
+    router.setsockopt(zmq.MAXMSGSIZE, MAX_WORKER_MESSAGE_BYTES)
     sockets.bind(router, endpoints["frames"])
-    raw = sockets.publisher(context, endpoints["raw"])
+    raw = sockets.BudgetedPublisher(context, endpoints["raw"], options["raw_budget_bytes"])
+    record = sockets.publisher(context, endpoints["record"], hwm=options["record_hwm"])
     to_inference = sockets.pusher(context, endpoints["reduced"])
     dispatcher = FrameDispatcher(router, options["worker_timeout_s"])
     inbox: queue.Queue = queue.Queue(maxsize=max(1, int(options["max_pending_frames"])))
-    reader = threading.Thread(target=_read_source, args=(source, stop, inbox), name="source", daemon=True)
+    failure: list[str] = []
+    reader = threading.Thread(target=_read_source, args=(source, stop, inbox, failure), name="source", daemon=True)
     reader.start()
     log.info("streamer reading %s; workers connect to %s", options["source"], endpoints["frames"])
     signal_ready()
@@ -180,11 +268,37 @@ def run_streamer(config: dict[str, Any], stop: threading.Event) -> int:
     def send_status() -> None:
         counters = {**dispatcher.counters, **getattr(source, "counters", {}),
                     "workers": len(dispatcher.workers), "frames_pending": len(dispatcher.pending),
-                    "frames_in_flight": dispatcher.in_flight}
+                    "frames_in_flight": dispatcher.in_flight, "raw_hwm": raw.hwm}
         protocol.send(to_inference, protocol.make("status", stage="streamer", series_id=None, counters=counters))
 
+    def handle(message: protocol.Message) -> None:
+        if message.type == "status":  # from the source: a rejected series (its reason and counters)
+            rejected = message.get("rejected")
+            if isinstance(rejected, dict):
+                state["rejected"] = (time.monotonic(), rejected)
+            protocol.send(to_inference, message)
+            return
+        if message.type == "frame":
+            message.fields["received_unix_s"] = time.time()
+        elif message.type == "start":
+            state["rejected"] = None
+            raw.size_for(frame_bytes(message))
+        sockets.publish(record, message, stop)
+        raw.publish(message)
+        if message.type == "frame":
+            dispatcher.pending.append(message)
+            dispatcher.counters["frames_received"] += 1
+        elif message.type in ("start", "end"):
+            if message.type == "start":
+                dispatcher.series_started(message)
+            else:
+                state["series_ended"] += 1
+                dispatcher.series_ended(message["series_id"])
+            protocol.send(to_inference, message)
+
+    state: dict[str, Any] = {"series_ended": 0, "rejected": None}
     source_done = False
-    series_ended = 0
+    exit_code = 0
     last_status = time.monotonic()
     while not stop.is_set():
         if router.poll(20):
@@ -198,32 +312,41 @@ def run_streamer(config: dict[str, Any], stop: threading.Event) -> int:
             if message is None:
                 source_done = True
                 break
-            if message.type == "frame":
-                message.fields["received_unix_s"] = time.time()
-            sockets.publish(raw, message, stop)
-            if message.type == "frame":
-                dispatcher.pending.append(message)
-                dispatcher.counters["frames_received"] += 1
-            elif message.type in ("start", "end"):
-                if message.type == "start":
-                    dispatcher.starts[message["series_id"]] = message
-                else:
-                    series_ended += 1
-                protocol.send(to_inference, message)
+            try:
+                handle(message)
+            except Exception:  # one message must never take the stage down
+                dispatcher.counters["handler_errors"] += 1
+                log.exception("error handling a %s message", message.type,
+                              extra={"series_id": message.series_id, "frame_index": message.frame_index})
         dispatcher.dispatch()
         dispatcher.expire_silent_workers()
+        dispatcher.release_finished()
         now = time.monotonic()
         if now - last_status >= STATUS_PERIOD_S:
             last_status = now
             send_status()
         idle = not dispatcher.pending and dispatcher.in_flight == 0
-        if idle and ((options["once"] and series_ended >= 1) or source_done):
+        rejected = state["rejected"]
+        if options["once"] and rejected is not None and (source_done or now - rejected[0] >= options["rejected_wait_s"]):
+            log.error("no usable series within %.1f s after series %s was rejected: %s", options["rejected_wait_s"],
+                      rejected[1].get("series_id"), rejected[1].get("reason"),
+                      extra={"series_id": rejected[1].get("series_id")})
+            exit_code = EXIT_SERIES_REJECTED
             break
-    send_status()  # the final counts, for the dashboard's health panel
+        if idle and ((options["once"] and state["series_ended"] >= 1) or source_done):
+            break
+    if failure:
+        log.error("streamer stopping because the %s", failure[0])
+        exit_code = 1
+    try:
+        send_status()  # the final counts, for the dashboard's health panel
+    except zmq.ZMQError as exc:
+        log.warning("final status not sent: %s", exc)
     log.info("streamer stopping: %s", dict(dispatcher.counters))
     stop.set()
     reader.join(timeout=2)
-    for socket in (router, raw, to_inference):
+    raw.close(0)
+    for socket in (router, record, to_inference):
         socket.close(linger=1000)
     context.term()
-    return 0
+    return exit_code

@@ -22,6 +22,12 @@ photon_energy in eV), nimages * ntrigger frames, count_time and frame_time (s).
 Every multipart message is decoded on its own ``htype``, so the decoder resynchronises after an
 aborted series: a new header while a series is open ends it as ``aborted``. With
 ``header_detail = "none"`` the start message is emitted at the first image (shape from it).
+
+:meth:`StreamV1Decoder.feed` never raises: bad input is dropped and counted (JSON nested too
+deep, times that are not finite numbers of nanoseconds, sizes out of range included), a header
+that cannot start a series is rejected loudly (one ERROR naming the field and the value, see
+:meth:`streamer.series.SeriesAssembler.reject`), and any other exception while handling one
+message is logged, counted as ``handler_errors`` and survived.
 """
 
 from __future__ import annotations
@@ -39,8 +45,9 @@ import numpy as np
 from beamkin.protocol import Message
 from streamer import compression
 from streamer.errors import StreamDecodeError
-from streamer.series import SeriesAssembler, gas_time_from, make_detector, make_geometry, wavelength_from_energy
-from streamer.stream_v2 import user_data_dict
+from streamer.series import (DEFAULT_FRAME_INDEX_WINDOW, SeriesAssembler, gas_time_from, make_detector, make_geometry,
+                             wavelength_from_energy)
+from streamer.stream_v2 import MAX_IMAGE_SIDE, MAX_TIME_S, _short, finite_float, user_data_dict
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +65,8 @@ def _json_part(part: Any, what: str) -> dict:
         value = json.loads(_part_bytes(part))
     except (UnicodeDecodeError, ValueError) as exc:
         raise StreamDecodeError(f"{what} is not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise StreamDecodeError(f"{what} nests JSON too deeply") from exc
     if not isinstance(value, dict):
         raise StreamDecodeError(f"{what} is a JSON {type(value).__name__}, not an object")
     return value
@@ -102,8 +111,8 @@ def decode_blob(blob: bytes, shape_yx: tuple[int, int], dtype: np.dtype, encodin
         else:
             try:
                 raw = bitshuffle.decompress_lz4(np.frombuffer(blob, np.uint8), (shape_yx[0] * shape_yx[1],), dtype).tobytes()
-            except (ValueError, RuntimeError) as exc:
-                raise StreamDecodeError(f"bitshuffle-lz4 decompression failed: {exc}") from exc
+            except Exception as exc:  # the C extension raises several types for corrupt data
+                raise StreamDecodeError(f"bitshuffle-lz4 decompression failed: {type(exc).__name__}: {exc}") from exc
     else:
         raise StreamDecodeError(f"unknown encoding {encoding!r:.40}", "unsupported_compression")
     if len(raw) != nbytes:
@@ -113,26 +122,48 @@ def decode_blob(blob: bytes, shape_yx: tuple[int, int], dtype: np.dtype, encodin
 
 
 def _num(config: Mapping, key: str) -> float | None:
+    """A finite number of the header config (SIMPLON ``{"value": x}`` or plain), else None."""
     value = config.get(key)
     if isinstance(value, dict):  # SIMPLON style {"value": ...}
         value = value.get("value")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
-        return float(value)
-    return None
+    return finite_float(value)
+
+
+def _nanoseconds(times: Mapping, key: str) -> float | None:
+    """A dconfig time in nanoseconds as seconds; StreamDecodeError unless a finite number within
+    +-MAX_TIME_S seconds; None when absent."""
+    value = times.get(key)
+    if value is None:
+        return None
+    number = finite_float(value)
+    if number is None or abs(number) * 1e-9 > MAX_TIME_S:
+        raise StreamDecodeError(f"dconfig {key} {_short(value)} is not a time in nanoseconds within +-{MAX_TIME_S:g} s",
+                                field=key, value=_short(value))
+    return number * 1e-9
 
 
 class StreamV1Decoder:
     """Stateful Stream V1 -> beamkin message normaliser; :meth:`feed` never raises for bad input."""
 
     def __init__(self, source: str = "dectris1:", *, max_bytes: int = compression.DEFAULT_MAX_BYTES,
-                 counters: Counter | None = None) -> None:
+                 counters: Counter | None = None, frame_index_window: int = DEFAULT_FRAME_INDEX_WINDOW) -> None:
         self.counters: Counter = counters if counters is not None else Counter()
-        self.series = SeriesAssembler(source, self.counters)
+        self.series = SeriesAssembler(source, self.counters, frame_index_window=frame_index_window)
         self.max_bytes = max_bytes
         self._pending: dict[str, Any] | None = None  # header without config, waiting for the first image
 
     def feed(self, parts: Sequence[Any]) -> list[Message]:
         """Decode one multipart message; returns the beamkin messages it yields (maybe none)."""
+        try:
+            return self._feed(parts)
+        except Exception:  # a bug must cost one message, never the stage
+            self.counters["handler_errors"] += 1
+            log.exception("error handling a Stream V1 message", extra={"series_id": self.series.series_id})
+            return []
+
+    def _feed(self, parts: Sequence[Any]) -> list[Message]:
+        htype = None
+        first: Mapping = {}
         try:
             if not parts:
                 raise StreamDecodeError("empty multipart message")
@@ -144,10 +175,15 @@ class StreamV1Decoder:
                 return self._image(first, parts)
             if htype == "dseries_end-1.0":
                 return self._end(first)
-            raise StreamDecodeError(f"unknown htype {htype!r:.40}", "unknown_htype")
+            raise StreamDecodeError(f"unknown htype {_short(htype, 40)}", "unknown_htype")
         except StreamDecodeError as exc:
-            self.counters[exc.counter] += 1
-            log.warning("dropping Stream V1 message (%s): %s", exc.counter, exc, extra={"series_id": self.series.series_id})
+            if htype == "dheader-1.0":
+                key = first.get("series")
+                key = str(key) if isinstance(key, (int, str)) and not isinstance(key, bool) else None
+                return self.series.reject(key, exc.field, exc.value, str(exc))
+            frame = first.get("frame") if isinstance(first.get("frame"), int) else None
+            self.series.count_dropped(exc.counter, "dropping Stream V1 message (%s): %s", exc.counter, exc,
+                                      series_id=self.series.series_id, frame_index=frame)
             return []
 
     def close(self) -> list[Message]:
@@ -156,7 +192,7 @@ class StreamV1Decoder:
     @staticmethod
     def _series(value: Any) -> str:
         if not isinstance(value, (int, str)) or isinstance(value, bool):
-            raise StreamDecodeError(f"series {value!r:.40} is not a number")
+            raise StreamDecodeError(f"series {_short(value, 40)} is not a number", field="series", value=_short(value))
         return str(value)
 
     def _header(self, first: Mapping, parts: Sequence[Any]) -> list[Message]:
@@ -171,7 +207,7 @@ class StreamV1Decoder:
             part = rest.pop(0)
             try:
                 meta = json.loads(_part_bytes(part))
-            except (UnicodeDecodeError, ValueError):
+            except (UnicodeDecodeError, ValueError, RecursionError):
                 meta = None
             htype = meta.get("htype") if isinstance(meta, dict) else None
             if htype in ("dflatfield-1.0", "dpixelmask-1.0", "dcountrate_table-1.0"):
@@ -202,9 +238,14 @@ class StreamV1Decoder:
     def _start_fields(self, series_id: str, config: Mapping, user_data: dict, shape: tuple[int, int] | None) -> dict:
         nx, ny = _num(config, "x_pixels_in_detector"), _num(config, "y_pixels_in_detector")
         if nx is not None and ny is not None:
+            for name, value in (("x_pixels_in_detector", nx), ("y_pixels_in_detector", ny)):
+                if not (1 <= value <= MAX_IMAGE_SIDE and value == int(value)):
+                    raise StreamDecodeError(f"header config {name} must be an integer in [1, {MAX_IMAGE_SIDE}]",
+                                            field=name, value=_short(value))
             shape = (int(ny), int(nx))
         if shape is None:
-            raise StreamDecodeError("header config lacks x/y_pixels_in_detector")
+            raise StreamDecodeError("header config lacks x/y_pixels_in_detector", field="x_pixels_in_detector",
+                                    value=_short(config.get("x_pixels_in_detector")))
         px, py = _num(config, "x_pixel_size"), _num(config, "y_pixel_size")
         bx, by = _num(config, "beam_center_x"), _num(config, "beam_center_y")
         wavelength = _num(config, "wavelength") or wavelength_from_energy(_num(config, "photon_energy"))
@@ -212,6 +253,10 @@ class StreamV1Decoder:
         frame_time = frame_time if frame_time is not None else (count_time or 0.0)
         count_time = count_time if count_time is not None else frame_time
         nimages, ntrigger = _num(config, "nimages"), _num(config, "ntrigger")
+        if nimages is not None and not 1 <= nimages * (ntrigger or 1) <= 1 << 40:
+            log.warning("ignoring header config nimages = %s x ntrigger = %s: not a frame count", nimages, ntrigger,
+                        extra={"series_id": series_id})
+            nimages = None
         saturation = _num(config, "countrate_correction_count_cutoff")
         bit_depth = _num(config, "bit_depth_image")
         description = config.get("description")
@@ -226,7 +271,7 @@ class StreamV1Decoder:
                                       wavelength),
             "frame_time_s": frame_time,
             "exposure_s": count_time,
-            "n_frames": None if nimages is None else int(nimages) * int(ntrigger or 1),
+            "n_frames": None if nimages is None else int(nimages * (ntrigger or 1)),
             "gas_time_s": gas_time_from(user_data),
             "user_data": user_data,
         }
@@ -251,12 +296,12 @@ class StreamV1Decoder:
         time_s = exposure_s = None
         if len(parts) >= 4:
             times = _json_part(parts[3], "dconfig part")
-            start, stop, real = (times.get(k) for k in ("start_time", "stop_time", "real_time"))
-            if isinstance(start, (int, float)) and isinstance(stop, (int, float)):
-                time_s = (start + stop) / 2 * 1e-9
-                exposure_s = (stop - start) * 1e-9
-            if isinstance(real, (int, float)) and not isinstance(real, bool):
-                exposure_s = real * 1e-9
+            start, stop, real = (_nanoseconds(times, k) for k in ("start_time", "stop_time", "real_time"))
+            if start is not None and stop is not None:
+                time_s = (start + stop) / 2
+                exposure_s = stop - start
+            if real is not None:
+                exposure_s = real
         out.extend(self.series.frame(series_id, frame, {"image": image}, time_s, exposure_s))
         return out
 
@@ -276,7 +321,8 @@ class StreamV1Source:
         self.endpoint = endpoint
         self.spec = spec or f"dectris1:{endpoint}"
         self.poll_ms = int(options.get("poll_ms", 100))
-        self.decoder = StreamV1Decoder(self.spec, max_bytes=int(options.get("max_bytes", compression.DEFAULT_MAX_BYTES)))
+        self.decoder = StreamV1Decoder(self.spec, max_bytes=int(options.get("max_bytes", compression.DEFAULT_MAX_BYTES)),
+                                       frame_index_window=int(options.get("frame_index_window", DEFAULT_FRAME_INDEX_WINDOW)))
 
     @property
     def counters(self) -> Counter:

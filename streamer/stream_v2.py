@@ -15,17 +15,33 @@ self-describe tag 55799) whose first key is ``type``. What this module understan
 * Tag 55799 (self-described CBOR) around the message.
 * Rational times ``[numerator, denominator]`` -> seconds; image time is mid-exposure
   ``(start_time + stop_time) / 2`` relative to ``series_date``.
-* Geometry from the start message: ``beam_center_x/y`` (pixels), ``detector_distance`` or the z
-  component of ``detector_translation`` (metres), ``pixel_size_x/y`` (metres),
-  ``incident_wavelength`` (angstrom) or ``incident_energy`` (eV; lambda = 12398.42 / E).
+* Geometry from the start message: ``beam_center_x/y`` (pixels), ``pixel_size_x/y`` (metres),
+  ``incident_wavelength`` (angstrom) or ``incident_energy`` (eV; lambda = 12398.42 / E), and the
+  sample-detector distance (metres): ``detector_distance`` when present, else the magnitude
+  ``|z|`` of ``detector_translation = [x, y, z]``. Real detectors send z negative (an EIGER2 Si
+  16M: z = -0.237 m, with x and y equal to the beam centre times the pixel size), so the
+  magnitude is taken; which convention was used is logged once per series and kept in
+  ``user_data.stream_v2.distance_from``. The streamer passes these values on as they are (no
+  sign or range check): the reducer applies stream, then TOML, then PONI geometry, and validates.
 * Several channels (thresholds): the one reduced is the ``channel`` option (a name or an index
   into ``channels``), default the first. ``pixel_mask`` and ``flatfield`` of that channel become
   the start message's arrays ``pixel_mask`` (uint32, nonzero = bad) and ``flatfield`` (float32).
+  These optional calibration arrays are dropped with one WARNING naming the field when they
+  cannot be used (a placeholder such as the 4-byte string real detectors send with
+  ``header_detail`` other than ``all``, a wrong shape, a non-numeric type); the series goes on.
+* 1D (strip) detectors: ``image_size_y`` 1 or absent, images of dimensions ``[nx]`` or
+  ``[1, nx]``: the series has detector shape ``(1, nx)``.
 * ``gas_time_s`` from the start message's ``user_data`` (the SIMPLON ``header_appendix``).
 
+A start message that cannot be used (no series id, no valid image size, channels not text) is
+rejected loudly (:meth:`streamer.series.SeriesAssembler.reject`: one ERROR naming the field and
+the value; the series' images and end are counted, not warned about one by one).
+
 :func:`decode_message` raises only :class:`streamer.errors.StreamDecodeError`;
-:class:`StreamV2Decoder` turns messages into beamkin messages and never raises for bad input;
-:class:`StreamV2Source` PULLs from a detector endpoint.
+:class:`StreamV2Decoder` turns messages into beamkin messages and never raises: bad input is
+dropped and counted, and any other exception while handling one message is logged (series and
+frame), counted as ``handler_errors`` and survived. :class:`StreamV2Source` PULLs from a
+detector endpoint.
 """
 
 from __future__ import annotations
@@ -33,6 +49,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import math
 import threading
 from collections import Counter
 from typing import Any, Iterator, Mapping
@@ -43,7 +60,8 @@ import numpy as np
 from beamkin.protocol import Message
 from streamer import compression
 from streamer.errors import StreamDecodeError
-from streamer.series import SeriesAssembler, gas_time_from, make_detector, make_geometry, wavelength_from_energy
+from streamer.series import (DEFAULT_FRAME_INDEX_WINDOW, SeriesAssembler, gas_time_from, make_detector, make_geometry,
+                             wavelength_from_energy)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +71,8 @@ TAG_HOMOGENEOUS_ARRAY = 41
 TAG_MULTI_DIM_COLUMN_MAJOR = 1040
 TAG_DECTRIS_COMPRESSION = 56500
 TAG_DATETIME = 0
+#: Largest image side accepted (pixels); the largest detectors have about 4 400.
+MAX_IMAGE_SIDE = 1 << 20
 
 
 def _typed_array_dtypes() -> dict[int, np.dtype]:
@@ -232,8 +252,37 @@ def rational_seconds(value: Any, name: str) -> float:
         raise StreamDecodeError(f"{name} {value!r:.60} is not a rational [numerator, denominator]")
     numerator, denominator = value
     if denominator <= 0:
-        raise StreamDecodeError(f"{name} has denominator {denominator}")
-    return numerator / denominator  # int true division is correctly rounded
+        raise StreamDecodeError(f"{name} has denominator {_short(denominator)}", field=name, value=_short(value))
+    try:
+        seconds = numerator / denominator  # int true division is correctly rounded
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds) or abs(seconds) > MAX_TIME_S:
+        raise StreamDecodeError(f"{name} {_short(value)} is not a time within +-{MAX_TIME_S:g} s",
+                                field=name, value=_short(value))
+    return seconds
+
+
+#: Largest time (s, about 31.7 years) a rational time may give: any more is corrupt input.
+MAX_TIME_S = 1e9
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """A short rendering of a value for messages, safe for integers of any size."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"<integer of {value.bit_length()} bits>"
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(_short(v, limit) for v in list(value)[:4])
+        text = f"[{inner}{', ...' if len(value) > 4 else ''}]"
+    elif isinstance(value, np.ndarray):
+        text = f"<array {value.dtype} {list(value.shape)}>"
+    elif isinstance(value, (bytes, bytearray)):
+        text = f"<{len(value)}-byte string>"
+    elif isinstance(value, Mapping):
+        text = "{" + ", ".join(f"{_short(k, 20)}: {_short(v, 40)}" for k, v in list(value.items())[:4]) + "}"
+    else:
+        text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def json_safe(value: Any, *, max_list: int = 4096, depth: int = 0) -> Any:
@@ -243,7 +292,7 @@ def json_safe(value: Any, *, max_list: int = 4096, depth: int = 0) -> Any:
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
-        return value if -(1 << 63) <= value < (1 << 64) else str(value)
+        return value if -(1 << 63) <= value < (1 << 64) else _short(value)
     if isinstance(value, float):
         return value if np.isfinite(value) else str(value)
     if isinstance(value, (_dt.datetime, _dt.date)):
@@ -257,12 +306,13 @@ def json_safe(value: Any, *, max_list: int = 4096, depth: int = 0) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return f"<{len(value)} bytes>"
     if isinstance(value, Mapping):
-        return {str(k): json_safe(v, max_list=max_list, depth=depth + 1) for k, v in value.items()}
+        return {k if isinstance(k, str) else _short(k): json_safe(v, max_list=max_list, depth=depth + 1)
+                for k, v in list(value.items())[:max_list]}
     if isinstance(value, (list, tuple, set, frozenset)):
         return [json_safe(v, max_list=max_list, depth=depth + 1) for v in list(value)[:max_list]]
     if isinstance(value, cbor2.CBORTag):
         return {"cbor_tag": value.tag, "value": json_safe(value.value, max_list=max_list, depth=depth + 1)}
-    return str(value)
+    return _short(value, 200)
 
 
 def user_data_dict(value: Any) -> dict:
@@ -270,36 +320,49 @@ def user_data_dict(value: Any) -> dict:
     if isinstance(value, str):
         try:
             parsed = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             parsed = value
         value = parsed
     value = json_safe(value)
     return value if isinstance(value, dict) else {"value": value}
 
 
-def _number(raw: Mapping, key: str) -> float | None:
-    value = raw.get(key)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
-        return float(value)
-    if value is not None:
-        log.warning("ignoring start field %s = %r: not a finite number", key, value)
-    return None
+def finite_float(value: Any) -> float | None:
+    """``value`` as a finite float, or None (not a number, a bool, NaN, infinite, or an integer too
+    large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
-def _integer(raw: Mapping, key: str) -> int | None:
+def _number(raw: Mapping, key: str, series_id: str | None = None) -> float | None:
     value = raw.get(key)
-    if isinstance(value, int) and not isinstance(value, bool):
+    number = finite_float(value)
+    if number is None and value is not None:
+        log.warning("ignoring start field %s = %s: not a finite number", key, _short(value), extra={"series_id": series_id})
+    return number
+
+
+def _integer(raw: Mapping, key: str, series_id: str | None = None, *, low: int = -(1 << 63), high: int = (1 << 63) - 1) -> int | None:
+    value = raw.get(key)
+    if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
         return value
     if value is not None:
-        log.warning("ignoring start field %s = %r: not an integer", key, value)
+        log.warning("ignoring start field %s = %s: not an integer in [%d, %d]", key, _short(value), low, high,
+                    extra={"series_id": series_id})
     return None
 
 
 class StreamV2Decoder:
-    """Stateful Stream V2 -> beamkin message normaliser; :meth:`feed` never raises for bad input.
+    """Stateful Stream V2 -> beamkin message normaliser; :meth:`feed` never raises.
 
     ``channel``: the channel (threshold) to reduce, a name or an index into the start message's
-    ``channels``; None takes the first.
+    ``channels``; None takes the first. ``frame_index_window``: see
+    :class:`streamer.series.SeriesAssembler`.
     """
 
     def __init__(
@@ -309,9 +372,10 @@ class StreamV2Decoder:
         *,
         max_bytes: int = compression.DEFAULT_MAX_BYTES,
         counters: Counter | None = None,
+        frame_index_window: int = DEFAULT_FRAME_INDEX_WINDOW,
     ) -> None:
         self.counters: Counter = counters if counters is not None else Counter()
-        self.series = SeriesAssembler(source, self.counters)
+        self.series = SeriesAssembler(source, self.counters, frame_index_window=frame_index_window)
         self.channel_option = None if channel == "" else channel
         self.max_bytes = max_bytes
         self.channel: str | None = None
@@ -319,27 +383,37 @@ class StreamV2Decoder:
     def feed(self, data: bytes | memoryview) -> list[Message]:
         """Decode one ZeroMQ message; returns the beamkin messages it yields (maybe none)."""
         try:
+            return self._feed(data)
+        except Exception:  # a bug must cost one message, never the stage
+            self.counters["handler_errors"] += 1
+            log.exception("error handling a Stream V2 message", extra={"series_id": self.series.series_id})
+            return []
+
+    def _feed(self, data: bytes | memoryview) -> list[Message]:
+        try:
             raw, unknown = decode_message(data, max_bytes=self.max_bytes)
         except StreamDecodeError as exc:
-            self.counters[exc.counter] += 1
-            log.warning("dropping undecodable Stream V2 message (%s): %s", exc.counter, exc,
-                        extra={"series_id": self.series.series_id})
+            self.series.count_dropped(exc.counter, "dropping undecodable Stream V2 message (%s): %s", exc.counter, exc,
+                                      series_id=self.series.series_id)
             return []
         if unknown:
             self.counters["unknown_tag"] += sum(unknown.values())
-            log.warning("Stream V2 %s message carries unknown CBOR tags %s", raw["type"], dict(unknown),
+            log.warning("Stream V2 %s message carries unknown CBOR tags %s", _short(raw["type"]), dict(unknown),
                         extra={"series_id": self.series.series_id})
         handler = {"start": self._start, "image": self._image, "end": self._end}.get(raw["type"])
         if handler is None:
-            self.counters["unknown_type"] += 1
-            log.warning("dropping Stream V2 message of unknown type %r", raw["type"])
+            self.series.count_dropped("unknown_type", "dropping Stream V2 message of unknown type %s", _short(raw["type"]),
+                                      series_id=self.series.series_id)
             return []
         try:
             return handler(raw)
         except StreamDecodeError as exc:
-            self.counters[exc.counter] += 1
-            log.warning("dropping Stream V2 %s message (%s): %s", raw["type"], exc.counter, exc,
-                        extra={"series_id": self.series.series_id, "frame_index": raw.get("image_id")})
+            if raw["type"] == "start":
+                key = self.series_key(raw)
+                return self.series.reject(key, exc.field, exc.value, str(exc))
+            frame_index = raw.get("image_id") if isinstance(raw.get("image_id"), int) else None
+            self.series.count_dropped(exc.counter, "dropping Stream V2 %s message (%s): %s", raw["type"], exc.counter, exc,
+                                      series_id=self.series.series_id, frame_index=frame_index)
             return []
 
     def close(self) -> list[Message]:
@@ -348,13 +422,14 @@ class StreamV2Decoder:
 
     @staticmethod
     def series_key(raw: Mapping) -> str | None:
-        """The beamkin series id of a Stream V2 message: series_unique_id, else str(series_id)."""
+        """The source's id of a Stream V2 message's series: series_unique_id, else str(series_id).
+        (The beamkin series id is this, sanitised: :func:`streamer.series.safe_series_id`.)"""
         unique = raw.get("series_unique_id")
         if isinstance(unique, str) and unique:
             return unique
         number = raw.get("series_id")
         if isinstance(number, int) and not isinstance(number, bool):
-            return str(number)
+            return str(number) if number.bit_length() <= 64 else _short(number)
         return None
 
     def _select_channel(self, channels: list[str]) -> str | None:
@@ -374,94 +449,142 @@ class StreamV2Decoder:
                   channels[0] if channels else None)
         return channels[0] if channels else None
 
-    def _channel_array(self, mapping: Any, name: str, expected_shape: tuple[int, int] | None) -> np.ndarray | None:
+    def _channel_array(self, raw: Mapping, name: str, shape: tuple[int, int], series_id: str) -> np.ndarray | None:
+        """The selected channel's array of the optional start field ``name`` (pixel_mask,
+        flatfield), or None: an array that cannot be used is dropped with one WARNING naming the
+        field and what is wrong with it (counter ``unusable_calibration``)."""
+        mapping = raw.get(name)
         if mapping is None:
             return None
+        problem = None
+        array = None
         if not isinstance(mapping, Mapping):
-            raise StreamDecodeError(f"start field {name} is not a map of channel -> array")
-        array = mapping.get(self.channel)
-        if array is None:
+            problem = f"is {_short(mapping)}, not a map of channel -> array"
+        else:
+            array = mapping.get(self.channel)
+            if array is None:
+                return None
+            if not isinstance(array, np.ndarray):
+                problem = f"[{self.channel!r}] is {_short(array)}, not an array (a placeholder?)"
+            elif array.dtype.kind not in "biuf":
+                problem = f"[{self.channel!r}] has type {array.dtype}, not numeric"
+            elif array.size != shape[0] * shape[1] or array.ndim not in (1, 2) or (array.ndim == 2 and array.shape != shape):
+                problem = f"[{self.channel!r}] has shape {list(array.shape)}, the images {list(shape)}"
+        if problem is not None:
+            self.counters["unusable_calibration"] += 1
+            log.warning("start field %s%s: dropped, the series goes on without it", name, problem,
+                        extra={"series_id": series_id})
             return None
-        if not isinstance(array, np.ndarray) or array.ndim != 2:
-            raise StreamDecodeError(f"start field {name}[{self.channel!r}] is not a 2D array")
-        if expected_shape is not None and array.shape != expected_shape:
-            raise StreamDecodeError(f"{name} shape {array.shape} differs from the image size {expected_shape}", "shape_mismatch")
-        return array
+        return array.reshape(shape)
+
+    @staticmethod
+    def _distance(raw: Mapping, series_id: str) -> tuple[float | None, str | None]:
+        """(distance in metres, the convention used): ``detector_distance``, else |z| of
+        ``detector_translation`` (real detectors send z < 0); the sign is left to the reducer."""
+        distance = _number(raw, "detector_distance", series_id)
+        if distance is not None:
+            return distance, "detector_distance"
+        translation = raw.get("detector_translation")
+        if isinstance(translation, np.ndarray):
+            translation = translation.tolist()
+        if isinstance(translation, (list, tuple)) and len(translation) == 3:
+            z = finite_float(translation[2])
+            if z is not None:
+                return abs(z), "|detector_translation z|"
+        if translation is not None:
+            log.warning("ignoring start field detector_translation = %s: not [x, y, z] numbers", _short(translation),
+                        extra={"series_id": series_id})
+        return None, None
 
     def _start(self, raw: Mapping) -> list[Message]:
         series_id = self.series_key(raw)
         if series_id is None:
-            raise StreamDecodeError("start message has neither series_unique_id nor series_id")
+            raise StreamDecodeError("start message has neither series_unique_id nor series_id", field="series_unique_id",
+                                    value=_short(raw.get("series_unique_id")))
         channels = raw.get("channels")
         if channels is None:
             channels = []
         if not isinstance(channels, (list, tuple)) or not all(isinstance(c, str) for c in channels):
-            raise StreamDecodeError("start field channels is not an array of text")
+            raise StreamDecodeError("start field channels is not an array of text", field="channels", value=_short(channels))
         self.channel = self._select_channel(list(channels))
-        nx, ny = _integer(raw, "image_size_x"), _integer(raw, "image_size_y")
-        if nx is None or ny is None or nx <= 0 or ny <= 0:
-            raise StreamDecodeError("start message lacks positive image_size_x / image_size_y")
+        nx = _integer(raw, "image_size_x", series_id, low=1, high=MAX_IMAGE_SIDE)
+        if nx is None:
+            raise StreamDecodeError(f"start field image_size_x must be an integer in [1, {MAX_IMAGE_SIDE}]",
+                                    field="image_size_x", value=_short(raw.get("image_size_x")))
+        ny = _integer(raw, "image_size_y", series_id, low=1, high=MAX_IMAGE_SIDE)
+        if ny is None:
+            if raw.get("image_size_y") is not None:
+                raise StreamDecodeError(f"start field image_size_y must be an integer in [1, {MAX_IMAGE_SIDE}]",
+                                        field="image_size_y", value=_short(raw.get("image_size_y")))
+            ny = 1  # a strip (1D) detector
         shape = (ny, nx)
-        px, py = _number(raw, "pixel_size_x"), _number(raw, "pixel_size_y")
-        distance = _number(raw, "detector_distance")
-        translation = raw.get("detector_translation")
-        if distance is None and isinstance(translation, (list, tuple, np.ndarray)) and len(translation) == 3:
-            z = translation[2]
-            if isinstance(z, (int, float, np.floating)) and not isinstance(z, bool) and np.isfinite(z):
-                distance = float(z)
-        bx, by = _number(raw, "beam_center_x"), _number(raw, "beam_center_y")
-        wavelength = _number(raw, "incident_wavelength")
+        px, py = _number(raw, "pixel_size_x", series_id), _number(raw, "pixel_size_y", series_id)
+        distance, distance_from = self._distance(raw, series_id)
+        if distance_from is not None:
+            log.info("series %s: distance %.6g m from %s", series_id, distance, distance_from, extra={"series_id": series_id})
+        else:
+            log.info("series %s: no distance in the start message (neither detector_distance nor detector_translation)",
+                     series_id, extra={"series_id": series_id})
+        bx, by = _number(raw, "beam_center_x", series_id), _number(raw, "beam_center_y", series_id)
+        wavelength = _number(raw, "incident_wavelength", series_id)
         if wavelength is None or wavelength <= 0:
-            wavelength = wavelength_from_energy(_number(raw, "incident_energy"))
-        count_time = _number(raw, "count_time")
-        frame_time = _number(raw, "frame_time")
+            wavelength = wavelength_from_energy(_number(raw, "incident_energy", series_id))
+        count_time = _number(raw, "count_time", series_id)
+        frame_time = _number(raw, "frame_time", series_id)
         if frame_time is None and count_time is None:
             log.warning("start message has neither frame_time nor count_time; frame times need start/stop times",
                         extra={"series_id": series_id})
         frame_time = frame_time if frame_time is not None else (count_time or 0.0)
         count_time = count_time if count_time is not None else frame_time
+        n_frames = _integer(raw, "number_of_images", series_id, low=1, high=1 << 40)
         user_data = user_data_dict(raw.get("user_data")) if raw.get("user_data") is not None else {}
         description = raw.get("detector_description")
         fields = {
             "series_id": series_id,
             "kind": "image",
             "detector": make_detector(
-                description if isinstance(description, str) else "DECTRIS Stream V2 detector",
+                description[:200] if isinstance(description, str) else "DECTRIS Stream V2 detector",
                 shape,
                 None if px is None or py is None else (py, px),
-                saturation=_integer(raw, "saturation_value"),
-                bit_depth=_integer(raw, "bit_depth_image"),
+                saturation=_integer(raw, "saturation_value", series_id),
+                bit_depth=_integer(raw, "bit_depth_image", series_id, low=1, high=64),
             ),
             "geometry": make_geometry(distance, None if bx is None or by is None else (bx, by), wavelength),
             "frame_time_s": frame_time,
             "exposure_s": count_time,
-            "n_frames": _integer(raw, "number_of_images"),
+            "n_frames": n_frames,
             "gas_time_s": gas_time_from(user_data),
-            "user_data": {**user_data, "stream_v2": {"series_id": raw.get("series_id"), "channel": self.channel,
-                                                     "channels": list(channels)}},
+            "user_data": {**user_data, "stream_v2": {"series_id": json_safe(raw.get("series_id")), "channel": self.channel,
+                                                     "channels": list(channels), "distance_from": distance_from}},
         }
         arrays = {}
-        mask = self._channel_array(raw.get("pixel_mask"), "pixel_mask", shape)
+        mask = self._channel_array(raw, "pixel_mask", shape, series_id)
         if mask is not None:
             arrays["pixel_mask"] = np.ascontiguousarray(mask, dtype=np.uint32)
-        flat = self._channel_array(raw.get("flatfield"), "flatfield", shape)
+        flat = self._channel_array(raw, "flatfield", shape, series_id)
         if flat is not None:
             arrays["flatfield"] = np.ascontiguousarray(flat, dtype=np.float32)
         return self.series.start(fields, arrays)
 
     def _image(self, raw: Mapping) -> list[Message]:
+        key = self.series_key(raw)
         image_id = raw.get("image_id")
         if not isinstance(image_id, int) or isinstance(image_id, bool) or image_id < 0:
-            raise StreamDecodeError(f"image message has invalid image_id {image_id!r:.40}")
+            raise StreamDecodeError(f"image message has invalid image_id {_short(image_id)}")
+        if self.series.rejected is not None and not self.series.is_open:
+            return self.series.frame(key, image_id, {})  # counted as a frame of the rejected series
         data = raw.get("data")
-        if not isinstance(data, dict) and not isinstance(data, Mapping) or not data:
+        if not isinstance(data, Mapping) or not data:
             raise StreamDecodeError("image message has no data map")
         channel = self.channel if self.channel is not None else next(iter(data))
         image = data.get(channel)
         if image is None:
-            raise StreamDecodeError(f"image {image_id} has no data for channel {channel!r}", "missing_channel")
-        if not isinstance(image, np.ndarray) or image.ndim != 2:
-            raise StreamDecodeError(f"image {image_id} channel {channel!r} is not a 2D array", "shape_mismatch")
+            raise StreamDecodeError(f"image {image_id} has no data for channel {_short(channel)}", "missing_channel")
+        if not isinstance(image, np.ndarray) or image.ndim not in (1, 2) or image.dtype.kind not in "biuf":
+            raise StreamDecodeError(f"image {image_id} channel {_short(channel)} is {_short(image)}, not a 1D or 2D "
+                                    "numeric array", "shape_mismatch")
+        if image.ndim == 1:
+            image = image.reshape(1, -1)  # a strip detector's line
         image = np.ascontiguousarray(image)
         time_s = exposure_s = None
         if "start_time" in raw and "stop_time" in raw:
@@ -471,7 +594,7 @@ class StreamV2Decoder:
             exposure_s = stop - start
         if "real_time" in raw:
             exposure_s = rational_seconds(raw["real_time"], "real_time")
-        return self.series.frame(self.series_key(raw), image_id, {"image": image}, time_s, exposure_s)
+        return self.series.frame(key, image_id, {"image": image}, time_s, exposure_s)
 
     def _end(self, raw: Mapping) -> list[Message]:
         return self.series.end(self.series_key(raw))
@@ -490,7 +613,8 @@ class StreamV2Source:
         self.spec = spec or f"dectris2:{endpoint}"
         self.poll_ms = int(options.get("poll_ms", 100))
         self.decoder = StreamV2Decoder(self.spec, options.get("channel"),
-                                       max_bytes=int(options.get("max_bytes", compression.DEFAULT_MAX_BYTES)))
+                                       max_bytes=int(options.get("max_bytes", compression.DEFAULT_MAX_BYTES)),
+                                       frame_index_window=int(options.get("frame_index_window", DEFAULT_FRAME_INDEX_WINDOW)))
 
     @property
     def counters(self) -> Counter:

@@ -287,7 +287,7 @@ def test_bad_input_is_counted_and_the_stream_carries_on():
     out = feed(
         decoder,
         good_image(0),            # before start
-        start_msg(),
+        start_msg(number_of_images=6),
         good_image(0),
         good_image(0),            # duplicate
         truncated,                # corrupt CBOR
