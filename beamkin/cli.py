@@ -57,6 +57,9 @@ def _stage_main(name: str, run: Callable[[dict[str, Any], argparse.Namespace, th
     def main(args: argparse.Namespace) -> int:
         config = _resolved(args)
         logs.configure(name, config["logging"]["level"], config["logging"]["format"])
+        if "endpoints" in config:
+            from beamkin import protocol
+            protocol.configure(config["endpoints"].get("max_message_bytes"))
         stop = stop_event_on_signals()
         try:
             return run(config, args, stop) or 0
@@ -149,16 +152,20 @@ def _run_record(config, args, stop):
     if not rec["path"]:
         raise configuration.ConfigError("beamkin record needs --recorder.path FILE")
     signal_ready()
-    run_recorder([config["endpoints"]["raw"], config["endpoints"]["results"]], rec["path"], rec["raw_frames"], stop)
+    run_recorder([config["endpoints"]["record"], config["endpoints"]["results"]], rec["path"], rec["raw_frames"], stop)
     return 0
 
 
-def _supervised(config: dict[str, Any], with_simulator: bool, once: bool) -> int:
-    """Start the pipeline stages as processes, then the simulator; stop all on failure or Ctrl-C."""
+def _supervised(config: dict[str, Any], with_simulator: bool, once: bool,
+                feed: Callable[[threading.Event], Any] | None = None) -> int:
+    """Start the pipeline stages as processes, then the simulator; stop all on failure or Ctrl-C.
+
+    ``feed``: instead of streamer and reducer, a function run in a thread once the inference is
+    ready, pushing reduced messages to it until done or until its stop event is set."""
     from beamkin.supervise import StageFailed, Supervisor
 
     check_outputs(config)
-    if not with_simulator:
+    if not with_simulator and feed is None:
         check_source(config["streamer"]["source"])
     once = once or config["inference"]["once"]  # --once, or once = true in the TOML
     if once:

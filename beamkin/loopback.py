@@ -24,11 +24,12 @@ class LoopbackPorts:
     results: int
     detector: int
     dashboard: int
+    record: int
 
     @classmethod
     def free(cls) -> "LoopbackPorts":
         held = []
-        for _ in range(6):
+        for _ in range(7):
             s = socket.socket()
             s.bind(("127.0.0.1", 0))
             held.append(s)
@@ -46,6 +47,7 @@ class LoopbackPorts:
             "--endpoints.results", f"tcp://127.0.0.1:{self.results}",
             "--simulator.endpoint", f"tcp://127.0.0.1:{self.detector}",
             "--dashboard.port", str(self.dashboard),
+            "--endpoints.record", f"tcp://127.0.0.1:{self.record}",
         ]
 
 
