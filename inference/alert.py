@@ -42,6 +42,17 @@ class OnsetAlert:
             return True
         return False
 
+    def observe_batch(self, frame_index: int, time_s: float, onset_probability: float, frames: int,
+                      onset_probability_confirmed: float) -> bool:
+        """Feed the posterior after a batch of ``frames`` new frames; ``onset_probability_confirmed``
+        is the same posterior's P(t0 <= end of the frame ``consecutive - 1`` frames back).  When the
+        batch holds at least ``consecutive`` frames and both probabilities reach the threshold, the
+        onset is confirmed by the batch's own later frames (what ``consecutive`` asks of single
+        frames) and the rule fires; otherwise the batch counts as one frame (``observe``)."""
+        if frames >= self.consecutive and min(onset_probability, onset_probability_confirmed) >= self.threshold:
+            self.run_length = max(self.run_length, self.consecutive - 1)
+        return self.observe(frame_index, time_s, onset_probability)
+
     def summary(self) -> dict:
         """The alert part of a result: time (s) and frame (None when it never fired) and, once
         it fired, what it said (t0, leading model, ...)."""

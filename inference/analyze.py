@@ -241,8 +241,12 @@ def format_table(result: dict) -> str:
         lines.append(f"{name:<6} {m['log_evidence']:>13.3f} {100 * m['probability']:>11.2f}% "
                      f"{t0['mean']:>10.4f} +- {t0['sd']:<6.4f} {k['mean']:>10.4f} +- {k['sd']:<6.4f}")
     avg = result["model_averaged"]
-    lines.append(f"{'model-averaged':<33} {avg['t0']['mean']:>10.4f} +- {avg['t0']['sd']:<6.4f} "
-                 f"{avg['k']['mean']:>10.4f} +- {avg['k']['sd']:<6.4f}")
+    # k means something different in every rate law: only t0 is averaged over the models
+    lines.append(f"{'model-averaged':<33} {avg['t0']['mean']:>10.4f} +- {avg['t0']['sd']:<6.4f}")
+    if result.get("null_model") is not None:
+        lines.append(f"{'no reaction':<6} {result['null_model']['log_evidence']:>13.3f} "
+                     f"{100 * result['null_model']['probability']:>11.2f}%   "
+                     f"(P(reaction) = {100 * result['reaction_probability']:.2f}%)")
     alert = result.get("alert", {})
     if alert.get("time") is not None:
         lines.append(f"onset alert at t = {alert['time']:.4f} s (frame {alert['frame_index']})")

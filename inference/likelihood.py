@@ -284,45 +284,63 @@ def _constant_mean_run(mu, var_s2, a, b, y, sig2, cy, cy2, homo_var, kind, nu, s
 
 
 @numba.njit(cache=True, nogil=True)
-def particle_history_loglik(code, p, m, t_lo, t_hi, y, sig2, cy, cy2, homo_var, kind, nu, sc):
-    """Sum over frames [0, m) of log p(y_j | particle p)."""
+def _tempered_constant_run(mu, var_s2, a, b, m, lam, y, sig2, cy, cy2, homo_var, kind, nu, sc):
+    """Frames [a, b) of constant mean mu: those before m at full weight, those from m on times lam."""
+    split = min(max(m, a), b)
+    total = _constant_mean_run(mu, var_s2, a, split, y, sig2, cy, cy2, homo_var, kind, nu, sc)
+    if lam > 0.0 and b > split:
+        total += lam * _constant_mean_run(mu, var_s2, split, b, y, sig2, cy, cy2, homo_var, kind, nu, sc)
+    return total
+
+
+@numba.njit(cache=True, nogil=True)
+def particle_history_loglik(code, p, m, m_end, lam, t_lo, t_hi, y, sig2, cy, cy2, homo_var, kind, nu, sc):
+    """Tempered history log likelihood of one particle:
+
+        sum_{j < m} log p(y_j | p) + lam * sum_{m <= j < m_end} log p(y_j | p)
+
+    (the target of IBIS while a batch of frames [m, m_end) is being tempered in; m_end = m or
+    lam = 0 gives the posterior of frames [0, m)).  Frames split into runs before the onset
+    (mean 0), in the transition and after saturation (mean A); the constant runs cost O(1)
+    through prefix sums when the noise is Normal with a common sigma_j.
+    """
     t0 = p[0]
     k = math.exp(p[1])
     s2 = math.exp(2.0 * p[2])
     A = p[3]
     n = p[4]
-    j_on = np.searchsorted(t_hi[:m], t0, side="right")
+    last = m_end if lam > 0.0 else m
+    if last < m:
+        last = m
+    j_on = np.searchsorted(t_hi[:last], t0, side="right")
     xs = saturation_x(code, n)
-    j_done = m
+    j_done = last
     if xs < math.inf:
         t_sat = t0 + xs / k
-        j_done = np.searchsorted(t_lo[:m], t_sat, side="left")
+        j_done = np.searchsorted(t_lo[:last], t_sat, side="left")
         if j_done < j_on:
             j_done = j_on
-    total = _constant_mean_run(0.0, s2, 0, j_on, y, sig2, cy, cy2, homo_var, kind, nu, sc)
+    total = _tempered_constant_run(0.0, s2, 0, j_on, m, lam, y, sig2, cy, cy2, homo_var, kind, nu, sc)
     for j in range(j_on, j_done):
         mu = A * exposure_mean_alpha(code, n, t0, k, t_lo[j], t_hi[j])
-        total += log_density(y[j] - mu, sig2[j] + s2, kind, nu, sc)
-    total += _constant_mean_run(A, s2, j_done, m, y, sig2, cy, cy2, homo_var, kind, nu, sc)
+        v = log_density(y[j] - mu, sig2[j] + s2, kind, nu, sc)
+        total += v if j < m else lam * v
+    total += _tempered_constant_run(A, s2, j_done, last, m, lam, y, sig2, cy, cy2, homo_var, kind, nu, sc)
     return total
 
 
-def _history_loglik_impl(code, params, m, pending, lam, t_lo, t_hi, y, sig2, cy, cy2, homo_var, kind, nu, out):
-    """Tempered full-history log likelihood for every particle row into ``out``.
+def _history_loglik_impl(code, params, m, m_end, lam, t_lo, t_hi, y, sig2, cy, cy2, homo_var, kind, nu, out):
+    """Tempered full-history log likelihood for every particle row into ``out``:
 
-    out_i = sum_{j < m} log p(y_j | theta_i) + lam * log p(y_pending | theta_i)
-    (the pending term is skipped when pending < 0 or lam == 0).  ``cy``/``cy2`` are
-    prefix sums of y and y^2 (length >= m + 1); ``homo_var`` is the common sigma_j^2 of
-    all frames, or -1 when sigma varies between frames.
+    out_i = sum_{j < m} log p(y_j | theta_i) + lam * sum_{m <= j < m_end} log p(y_j | theta_i)
+
+    ``cy``/``cy2`` are prefix sums of y and y^2 (length >= m_end + 1); ``homo_var`` is the
+    common sigma_j^2 of all frames, or -1 when sigma varies between frames.
     """
     sc = _student_const(nu)
     for i in numba.prange(params.shape[0]):
-        p = params[i]
-        total = particle_history_loglik(code, p, m, t_lo, t_hi, y, sig2, cy, cy2, homo_var, kind, nu, sc)
-        if pending >= 0 and lam > 0.0:
-            total += lam * _particle_frame_loglik(code, p, t_lo[pending], t_hi[pending], y[pending],
-                                                  sig2[pending], kind, nu, sc)
-        out[i] = total
+        out[i] = particle_history_loglik(code, params[i], m, m_end, lam, t_lo, t_hi, y, sig2, cy, cy2, homo_var,
+                                         kind, nu, sc)
 
 
 history_loglik = numba.njit(cache=True, nogil=True)(_history_loglik_impl)
@@ -342,7 +360,7 @@ def alpha_curves(code, params, times, out):
 
 
 def _mh_sweep_impl(code, theta, cur_ll, free_cols, lo, hi, mean, chol, chol_inv, rw_step, z, use_ind, log_u,
-                   m, pending, lam, t_lo, t_hi, y, sig2, cy, cy2, homo_var, kind, nu, accepted):
+                   m, m_end, lam, t_lo, t_hi, y, sig2, cy, cy2, homo_var, kind, nu, accepted):
     """One Metropolis-Hastings sweep over all particles (in place), random numbers given.
 
     Proposal per particle i (free coordinates x, d of them; L = chol, cov = L L^T):
@@ -384,10 +402,8 @@ def _mh_sweep_impl(code, theta, cur_ll, free_cols, lo, hi, mean, chol, chol_inv,
         accepted[i] = False
         if not inside:
             continue
-        ll = particle_history_loglik(code, prop, m, t_lo, t_hi, y, sig2, cy, cy2, homo_var, kind, nu, sc)
-        if pending >= 0 and lam > 0.0:
-            ll += lam * _particle_frame_loglik(code, prop, t_lo[pending], t_hi[pending], y[pending],
-                                               sig2[pending], kind, nu, sc)
+        ll = particle_history_loglik(code, prop, m, m_end, lam, t_lo, t_hi, y, sig2, cy, cy2, homo_var, kind, nu,
+                                     sc)
         if log_u[i] < ll - cur_ll[i] + log_q:
             for c in range(theta.shape[1]):
                 theta[i, c] = prop[c]
@@ -397,3 +413,16 @@ def _mh_sweep_impl(code, theta, cur_ll, free_cols, lo, hi, mean, chol, chol_inv,
 
 mh_sweep = numba.njit(cache=True, nogil=True)(_mh_sweep_impl)
 mh_sweep_parallel = numba.njit(cache=True, nogil=True, parallel=True)(_mh_sweep_impl)
+
+
+@numba.njit(cache=True, nogil=True)
+def null_frames_loglik(log_s, first, last, y, sig2, kind, nu, out):
+    """"No reaction" (alpha = 0 at every frame): adds sum_{j=first}^{last-1} log p(y_j | mu = 0,
+    sigma_j^2 + s^2) to ``out[g]`` for every scatter s = exp(log_s[g]) of a grid."""
+    sc = _student_const(nu)
+    for g in range(log_s.shape[0]):
+        s2 = math.exp(2.0 * log_s[g])
+        total = 0.0
+        for j in range(first, last):
+            total += log_density(y[j], sig2[j] + s2, kind, nu, sc)
+        out[g] += total

@@ -16,8 +16,21 @@ far the exact sampler lags.  Once the worker has assimilated frame j, the exact 
 of frame j follows (``exact_payloads``): it, never the estimate, is what the final result,
 the recording's ``posterior`` messages and ``beamkin analyze`` agree on to rounding.
 
-The onset alert is decided on the estimates, so that it comes with the frame that shows the
-onset rather than when the sampler's moves have caught up.
+The exact sampler keeps pace: the frames that arrived while it was busy enter together, in
+one adaptively tempered IBIS step (``OnlineInference.update_batch``), so its lag stays bounded
+whatever the frame rate; the exact posterior is published for the last frame of each batch
+(``batch``: the frames it took in), and the batch sizes are the run's ``schedule``.
+
+An estimate never passes for a posterior it is not: when the frames it adds are informative,
+the reweighting degenerates.  A model whose estimate ESS falls below ``ess_floor * N`` is
+*stale* (its probability is then at least ``STALE_RELEVANCE`` in the estimate or in the exact
+posterior it came from; models ruled out in both do not count), and so is the estimate
+(``stale``); the dashboard then shows the newest exact posterior instead.  The onset alert is
+decided on the estimates that are not stale, so that it comes with the frame that shows the
+onset rather than when the sampler's moves have caught up, and never from a collapsed one.
+
+"No reaction" (inference.null_model) competes with the kinetic models in the estimates too:
+its evidence is exact and cheap, so the estimate carries it up to the newest frame.
 
 The Numba kernels release the GIL (``nogil=True``); the worker thread is the only caller of
 the parallel kernels (if any), the estimate uses the serial ones.  Parallel kernels must not
@@ -44,7 +57,8 @@ import numpy as np
 
 from . import likelihood as lk
 from .alert import OnsetAlert
-from .payload import ParticleView, PayloadBuilder
+from .null_model import NullModel
+from .payload import NullEvidence, ParticleView, PayloadBuilder, model_probabilities
 from .smc import FrameHistory, OnlineInference
 
 log = logging.getLogger(__name__)
@@ -59,6 +73,11 @@ PREPARE_FRAMES_PER_CALL = 1
 ESTIMATE_THREADS = 2
 #: the exact sampler's thread runs this much nicer than the estimates (Linux per-thread nice)
 WORKER_NICENESS = 10
+#: default floor of an estimate's ESS per model, as a fraction of the particles (below: stale)
+ESS_FLOOR = 0.05
+#: a model below this probability both in the estimate and in its exact base cannot mislead:
+#: its ESS does not make the estimate stale
+STALE_RELEVANCE = 1e-6
 
 
 def tune_interpreter_for_latency() -> None:
@@ -81,14 +100,16 @@ def tune_interpreter_for_latency() -> None:
 
 
 class _Snapshot:
-    """The exact posterior after its first ``n_frames`` frames (views share no mutable state)."""
+    """The exact posterior after its first ``n_frames`` frames (views share no mutable state),
+    with its model probabilities (null model included)."""
 
-    __slots__ = ("n_frames", "views", "serial")
+    __slots__ = ("n_frames", "views", "serial", "probabilities")
 
-    def __init__(self, n_frames: int, views: dict[str, ParticleView], serial: int):
+    def __init__(self, n_frames: int, views: dict[str, ParticleView], serial: int, probabilities: dict[str, float]):
         self.n_frames = n_frames
         self.views = views
         self.serial = serial
+        self.probabilities = probabilities
 
 
 class LiveInference:
@@ -101,12 +122,19 @@ class LiveInference:
     worker is raised again by the next call of ``exact_payloads``, ``submit`` or ``result``.
     """
 
-    def __init__(self, engine: OnlineInference):
+    def __init__(self, engine: OnlineInference, ess_floor: float = ESS_FLOOR):
+        if not 0.0 <= ess_floor < 1.0:
+            raise ValueError(f"ess_floor must be in [0, 1), got {ess_floor}")
         self.engine = engine
+        engine.thread_niceness = WORKER_NICENESS
+        self.ess_floor = float(ess_floor)
         self.history = FrameHistory()  # the caller's copy of the frames, validated on arrival
+        self.null = NullModel(engine.priors, engine.noise_kind, engine.student_nu)  # up to the newest frame
         self.builder = PayloadBuilder(**engine.payload_settings, cache=engine.payload_builder.cache)
         self.alert = OnsetAlert(engine.alert.threshold, engine.alert.consecutive)
-        self._snapshot = _Snapshot(0, engine.views(), 0)  # the worker's newest
+        self.counters = collections.Counter()  # estimates published, stale, exact steps
+        self._alert_position = -1  # history position of the newest posterior the alert rule has seen
+        self._snapshot = _Snapshot(0, engine.views(), 0, engine.model_probabilities())  # the worker's newest
         self._base = self._snapshot  # the one the latest estimate was reweighted from
         self.builder.warm(self._snapshot.views)
         # one payload from the prior particles, discarded: the first frame's estimate then finds
@@ -135,23 +163,39 @@ class LiveInference:
                            os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + WORKER_NICENESS)
         except (AttributeError, OSError) as exc:  # not Linux, or not allowed: run at equal priority
             log.debug("exact sampler thread keeps its priority: %s", exc)
-        while True:
+        stopping = False
+        while not stopping:
             item = self._inbox.get()
             if item is _STOP:
-                return
+                break
+            batch = [item]  # and every frame that arrived while the sampler was busy
+            while True:
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                    break
+                batch.append(item)
             try:
                 began = time.perf_counter()
-                payload = engine.update(*item)
-                payload["diagnostics"] = {"exact_update_s": time.perf_counter() - began}
+                payload = engine.update_batch(batch)
+                payload["diagnostics"] = {"exact_update_s": time.perf_counter() - began, "batch_size": len(batch)}
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
                 self._error = exc
-                log.error("exact sampler failed at frame %s: %s", item[0], exc,
-                          extra={"series_id": engine.series_id, "frame_index": item[0]})
-                return
+                log.error("exact sampler failed at frames %s..%s: %s", batch[0][0], batch[-1][0], exc,
+                          extra={"series_id": engine.series_id, "frame_index": batch[-1][0]})
+                break
             payload.pop("alert", None)  # the alert is decided on the estimates (caller's thread)
-            self._snapshot = _Snapshot(engine.n_frames, engine.views(), self._snapshot.serial + 1)
+            # for the alert rule (``exact_payloads``): P(t0 <= end of the frame consecutive - 1 back)
+            back = max(engine.n_frames - self.alert.consecutive, 0)
+            payload["_onset_confirmed"] = engine.onset_probability(float(engine.history.t_hi[back]))
+            self._snapshot = _Snapshot(engine.n_frames, engine.views(), self._snapshot.serial + 1,
+                                       engine.model_probabilities())
             self._finished.append(payload)
-            self._assimilated += 1
+            self._assimilated += len(batch)
+        engine.close()
 
     def _raise_worker_error(self) -> None:
         if self._error is not None:
@@ -169,13 +213,39 @@ class LiveInference:
         return self._assimilated == self._submitted or self._error is not None
 
     def exact_payloads(self) -> list[dict]:
-        """Exact payloads finished since the last call, in frame order."""
+        """Exact payloads finished since the last call, in frame order.  An exact posterior of a
+        frame newer than any the alert rule has seen (its estimate was stale) goes to the alert
+        rule; the payload then carries the ``alert`` if it fired."""
         out = []
         while self._finished:
-            out.append(self._finished.popleft())
+            payload = self._finished.popleft()
+            confirmed = payload.pop("_onset_confirmed")
+            position = payload["n_frames"] - 1
+            if position > self._alert_position:
+                new_frames = position - self._alert_position
+                payload["alert"] = self._observe(position, payload["frame_index"], payload["time_s"],
+                                                 payload["onset_probability"],
+                                                 lambda: PayloadBuilder.alert_from_payload(payload,
+                                                                                           self.engine.gas_time_s),
+                                                 "exact", new_frames, confirmed)
+            out.append(payload)
         if not out:  # the posteriors finished before a failure are delivered first
             self._raise_worker_error()
         return out
+
+    def _observe(self, position: int, frame_index: int, time_s: float, onset: float, content, source: str,
+                 new_frames: int = 1, onset_confirmed: float = 0.0):
+        """Feed the alert rule one posterior that is not stale (frame at history ``position``,
+        ``new_frames`` after the previous one it saw; see ``OnsetAlert.observe_batch``); returns
+        the alert's content (``content()``, plus its ``source``) when it fires, else None."""
+        self._alert_position = position
+        if not self.alert.observe_batch(int(frame_index), float(time_s), onset, new_frames, onset_confirmed):
+            return None
+        alert = self.alert.content = {**content(), "source": source}
+        log.info("onset alert", extra={"series_id": self.engine.series_id, "frame_index": int(frame_index),
+                                       "t0_mean": alert["t0"]["mean"], "leading_model": alert["leading_model"],
+                                       "source": source})
+        return alert
 
     def submit(self, frame_index: int, time_s: float, exposure_s: float, alpha: float,
                sigma: float | None) -> dict:
@@ -188,21 +258,51 @@ class LiveInference:
         j = self.history.append(frame_index, time_s, exposure_s, alpha, sigma)
         self._inbox.put((int(frame_index), float(time_s), float(exposure_s), float(alpha), sigma))
         self._submitted += 1
+        self.null.advance(self.history, j + 1)
         snapshot = self._estimate_base()
         views = self._reweighted_all(snapshot, j + 1)
         self._base = snapshot
         readout_s = float(time_s) + 0.5 * float(exposure_s)
-        probs = PayloadBuilder.probabilities(views)
+        null = self._null_evidence()
+        probs = PayloadBuilder.probabilities(views, null)
+        stale = self.stale_models(views, probs, snapshot)
         onset = PayloadBuilder.onset_probability(views, probs, readout_s)
         alert = None
-        if self.alert.observe(int(frame_index), float(time_s), onset):
-            alert = self.alert.content = self.builder.alert(views, probs, int(frame_index), float(time_s), onset,
-                                                            self.engine.gas_time_s)
-            log.info("onset alert", extra={"series_id": self.engine.series_id, "frame_index": int(frame_index),
-                                           "t0_mean": alert["t0"]["mean"], "leading_model": alert["leading_model"]})
-        payload = self.builder.build(views, int(frame_index), float(time_s), readout_s, j + 1, alert, probs, onset)
-        payload["diagnostics"] = {"frames_behind": j + 1 - snapshot.n_frames}
+        self.counters["estimates"] += 1
+        if stale:  # not a posterior: the alert rule waits for one that is
+            self.counters["estimates_stale"] += 1
+            log.debug("estimate stale", extra={"series_id": self.engine.series_id, "frame_index": int(frame_index),
+                                               "stale_models": sorted(stale)})
+        else:
+            alert = self._observe(j, frame_index, time_s, onset,
+                                  lambda: self.builder.alert(views, probs, int(frame_index), float(time_s), onset,
+                                                             self.engine.gas_time_s), "estimate")
+        payload = self.builder.build(views, int(frame_index), float(time_s), readout_s, j + 1, alert, probs, onset,
+                                     null=null, stale_models=stale)
+        payload["diagnostics"] = {"frames_behind": j + 1 - snapshot.n_frames,
+                                  "exact_frame_index": self.history.frame_indices[snapshot.n_frames - 1]
+                                  if snapshot.n_frames else None}
         return payload
+
+    def _null_evidence(self) -> NullEvidence | None:
+        if self.engine.null_prior <= 0.0:
+            return None
+        return NullEvidence(self.null.log_evidence, self.engine.null_prior)
+
+    def stale_models(self, views: dict[str, ParticleView], probs: dict[str, float], snapshot: _Snapshot
+                     ) -> frozenset:
+        """Models whose reweighted particles no longer represent their posterior: ESS below
+        ``ess_floor * N`` while the model matters (probability >= STALE_RELEVANCE in the estimate
+        or in the exact base).  Reweighting an exact snapshot by no frame is never stale."""
+        out = []
+        for name, view in views.items():
+            if view is snapshot.views[name]:
+                continue
+            if max(probs[name], snapshot.probabilities.get(name, 0.0)) < STALE_RELEVANCE:
+                continue
+            if view.diagnostics.get("reweight_failed") or view.ess < self.ess_floor * view.theta.shape[0]:
+                out.append(name)
+        return frozenset(out)
 
     def _estimate_base(self) -> _Snapshot:
         """The snapshot to reweight the next frame from: the newest one when it is at most
@@ -278,6 +378,8 @@ class LiveInference:
         self.close()
         result = self.engine.result()
         result["alert"] = self.alert.summary()
+        result["estimates"] = {"published": self.counters["estimates"], "stale": self.counters["estimates_stale"],
+                               "ess_floor": self.ess_floor}
         return result
 
     def close(self) -> None:

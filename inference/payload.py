@@ -57,6 +57,13 @@ class ParticleView:
     log_evidence: float
     version: int
     diagnostics: dict
+    #: Monte Carlo variance of ``log_evidence`` (nat^2), see ``ModelSampler`` in inference.smc
+    log_evidence_var: float = 0.0
+
+    @property
+    def log_evidence_se(self) -> float:
+        """Monte Carlo standard error of the log evidence (nat)."""
+        return math.sqrt(max(self.log_evidence_var, 0.0))
 
     @functools.cached_property
     def weights(self) -> np.ndarray:
@@ -170,6 +177,55 @@ def warm_up_kernels() -> None:
     mixture_quantiles(values, cdf, np.ones(1), _QS, np.empty(len(QUANTILES)))
 
 
+@dataclasses.dataclass(frozen=True)
+class NullEvidence:
+    """The "no reaction" hypothesis in a model comparison: its log evidence (nat) and prior
+    probability (see inference.null_model)."""
+
+    log_evidence: float
+    prior_probability: float
+
+
+def model_probabilities(log_evidences: dict[str, float], null: NullEvidence | None = None
+                        ) -> tuple[dict[str, float], float]:
+    """Posterior model probabilities from log evidences (Bayes' rule over models).
+
+    Prior: ``null.prior_probability`` = p0 for "no reaction" and (1 - p0) / M for each of the M
+    kinetic models (uniform over kinetic models without ``null``):
+
+        P(m | y) = pi_m Z_m / (p0 Z_null + sum_m' pi_m' Z_m')
+
+    Returns (P(m | y) per kinetic model, P(no reaction | y)); the kinetic ones sum to
+    P(reaction | y) = 1 - P(no reaction | y).
+    """
+    names = list(log_evidences)
+    logz = np.array([log_evidences[m] for m in names], dtype=float)
+    if null is not None and null.prior_probability > 0.0:
+        p0 = float(null.prior_probability)
+        log_post = np.append(logz + math.log((1.0 - p0) / len(names)), null.log_evidence + math.log(p0))
+    else:
+        log_post = logz.copy()
+    top = np.max(log_post)
+    if not np.isfinite(top):  # every model ruled out: say so rather than divide by zero
+        raise FloatingPointError("every model has zero evidence")
+    p = np.exp(log_post - top)
+    p /= p.sum()
+    null_probability = float(p[-1]) if p.size > len(names) else 0.0
+    return {m: float(v) for m, v in zip(names, p)}, null_probability
+
+
+def alert_content(frame_index: int, time_s: float, t0: dict, leading: str, leading_probability: float,
+                  onset: float, gas_time_s: float | None, reaction_probability: float) -> dict:
+    """The onset alert: when (frame, mid-exposure time in s), the model-averaged t0 (s) with its
+    90 % interval, t0 - ts when the gas time ts is known, the leading model and its probability,
+    the onset probability and P(reaction)."""
+    return {"time_s": float(time_s), "frame_index": int(frame_index),
+            "t0": {"mean": float(t0["mean"]), "q05": float(t0["q05"]), "q95": float(t0["q95"])},
+            "t0_minus_ts": None if gas_time_s is None else float(t0["mean"]) - gas_time_s,
+            "leading_model": leading, "leading_probability": float(leading_probability),
+            "onset_probability": float(onset), "reaction_probability": float(reaction_probability)}
+
+
 class ParticleCache:
     """Sort orders and histogram bins of particle arrays, keyed by (what, model, parameter,
     version); the newest ``keep`` versions of each are kept.  Shared (thread-safe) between the
@@ -260,8 +316,11 @@ class PayloadBuilder:
         """Weighted mean, sd and 5/50/95 % quantiles of every parameter the model uses."""
         return {p: self._param_summary(view, p, memo)[0] for p in view.reported}
 
-    def model_averaged(self, views: dict, probs: dict[str, float], params=("t0", "k"),
+    def model_averaged(self, views: dict, probs: dict[str, float], params=("t0",),
                        memo: dict | None = None) -> dict:
+        """Summaries of the mixture over models, conditional on a reaction (the kinetic models'
+        probabilities renormalised).  Only parameters that mean the same in every model (t0)
+        should be averaged: k is a different quantity in every rate law."""
         active = [m for m in self.models if probs[m] > NEGLIGIBLE_PROBABILITY]
         p = np.array([probs[m] for m in active])
         p /= p.sum()
@@ -280,13 +339,10 @@ class PayloadBuilder:
         return out
 
     @staticmethod
-    def probabilities(views: dict) -> dict[str, float]:
-        """Softmax of the log evidences (uniform prior over the models)."""
-        names = list(views)
-        logz = np.array([views[m].log_evidence for m in names])
-        p = np.exp(logz - logz.max())
-        p /= p.sum()
-        return {m: float(v) for m, v in zip(names, p)}
+    def probabilities(views: dict, null: NullEvidence | None = None) -> dict[str, float]:
+        """P(model | y) of each kinetic model (``model_probabilities``); with ``null`` they sum
+        to P(reaction | y), else to 1."""
+        return model_probabilities({m: v.log_evidence for m, v in views.items()}, null)[0]
 
     @staticmethod
     def onset_probability(views: dict, probs: dict[str, float], time_s: float) -> float:
@@ -296,14 +352,19 @@ class PayloadBuilder:
 
     def alert(self, views: dict, probs: dict[str, float], frame_index: int, time_s: float, onset: float,
               gas_time_s: float | None) -> dict:
-        """The onset alert's content: model-averaged t0 (s) with its 90 % interval, t0 - ts when
-        the gas time ts is known, the leading model and its probability."""
+        """The onset alert's content (``alert_content``) from weighted particles."""
         leading = max(probs, key=probs.get)
         t0 = self.model_averaged(views, probs, params=("t0",))["t0"]
-        return {"time_s": float(time_s), "frame_index": int(frame_index),
-                "t0": {"mean": t0["mean"], "q05": t0["q05"], "q95": t0["q95"]},
-                "t0_minus_ts": None if gas_time_s is None else t0["mean"] - gas_time_s,
-                "leading_model": leading, "leading_probability": probs[leading], "onset_probability": onset}
+        return alert_content(frame_index, time_s, t0, leading, probs[leading], onset, gas_time_s,
+                             sum(probs.values()))
+
+    @staticmethod
+    def alert_from_payload(payload: dict, gas_time_s: float | None) -> dict:
+        """The onset alert's content (``alert_content``) from a built payload."""
+        leading = payload["leading_model"]
+        return alert_content(payload["frame_index"], payload["time_s"], payload["model_averaged"]["t0"], leading,
+                             payload["models"][leading]["probability"], payload["onset_probability"], gas_time_s,
+                             payload.get("reaction_probability", 1.0))
 
     # ------------------------------------------------------------------ payload pieces
     def _histogram(self, views: dict, weights: dict[str, float], param: str, edges: np.ndarray) -> list[float]:
@@ -336,23 +397,30 @@ class PayloadBuilder:
         return {"time_s": times.tolist(), "leading": bands(lead), "model_averaged": bands(mix)}
 
     def build(self, views: dict, frame_index: int, time_s: float, readout_s: float, n_frames: int,
-              alert: dict | None, probs: dict[str, float] | None = None, onset: float | None = None) -> dict:
+              alert: dict | None, probs: dict[str, float] | None = None, onset: float | None = None,
+              null: NullEvidence | None = None, stale_models: frozenset = frozenset()) -> dict:
         """The payload of one frame (``readout_s``: end of its exposure, "now" for the onset);
-        ``probs`` and ``onset`` when the caller has computed them already (for the alert rule)."""
-        probs = probs if probs is not None else self.probabilities(views)
+        ``probs`` and ``onset`` when the caller has computed them already (for the alert rule);
+        ``null``: the "no reaction" hypothesis (``reaction_probability`` and ``null_model``);
+        ``stale_models``: models whose particles no longer represent their posterior
+        (``stale`` per model and for the payload, see inference.live)."""
+        all_probs, null_probability = model_probabilities({m: v.log_evidence for m, v in views.items()}, null)
+        probs = probs if probs is not None else all_probs
         leading = max(probs, key=probs.get)
         memo: dict = {}
         models = {}
         for name in self.models:
             view = views[name]
-            models[name] = {"log_evidence": float(view.log_evidence), "probability": probs[name],
+            models[name] = {"log_evidence": float(view.log_evidence), "log_evidence_se": view.log_evidence_se,
+                            "probability": probs[name], "stale": name in stale_models,
                             "params": self.summaries(view, memo), "diagnostics": {**view.diagnostics, "ess": view.ess}}
         active = {m: probs[m] for m in self.models if probs[m] > NEGLIGIBLE_PROBABILITY}
         histograms = {}
         for param, edges in (("t0", self.t0_edges), ("k", self.k_edges)):
             histograms[param] = {
                 "edges": edges.tolist(),
-                "model_averaged": self._histogram(views, active, param, edges),
+                # k means something different in every rate law: no mixture of k over models
+                "model_averaged": self._histogram(views, active, param, edges) if param == "t0" else None,
                 "leading": self._histogram(views, {leading: 1.0}, param, edges),
             }
         return {
@@ -360,9 +428,14 @@ class PayloadBuilder:
             "time_s": time_s,
             "n_frames": n_frames,
             "onset_probability": onset if onset is not None else self.onset_probability(views, probs, readout_s),
+            "reaction_probability": 1.0 - null_probability,
+            "null_model": (None if null is None else
+                           {"log_evidence": float(null.log_evidence), "log_evidence_se": 0.0,
+                            "prior_probability": float(null.prior_probability), "probability": null_probability}),
+            "stale": bool(stale_models),
             "leading_model": leading,
             "models": models,
-            "model_averaged": self.model_averaged(views, probs, memo=memo),
+            "model_averaged": self.model_averaged(views, probs, params=("t0",), memo=memo),
             "histograms": histograms,
             "predictive": self._predictive(views, probs, leading),
             "alert": alert,

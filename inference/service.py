@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -55,6 +56,8 @@ def make_engine(inference_config: dict[str, Any], start: protocol.Message | None
         alert_threshold=float(inference_config["alert_threshold"]),
         alert_consecutive=int(inference_config["alert_consecutive"]),
         gas_time_s=gas_time_s, series_id=start["series_id"] if start is not None else None,
+        null_prior=float(inference_config.get("null_prior", 0.5)),
+        threads=int(inference_config.get("model_threads", 0)) or (os.cpu_count() or 1),
     )
 
 
@@ -65,7 +68,7 @@ class SeriesInference:
         from inference.live import LiveInference
 
         self.series_id = start["series_id"]
-        self.live = LiveInference(make_engine(config, start))
+        self.live = LiveInference(make_engine(config, start), ess_floor=float(config.get("ess_floor", 0.05)))
         self.received_unix_s: dict[int, float] = {}  # frame -> streamer receipt, until its posterior
         self.buffer = ReorderBuffer(int(config["reorder_window"]), float(config["missing_timeout_s"]))
         self.counters = collections.Counter()
@@ -194,7 +197,11 @@ class InferenceStage:
                 self._fail(series, exc)
                 continue
             for payload in payloads:
+                alert = payload.pop("alert", None)
                 self._publish_posterior(series, payload)
+                if alert is not None and series.alert is None:  # its frame's estimate was stale
+                    series.alert = alert
+                    self._alert(series, alert)
             if series.finish_requested and series.live.caught_up:
                 self._finish(series)
 
@@ -301,11 +308,14 @@ class InferenceStage:
         n_frames = series.buffer.end_index or 0
         self.publish(protocol.make("end", series_id=series.series_id, n_frames=n_frames, reason="completed"))
         averaged = result["model_averaged"]
+        leading = result["leading_model"]
+        k = result["models"][leading]["params"]["k"]
         log.info(
-            "series finished: t0 = %.4f +- %.4f s, k = %.4f +- %.4f 1/s, alert at frame %s, %d frame(s) missing, %d flagged",
-            averaged["t0"]["mean"], averaged["t0"]["sd"], averaged["k"]["mean"], averaged["k"]["sd"],
-            result["alert"].get("frame_index"), len(series.missing), series.counters["frames_flagged"],
-            extra={"series_id": series.series_id},
+            "series finished: P(reaction) = %.3f, t0 = %.4f +- %.4f s, leading model %s (p = %.3f) with "
+            "k = %.4f +- %.4f 1/s, alert at frame %s, %d frame(s) missing, %d flagged",
+            result["reaction_probability"], averaged["t0"]["mean"], averaged["t0"]["sd"], leading,
+            result["models"][leading]["probability"], k["mean"], k["sd"], result["alert"].get("frame_index"),
+            len(series.missing), series.counters["frames_flagged"], extra={"series_id": series.series_id},
         )
         path = self.inference_config.get("json")
         if path:

@@ -1,9 +1,10 @@
 """Online Bayesian inference of the kinetic models by IBIS (Chopin 2002).
 
 One sequential Monte Carlo sampler per kinetic model; every sampler assimilates every
-frame:
+frame, one at a time or several together (a *batch*: the frames that arrived while the
+sampler was busy, see inference.live):
 
-1. incremental log likelihood l_i = log p(y_new | theta_i) of each particle;
+1. incremental log likelihood l_i = sum over the batch's frames of log p(y_new | theta_i);
 2. adaptive tempering: when the full frame would drop the effective sample size (ESS)
    below ``temper_threshold * N`` (default: ``ess_threshold``), the frame enters as
    p(y_new | theta)^delta in steps whose exponent increment delta is chosen by bisection
@@ -24,29 +25,49 @@ Particles live in the sampling coordinates of ``priors.py``: (t0 [s], log k, log
 n).  The priors are uniform in these coordinates, so the MH ratio is the likelihood
 ratio (times the proposal ratio for independent proposals) inside the prior box.
 
-Model probabilities: softmax over models of log evidence (uniform prior over the
-models).  Onset probability: sum over models of P(model) * sum_i W_i [t0_i <= now].
+Because the tempering exponent is chosen from the ESS, a batch of b frames costs about as
+many tempering steps as the information it carries, not b times a frame's.  The same seed
+and the same batch schedule (``OnlineInference.schedule``: frames per step) give the same
+result; ``beamkin analyze --schedule`` replays a live run's schedule.
+
+Monte Carlo error of the log evidence: each reweighting step's incremental estimate
+log sum_i W_i w_i (W: normalised weights before the step, W' after) has the delta-method
+variance sum_i (W'_i - W_i)^2 (= 1/ESS' - 1/N after a resampling), and the steps' variances
+add up (``ModelSampler.log_evidence_var``; the moves are tuned to decorrelate the particles
+between steps, ``JUMP_TARGET``).
+
+Model probabilities: Bayes' rule over the kinetic models and the null model "no reaction"
+(inference.null_model), prior probability ``null_prior`` for the null and the rest shared
+equally by the kinetic models.  Onset probability: P(a kinetic model and t0 <= now | y) =
+sum over kinetic models of P(model | y) * sum_i W_i [t0_i <= now].
 
 Random numbers: one numpy Generator per model, seeded from (seed, model index); all
 random numbers are drawn in NumPy and passed to the Numba kernels, which are
 deterministic per particle, so a given seed reproduces the result exactly, with or
 without ``parallel=True`` (prange over particles; only worth it on cores that are not
-shared with other busy processes).  The parallel kernels must be called from one Python
-thread at a time (Numba workqueue layer); ``OnlineInference`` is not thread-safe.
+shared with other busy processes), and whether the models run one after the other or on
+``threads`` threads (the models are independent until their evidences are combined, the
+kernels release the GIL).  The parallel kernels must be called from one Python thread at a
+time (Numba workqueue layer), so ``parallel`` and ``threads`` > 1 exclude each other;
+``OnlineInference`` itself is not thread-safe.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
-from typing import Iterable
+import os
+import threading
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from . import likelihood as lk
 from .alert import OnsetAlert
 from .models import MODEL_EXPONENT, MODEL_NAMES, model_code
-from .payload import COL, ParticleView, PayloadBuilder, warm_up_kernels
+from .null_model import NullModel
+from .payload import COL, NullEvidence, ParticleView, PayloadBuilder, model_probabilities, warm_up_kernels
 from .priors import Priors
 from .resample import systematic_indices
 
@@ -94,6 +115,14 @@ class FrameHistory:
         if self.m == 0 or not self.homoscedastic:
             return -1.0
         return float(self._sig2_first)
+
+    def truncate(self, m: int) -> None:
+        """Forget the frames from position m on (a batch that failed validation)."""
+        while self.m > m:
+            self.m -= 1
+            self._index_set.discard(self.frame_indices.pop())
+        self._sig2_first = float(self.sig2[0]) if self.m else None
+        self.homoscedastic = bool(np.all(self.sig2[: self.m] == self.sig2[0])) if self.m else True
 
     def append(self, frame_index: int, time_s: float, exposure_s: float, alpha: float, sigma: float | None) -> int:
         """Validate and store one frame; returns its position."""
@@ -155,6 +184,17 @@ def _logsumexp(a: np.ndarray) -> float:
     return float(mx + math.log(np.exp(a - mx).sum()))
 
 
+def _renice_thread(increment: int) -> None:
+    """Make the calling thread ``increment`` nicer (Linux per-thread nice; elsewhere a no-op)."""
+    if increment <= 0:
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
+    except (AttributeError, OSError) as exc:
+        logger.debug("model thread keeps its priority: %s", exc)
+
+
 # --------------------------------------------------------------------------- one model
 
 class ModelSampler:
@@ -202,6 +242,8 @@ class ModelSampler:
         self.logw = np.full(self.n, -math.log(self.n))
         self.cur_ll = np.zeros(self.n)
         self.log_evidence = 0.0
+        #: delta-method Monte Carlo variance of ``log_evidence`` (nat^2), summed over steps
+        self.log_evidence_var = 0.0
         self.rw_scale = 1.0
         self.rejuvenations = 0
         self.tempering_steps = 0
@@ -217,12 +259,12 @@ class ModelSampler:
                         self.noise_kind, self.nu, out)
         return out
 
-    def _history_loglik(self, params: np.ndarray, m_hist: int, pending: int, lam: float) -> np.ndarray:
-        h = self.history
-        out = np.empty(params.shape[0])
-        self._kernels[1](self.code, params, int(m_hist), int(pending), float(lam), h.t_lo, h.t_hi, h.y,
-                          h.sig2, h.cy, h.cy2, h.homo_var, self.noise_kind, self.nu, out)
-        return out
+    def _batch_loglik(self, first: int, last: int) -> np.ndarray:
+        """sum_{j=first}^{last-1} log p(y_j | theta_i) per particle (NaN counts as -inf)."""
+        total = self._frame_loglik(first)
+        for j in range(first + 1, last):
+            total += self._frame_loglik(j)
+        return np.where(np.isnan(total), -np.inf, total)
 
     # ------------------------------------------------------------------ IBIS step
     @property
@@ -250,10 +292,13 @@ class ModelSampler:
                 break
         return max(lo, 1e-12)
 
-    def assimilate(self, j: int) -> None:
-        """Bring the posterior from frames [0, j) to frames [0, j] (j: position in history)."""
-        l = self._frame_loglik(j)
-        l = np.where(np.isnan(l), -np.inf, l)
+    def assimilate(self, first: int, last: int | None = None) -> None:
+        """Bring the posterior from frames [0, first) to frames [0, last) (positions in the
+        history; ``last`` defaults to first + 1), tempering the batch in adaptively."""
+        last = first + 1 if last is None else int(last)
+        if last <= first:
+            raise ValueError(f"empty batch [{first}, {last})")
+        l = self._batch_loglik(first, last)
         lam = 0.0
         steps = 0
         while lam < 1.0:
@@ -262,22 +307,26 @@ class ModelSampler:
             step = np.where(np.isfinite(l), delta * l, -np.inf)
             inc = _logsumexp(self.logw + step)
             if not np.isfinite(inc):
-                raise FloatingPointError(f"model {self.name}: all particles have zero likelihood at frame {j}")
+                raise FloatingPointError(
+                    f"model {self.name}: all particles have zero likelihood at frames {first}..{last - 1}")
+            new_logw = self.logw + step - inc
             self.log_evidence += inc
-            self.logw = self.logw + step - inc
+            self.log_evidence_var += float(np.sum((np.exp(new_logw) - np.exp(self.logw)) ** 2))
+            self.logw = new_logw
             self.cur_ll = self.cur_ll + step
             lam = 1.0 if delta >= remaining else lam + delta
             steps += 1
             if lam < 1.0:
-                self._resample_move(m_hist=j, pending=j, lam=lam)
-                l = self._frame_loglik(j)  # the particles changed
-                l = np.where(np.isnan(l), -np.inf, l)
+                self._resample_move(m_hist=first, m_end=last, lam=lam)
+                l = self._batch_loglik(first, last)  # the particles changed
         self.tempering_steps = steps
         if self.ess() < self.ess_threshold * self.n:
-            self._resample_move(m_hist=j + 1, pending=-1, lam=0.0)
+            self._resample_move(m_hist=last, m_end=last, lam=0.0)
 
     # ------------------------------------------------------------------ rejuvenation
-    def _resample_move(self, m_hist: int, pending: int, lam: float) -> None:
+    def _resample_move(self, m_hist: int, m_end: int, lam: float) -> None:
+        """Resample (systematic) and move with MH targeting the tempered posterior of frames
+        [0, m_hist) and, to the power lam, frames [m_hist, m_end)."""
         idx = systematic_indices(self.weights, self.n, float(self.rng.random()))
         self.theta = np.ascontiguousarray(self.theta[idx])
         self.cur_ll = self.cur_ll[idx]
@@ -285,9 +334,9 @@ class ModelSampler:
         self.rejuvenations += 1
         self._version += 1  # a new theta array: views of the old one stay valid
         if self.free:
-            self._move(m_hist, pending, lam)
+            self._move(m_hist, m_end, lam)
 
-    def _move(self, m_hist: int, pending: int, lam: float) -> None:
+    def _move(self, m_hist: int, m_end: int, lam: float) -> None:
         d = len(self.free)
         cols = self.free_cols
         x = self.theta[:, cols]
@@ -313,7 +362,7 @@ class ModelSampler:
             use_ind = self.rng.random(self.n) < p_independent
             log_u = np.log(self.rng.random(self.n))
             self._kernels[2](self.code, self.theta, self.cur_ll, cols, self.lo, self.hi, mean, chol, chol_inv,
-                             rw_step, z, use_ind, log_u, int(m_hist), int(pending), float(lam), h.t_lo, h.t_hi,
+                             rw_step, z, use_ind, log_u, int(m_hist), int(m_end), float(lam), h.t_lo, h.t_hi,
                              h.y, h.sig2, h.cy, h.cy2, h.homo_var, self.noise_kind, self.nu, accept)
             moved |= accept
             tried += self.n
@@ -352,7 +401,8 @@ class ModelSampler:
         return ParticleView(self.name, self.code, self.reported, self.theta, self.logw, float(self.log_evidence),
                             self._version, {"acceptance_rate": self.acceptance_rate,
                                             "rejuvenations": self.rejuvenations,
-                                            "tempering_steps": self.tempering_steps})
+                                            "tempering_steps": self.tempering_steps},
+                            float(self.log_evidence_var))
 
 
 # --------------------------------------------------------------------------- engine
@@ -377,7 +427,7 @@ class OnlineInference:
                  gas_time_s: float | None = None, histogram_bins: int = 60, predictive_points: int = 100,
                  predictive_draws: int = 200, series_id: str | None = None, parallel: bool = False,
                  light_probability: float = 1e-6,
-                 temper_threshold: float | None = None):
+                 temper_threshold: float | None = None, null_prior: float = 0.5, threads: int = 1):
         models = tuple(models)
         if not models:
             raise ValueError("at least one kinetic model is needed")
@@ -409,6 +459,17 @@ class OnlineInference:
         if not 0.0 <= light_probability < 1.0:
             raise ValueError(f"light_probability must be in [0, 1), got {light_probability}")
         self.light_probability = float(light_probability)
+        if not 0.0 <= null_prior < 1.0:
+            raise ValueError(f"null_prior (prior probability of 'no reaction') must be in [0, 1), got {null_prior}")
+        self.null_prior = float(null_prior)
+        if int(threads) < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        if parallel and int(threads) > 1:
+            raise ValueError("parallel kernels and model threads exclude each other (Numba's workqueue layer)")
+        self.threads = int(threads)
+        #: niceness added to the model threads (the live path keeps them behind its estimates)
+        self.thread_niceness = 0
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.history = FrameHistory()
         #: the likelihood kernels' noise code
         self.noise_kind = kind = lk.NOISE_NORMAL if noise == "normal" else lk.NOISE_STUDENT
@@ -420,6 +481,10 @@ class OnlineInference:
                                temper_threshold=ess_threshold if temper_threshold is None else temper_threshold)
             for name in models
         }
+        #: "no reaction" (alpha = 0), competing by evidence when null_prior > 0
+        self.null_model = NullModel(priors, kind, self.student_nu)
+        #: frames per exact step so far (1, 1, ..., then larger batches when the live path lags)
+        self.schedule: list[int] = []
         self.alert = OnsetAlert(alert_threshold, alert_consecutive)
         if "k" in priors.fixed:
             k_lo, k_hi = 0.5 * priors.fixed["k"], 2.0 * priors.fixed["k"]
@@ -455,6 +520,8 @@ class OnlineInference:
         lk.reweight_frames(0, params, 0, 2, h.t_lo, h.t_hi, h.y, h.sig2, lk.NOISE_NORMAL, 4.0, np.zeros(4),
                            np.full(4, -math.log(4)), np.empty(4))
         warm_up_kernels()
+        lk.null_frames_loglik(np.zeros(2), 0, 2, h.y, h.sig2, lk.NOISE_NORMAL, 4.0, np.zeros(2))
+        lk.null_frames_loglik(np.zeros(2), 0, 2, h.y, h.sig2, lk.NOISE_STUDENT, 4.0, np.zeros(2))
         sweep = lk.mh_sweep_parallel if self.parallel else lk.mh_sweep
         cols = np.array([0, 1, 2], dtype=np.int64)
         eye = np.eye(3)
@@ -470,18 +537,39 @@ class OnlineInference:
         """The weighted particles of every model now (no copies)."""
         return {name: sampler.view() for name, sampler in self.samplers.items()}
 
+    def null_evidence(self) -> NullEvidence | None:
+        """The null model's part in the model comparison (None when null_prior is 0)."""
+        if self.null_prior <= 0.0:
+            return None
+        return NullEvidence(self.null_model.log_evidence, self.null_prior)
+
     def model_probabilities(self) -> dict[str, float]:
-        return PayloadBuilder.probabilities({m: self.samplers[m] for m in self.models})
+        """P(model | y) of each kinetic model; they sum to P(reaction | y)."""
+        return PayloadBuilder.probabilities({m: self.samplers[m] for m in self.models}, self.null_evidence())
+
+    def reaction_probability(self) -> float:
+        """P(reaction | y) = 1 - P(no reaction | y)."""
+        return 1.0 - model_probabilities({m: s.log_evidence for m, s in self.samplers.items()},
+                                         self.null_evidence())[1]
 
     def update(self, frame_index: int, time_s: float, exposure_s: float, alpha: float,
                sigma: float | None) -> dict:
         """Assimilate one frame (mid-exposure time and exposure in s); returns the posterior payload."""
-        alert = self.assimilate(frame_index, time_s, exposure_s, alpha, sigma)
-        payload = self.payload_builder.build(self.views(), int(frame_index), float(time_s), self.last_readout_s,
-                                             self.n_frames, alert)
-        logger.debug("frame assimilated", extra={"series_id": self.series_id, "frame_index": int(frame_index),
-                                                 "leading_model": payload["leading_model"],
-                                                 "onset_probability": payload["onset_probability"]})
+        return self.update_batch([(frame_index, time_s, exposure_s, alpha, sigma)])
+
+    def update_batch(self, frames: Sequence[tuple]) -> dict:
+        """Assimilate frames (frame_index, time_s, exposure_s, alpha, sigma), in time order, in one
+        tempered IBIS step; returns the posterior payload after the last of them, with ``batch``
+        (their frame indices)."""
+        alert = self.assimilate_batch(frames)
+        frame_index, time_s = int(frames[-1][0]), float(frames[-1][1])
+        payload = self.payload_builder.build(self.views(), frame_index, time_s, self.last_readout_s,
+                                             self.n_frames, alert, self.model_probabilities(),
+                                             null=self.null_evidence())
+        payload["batch"] = [int(f[0]) for f in frames]
+        logger.debug("frames assimilated", extra={"series_id": self.series_id, "frame_index": frame_index,
+                                                  "batch": len(frames), "leading_model": payload["leading_model"],
+                                                  "onset_probability": payload["onset_probability"]})
         return payload
 
     def assimilate(self, frame_index: int, time_s: float, exposure_s: float, alpha: float,
@@ -490,27 +578,65 @@ class OnlineInference:
 
         The posterior, evidence and alert state are exactly those of ``update``.
         """
-        j = self.history.append(frame_index, time_s, exposure_s, alpha, sigma)
+        return self.assimilate_batch([(frame_index, time_s, exposure_s, alpha, sigma)])
+
+    def assimilate_batch(self, frames: Sequence[tuple]) -> dict | None:
+        """``update_batch`` without the payload; returns the alert or None.  The alert rule sees
+        one onset probability per batch (that of its last frame)."""
+        if not frames:
+            raise ValueError("an empty batch of frames")
+        first = self.history.m
+        try:
+            for frame_index, time_s, exposure_s, alpha, sigma in frames:
+                self.history.append(frame_index, time_s, exposure_s, alpha, sigma)
+        except ValueError:
+            self.history.truncate(first)  # nothing of a rejected batch is kept
+            raise
+        last = self.history.m
         before = self.model_probabilities()
         for name, sampler in self.samplers.items():
             sampler.light = before[name] < self.light_probability
-            sampler.assimilate(j)
-        self.last_time_s = float(time_s)
-        self.last_frame_index = int(frame_index)
+        self._run_models(lambda sampler: sampler.assimilate(first, last))
+        self.null_model.advance(self.history, last)
+        self.schedule.append(last - first)
+        frame_index, time_s, exposure_s = int(frames[-1][0]), float(frames[-1][1]), float(frames[-1][2])
+        self.last_time_s = time_s
+        self.last_frame_index = frame_index
         # "now" for the onset is the end of this frame's exposure (when it was read out): a frame
         # whose window holds the onset says t0 <= its end, not t0 <= its middle
-        self.last_readout_s = float(time_s) + 0.5 * float(exposure_s)
+        self.last_readout_s = time_s + 0.5 * exposure_s
         probs = self.model_probabilities()
         onset = self.onset_probability(self.last_readout_s, probs)
-        if not self.alert.observe(int(frame_index), float(time_s), onset):
+        if not self.alert.observe(frame_index, time_s, onset):
             return None
-        alert = self.payload_builder.alert(self.views(), probs, int(frame_index), float(time_s), onset,
-                                           self.gas_time_s)
+        alert = self.payload_builder.alert(self.views(), probs, frame_index, time_s, onset, self.gas_time_s)
         self.alert.content = alert
         logger.debug("onset alert rule fired", extra={
-            "series_id": self.series_id, "frame_index": int(frame_index), "t0_mean": alert["t0"]["mean"],
+            "series_id": self.series_id, "frame_index": frame_index, "t0_mean": alert["t0"]["mean"],
             "leading_model": alert["leading_model"]})
         return alert
+
+    def _run_models(self, work) -> None:
+        """``work(sampler)`` for every model: in turn, or on ``threads`` threads (each model owns
+        its random numbers, so the result does not depend on the threads' timing)."""
+        if self.threads == 1 or len(self.samplers) == 1:
+            for sampler in self.samplers.values():
+                work(sampler)
+            return
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                min(self.threads, len(self.samplers)), thread_name_prefix="model-sampler",
+                initializer=_renice_thread, initargs=(self.thread_niceness,))
+        # the slowest models first, so that the threads finish together
+        order = sorted(self.samplers.values(), key=lambda smp: -smp.n * (0 if smp.light else 1))
+        for future in [self._pool.submit(work, sampler) for sampler in order]:
+            future.result()
+
+    def close(self) -> None:
+        """Stop the model threads (if any)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def onset_probability(self, time_s: float, probs: dict[str, float] | None = None) -> float:
         """Model-averaged posterior probability P(t0 <= time_s)."""
@@ -523,16 +649,24 @@ class OnlineInference:
         builder = self.payload_builder
         models = {}
         for name, view in views.items():
-            models[name] = {"log_evidence": float(view.log_evidence), "probability": probs[name],
-                            "params": builder.summaries(view), "diagnostics": {**view.diagnostics, "ess": view.ess}}
+            models[name] = {"log_evidence": float(view.log_evidence), "log_evidence_se": view.log_evidence_se,
+                            "probability": probs[name], "params": builder.summaries(view),
+                            "diagnostics": {**view.diagnostics, "ess": view.ess}}
+        null = self.null_evidence()
+        reaction = self.reaction_probability()
         return {
             "models": models,
             "leading_model": max(probs, key=probs.get),
-            "model_averaged": builder.model_averaged(views, probs),
+            "reaction_probability": reaction,
+            "null_model": None if null is None else {"log_evidence": null.log_evidence, "log_evidence_se": 0.0,
+                                                     "prior_probability": null.prior_probability,
+                                                     "probability": 1.0 - reaction},
+            "model_averaged": builder.model_averaged(views, probs, params=("t0",)),
+            "schedule": list(self.schedule),
             "alert": self.alert.summary(),
             "priors": self.priors.to_dict(),
             "n_frames": self.n_frames,
             "settings": {"n_particles": self.n_particles, "seed": self.seed, "noise": self.noise,
                          "student_nu": self.student_nu if self.noise == "student" else None,
-                         "gas_time_s": self.gas_time_s},
+                         "gas_time_s": self.gas_time_s, "null_prior": self.null_prior},
         }

@@ -101,11 +101,30 @@ def test_history_and_frame_loglik_match_reference(name, kind, homo):
     out = np.empty(len(params))
     lk.frame_loglik(code, params, h.t_lo[7], h.t_hi[7], h.y[7], h.sig2[7], kind, nu, out)
     np.testing.assert_allclose(out, per_frame[:, 7], rtol=1e-7, atol=1e-6)
-    for m, pending, lam in ((h.m, -1, 0.0), (20, 20, 0.3), (0, 0, 0.7), (5, -1, 0.0)):
-        lk.history_loglik(code, params, m, pending, lam, h.t_lo, h.t_hi, h.y, h.sig2, h.cy, h.cy2,
+    # (m, m_end, lam): frames [0, m) whole, frames [m, m_end) to the power lam (a tempered batch)
+    for m, m_end, lam in ((h.m, h.m, 0.0), (20, 21, 0.3), (0, 1, 0.7), (5, 5, 0.0), (3, 17, 0.45), (0, h.m, 0.2),
+                          (10, h.m, 1.0), (8, 12, 0.0)):
+        lk.history_loglik(code, params, m, m_end, lam, h.t_lo, h.t_hi, h.y, h.sig2, h.cy, h.cy2,
                           h.homo_var, kind, nu, out)
-        ref = per_frame[:, :m].sum(axis=1) + (lam * per_frame[:, pending] if pending >= 0 else 0.0)
+        ref = per_frame[:, :m].sum(axis=1) + lam * per_frame[:, m:m_end].sum(axis=1)
         np.testing.assert_allclose(out, ref, rtol=1e-7, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", [lk.NOISE_NORMAL, lk.NOISE_STUDENT])
+def test_null_frames_loglik_matches_reference(kind):
+    """"No reaction": every frame has mean 0; one term per scatter s of the grid."""
+    rng = np.random.default_rng(5)
+    h = make_history(rng, 15, homo=False, with_exposure=True)
+    log_s = rng.uniform(math.log(1e-3), math.log(0.5), 9)
+    out = np.full(9, 2.5)
+    lk.null_frames_loglik(log_s, 3, 12, h.y, h.sig2, kind, 4.0, out)
+    for g, u in enumerate(log_s):
+        var = h.sig2[3:12] + math.exp(2 * u)
+        if kind == lk.NOISE_NORMAL:
+            ref = scipy.stats.norm.logpdf(h.y[3:12], 0.0, np.sqrt(var)).sum()
+        else:
+            ref = scipy.stats.t.logpdf(h.y[3:12], 4.0, 0.0, np.sqrt(var)).sum()
+        assert out[g] == pytest.approx(2.5 + ref, rel=1e-10)
 
 
 def test_alpha_curves_match_numpy():
@@ -147,9 +166,9 @@ def test_serial_and_parallel_kernels_compute_the_same_numbers():
                               rng.uniform(0.5, 4, n_particles)])
     for kind in (lk.NOISE_NORMAL, lk.NOISE_STUDENT):
         serial, parallel = np.empty(n_particles), np.empty(n_particles)
-        lk.history_loglik(model_code("F1"), params, n_frames - 1, n_frames - 1, 0.4, t_lo, t_hi, y, sig2,
+        lk.history_loglik(model_code("F1"), params, n_frames - 4, n_frames, 0.4, t_lo, t_hi, y, sig2,
                           cy, cy2, 0.02 ** 2, kind, 4.0, serial)
-        lk.history_loglik_parallel(model_code("F1"), params, n_frames - 1, n_frames - 1, 0.4, t_lo, t_hi, y, sig2,
+        lk.history_loglik_parallel(model_code("F1"), params, n_frames - 4, n_frames, 0.4, t_lo, t_hi, y, sig2,
                                    cy, cy2, 0.02 ** 2, kind, 4.0, parallel)
         np.testing.assert_allclose(parallel, serial, rtol=1e-12)
         lk.frame_loglik(model_code("A2"), params, t_lo[5], t_hi[5], y[5], sig2[5], kind, 4.0, serial)

@@ -33,19 +33,29 @@ def test_payload_schema_and_result():
         json.dumps(payload, allow_nan=False)
     assert payload["frame_index"] == 100 + 2 * 29 and payload["n_frames"] == 30
     assert set(payload["models"]) == {"F1", "An", "R3"}
-    assert math.isclose(sum(m["probability"] for m in payload["models"].values()), 1.0, rel_tol=1e-12)
+    # the kinetic models' probabilities sum to P(reaction); "no reaction" holds the rest
+    assert math.isclose(sum(m["probability"] for m in payload["models"].values()), payload["reaction_probability"],
+                        rel_tol=1e-12)
+    assert math.isclose(payload["null_model"]["probability"], 1.0 - payload["reaction_probability"], abs_tol=1e-15)
+    assert payload["reaction_probability"] > 0.999  # a clear F1 transition
+    assert payload["stale"] is False and payload["batch"] == [100 + 2 * 29]
     for name, m in payload["models"].items():
         expected = {"t0", "k", "A", "s"} | ({"n"} if name == "An" else set())
         assert set(m["params"]) == expected
         for stats in m["params"].values():
             assert set(stats) == STAT_KEYS and stats["q05"] <= stats["q50"] <= stats["q95"]
         assert set(m["diagnostics"]) == {"ess", "acceptance_rate", "rejuvenations", "tempering_steps"}
+        assert m["stale"] is False and m["log_evidence_se"] > 0.0
     assert payload["leading_model"] == max(payload["models"], key=lambda k: payload["models"][k]["probability"])
     for p in ("t0", "k"):
         h = payload["histograms"][p]
-        assert len(h["edges"]) == 41 and len(h["model_averaged"]) == 40 and len(h["leading"]) == 40
+        assert len(h["edges"]) == 41 and len(h["leading"]) == 40
         widths = np.diff(h["edges"])
-        assert math.isclose(float(np.dot(widths, h["model_averaged"])), 1.0, rel_tol=1e-9)  # densities
+        assert math.isclose(float(np.dot(widths, h["leading"])), 1.0, rel_tol=1e-9)  # densities
+    h_t0 = payload["histograms"]["t0"]
+    assert math.isclose(float(np.dot(np.diff(h_t0["edges"]), h_t0["model_averaged"])), 1.0, rel_tol=1e-9)
+    assert payload["histograms"]["k"]["model_averaged"] is None  # k is not averaged across rate laws
+    assert set(payload["model_averaged"]) == {"t0"}
     assert h["edges"][0] == 0.01 and h["edges"][-1] == 100.0  # k grid: the prior range
     assert payload["histograms"]["t0"]["edges"][0] == 1.0  # t0 grid: the prior window from ts
     pred = payload["predictive"]
@@ -58,7 +68,8 @@ def test_payload_schema_and_result():
     json.dumps(result, allow_nan=False)
     assert result["n_frames"] == 30 and result["priors"]["t0"]["low"] == 1.0
     assert result["alert"]["frame_index"] is not None and result["alert"]["t0_minus_ts"] is not None
-    assert set(result["model_averaged"]) == {"t0", "k"}
+    assert set(result["model_averaged"]) == {"t0"}
+    assert result["schedule"] == [1] * 30 and result["null_model"]["prior_probability"] == 0.5
 
 
 def _reference_weighted_quantiles(values, weights, qs=(0.05, 0.5, 0.95)):
@@ -126,12 +137,13 @@ def test_histograms_match_numpy_histogram():
     builder = PayloadBuilder(tuple(views), t0_edges, k_edges, np.linspace(0, 20, 10), 50)
     payload = builder.build(views, 0, 1.0, 1.0, 1, None)
     for param, edges in (("t0", t0_edges), ("k", k_edges)):
-        expected = np.zeros(edges.size - 1)
-        for m, v in views.items():
-            counts, _ = np.histogram(v.values(param), bins=edges, weights=probs[m] * v.weights)
-            expected += counts
-        np.testing.assert_allclose(payload["histograms"][param]["model_averaged"], expected / np.diff(edges),
-                                   rtol=1e-12, atol=1e-15)
+        if param == "t0":  # k is never mixed across rate laws
+            expected = np.zeros(edges.size - 1)
+            for m, v in views.items():
+                counts, _ = np.histogram(v.values(param), bins=edges, weights=probs[m] * v.weights)
+                expected += counts
+            np.testing.assert_allclose(payload["histograms"][param]["model_averaged"], expected / np.diff(edges),
+                                       rtol=1e-12, atol=1e-15)
         lead = views[payload["leading_model"]]
         counts, _ = np.histogram(lead.values(param), bins=edges, weights=lead.weights)
         np.testing.assert_allclose(payload["histograms"][param]["leading"], counts / np.diff(edges),

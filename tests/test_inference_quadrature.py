@@ -89,7 +89,7 @@ def quadrature(model, t, y):
 def smc_result():
     t, y = paper_series()
     engine = OnlineInference(models=("F1", "A2"), priors=Priors(t0=T_WINDOW, fixed={"A": 1.0}),
-                             n_particles=4096, seed=1)
+                             n_particles=4096, seed=1, null_prior=0.5)
     for j, (tj, yj) in enumerate(zip(t, y)):
         engine.update(j, float(tj), 0.0, float(yj), None)
     return t, y, engine.result()
@@ -117,9 +117,9 @@ def test_paper_scenario_posterior_width_matches_design():
     assert 0.008 < ref["k"]["sd"] < 0.03
 
 
-def onset_probability_quadrature(t, y, now):
-    """P(t0 <= now | y) for F1 (A = 1) by the same grid: t0 uniform on T_WINDOW, log k and log s
-    uniform, s integrated out."""
+def onset_quadrature(t, y, now):
+    """(log Z_F1, P(t0 <= now | y, F1)) for F1 (A = 1) by the same grid: t0 uniform on T_WINDOW,
+    log k and log s uniform, s integrated out."""
     t0_axis = np.linspace(*T_WINDOW, 2401)
     lk_axis = np.linspace(*LOGK, 801)
     k_axis = np.exp(lk_axis)
@@ -127,29 +127,46 @@ def onset_probability_quadrature(t, y, now):
     for i, t0 in enumerate(t0_axis):
         rss[i] = np.sum((y - curve("F1", np.full(k_axis.size, t0), k_axis, t)) ** 2, axis=1)
     lm = log_marginal_over_s(rss, t.size)
-    w = np.trapezoid(np.exp(lm - lm.max()), lk_axis, axis=1)  # density of t0 (unnormalised)
+    top = lm.max()
+    w = np.trapezoid(np.exp(lm - top), lk_axis, axis=1)  # density of t0 (unnormalised)
     cdf = np.concatenate([[0.0], np.cumsum(0.5 * (w[1:] + w[:-1]) * np.diff(t0_axis))])
-    return float(np.interp(now, t0_axis, cdf) / cdf[-1])
+    log_z = top + math.log(cdf[-1]) - math.log(T_WINDOW[1] - T_WINDOW[0]) - math.log(LOGK[1] - LOGK[0])
+    return log_z, float(np.interp(now, t0_axis, cdf) / cdf[-1])
 
 
-def test_no_reaction_onset_probability_is_the_exact_one():
-    """alpha == 0 plus noise: the onset probability P(t0 <= now) the sampler reports is the exact
-    posterior probability from quadrature, mid-series and at the end.  With t0 uniform over the
-    series window and log k uniform down to 0.01 1/s, that exact value is not small: a reaction
-    that began a few frames ago with a small k fits flat data as well as no reaction, so
-    P(t0 <= now) is about 0.03 after 12 and 18 of 36 frames, 0.06 after 30, and 1 at the end of
-    the window (no prior mass is left after it)."""
+def null_log_evidence(y):
+    """log Z of "no reaction" (alpha = 0): only s, integrated out in closed form."""
+    return float(log_marginal_over_s(np.array(np.sum(y * y)), y.size))
+
+
+def test_no_reaction_onset_and_reaction_probability_are_the_exact_ones():
+    """alpha == 0 plus noise, F1 against "no reaction" with prior probability 1/2 each: the
+    sampler's P(no reaction | y) and onset probability P(F1 and t0 <= now | y) are the exact
+    posterior probabilities from quadrature, mid-series and at the end of the window (where
+    P(t0 <= now | F1) is 1: the onset probability is then P(reaction | y))."""
     rng = np.random.default_rng(11)
     t = np.arange(36) / 3.0
     y = rng.normal(0.0, NOISE, t.size)
     engine = OnlineInference(models=("F1",), priors=Priors(t0=T_WINDOW, fixed={"A": 1.0}), n_particles=4096,
-                             seed=2)
+                             seed=2, null_prior=0.5)
     checked = {}
     for j, (tj, yj) in enumerate(zip(t, y)):
         payload = engine.update(j, float(tj), 0.0, float(yj), None)
-        if j + 1 in (12, 18, 30):
-            exact = onset_probability_quadrature(t[: j + 1], y[: j + 1], float(tj))
-            checked[j + 1] = (payload["onset_probability"], exact)
-            assert payload["onset_probability"] == pytest.approx(exact, abs=0.01), (j, checked)
-    print("onset probability (sampler, quadrature) after n frames:", checked)
-    assert checked[18][1] > 0.01  # why the issue's "below 0.01 throughout" cannot hold with these priors
+        if j + 1 in (12, 18, 30, 36):
+            log_z, onset_given_f1 = onset_quadrature(t[: j + 1], y[: j + 1], float(tj))
+            log_null = null_log_evidence(y[: j + 1])
+            reaction = 1.0 / (1.0 + math.exp(log_null - log_z))
+            checked[j + 1] = (payload["reaction_probability"], reaction, payload["onset_probability"],
+                              reaction * onset_given_f1)
+            assert payload["null_model"]["log_evidence"] == pytest.approx(log_null, abs=1e-5)
+            assert payload["reaction_probability"] == pytest.approx(reaction, abs=0.02), (j, checked)
+            assert payload["onset_probability"] == pytest.approx(reaction * onset_given_f1, abs=0.01), (j, checked)
+    print("(P(reaction), exact, onset probability, exact) after n frames:", checked)
+    assert checked[36][1] < 0.5  # flat data favour "no reaction"
+    assert max(c[2] for c in checked.values()) < 0.5  # far from an alert
+
+
+def test_reaction_is_certain_on_the_paper_series(smc_result):
+    t, y, result = smc_result
+    assert result["reaction_probability"] > 1.0 - 1e-12
+    assert result["null_model"]["log_evidence"] == pytest.approx(null_log_evidence(y), abs=1e-5)
