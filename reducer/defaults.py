@@ -30,7 +30,7 @@ def _cpl1_windows(wavelength_A: float):
 
 
 def cpl1_ar_fraction_config(wavelength_A: float = DEFAULT_WAVELENGTH_A) -> FractionConfig:
-    """FractionConfig for CPL-1 / Ar (peaks method, rho = 1, R_A learned before gas)."""
+    """FractionConfig for CPL-1 / Ar (peaks method, rho = 1)."""
     phases, windows = _cpl1_windows(float(wavelength_A))
     return FractionConfig(windows=list(windows), method="peaks", reference_ratio_b_to_a=1.0,
                           wavelength_A=None, whole_pattern_range_deg=(4.3, 12.5), background_terms=6,

@@ -17,10 +17,15 @@ for raw counts), which removes the bias of data-derived weights at low counts. T
 of the coefficients is (X^T W X)^-1.
 
 Line positions: per frame, each phase whose lines are detected strongly (summed area above
-``position_min_snr`` sigma) gets a common relative shift eps of sin(theta) (d -> d / (1 + eps)),
-chosen on a grid by minimum chi^2 and refined by a parabola; other phases keep the last confident
-shift of the series. This absorbs lattice strain and geometry miscalibration without a
-per-frame nonlinear optimiser. In 2D the line profiles are the integrator's exact bin responses
+``position_min_snr`` sigma in the fit at the configured positions) gets a common relative shift
+eps of sin(theta) (d -> d / (1 + eps)), chosen on a grid by minimum chi^2 and refined by a
+parabola; a weaker phase keeps its configured positions (eps = 0), since a shift chosen from
+noise would inflate its area. This absorbs lattice strain and geometry miscalibration without a
+per-frame nonlinear optimiser.
+
+Determinism: the result for a frame depends on that frame and the configuration only, never on
+the frames a worker happened to see before (no learned reference, no remembered shift), so any
+number of reducer workers gives bit-identical fractions (docs/design.md, issue 11.3). In 2D the line profiles are the integrator's exact bin responses
 (sparse CSR rows of the window bins), which carry the pixel-centre aliasing of fine bins.
 
 Amounts, with per-phase reference intensities R_P (integrated intensity per unit phase
@@ -44,10 +49,11 @@ References
 ----------
 rho comes from configuration (``reference_ratio_b_to_a``), from absolute R_A and R_B
 (``reference_scale_a``/``reference_scale_b``), or from two pure-phase reference patterns
-(:meth:`PhaseFractionEstimator.calibrate_from_reference_patterns`). R_A (absolute) is learned
-automatically from the frames with time_s < gas_time_s (the empty phase only), which with an
-absolute ``reference_scale_b`` fixes rho, and otherwise gives the drift diagnostic
-``amount_total`` = amount_A + amount_B (about 1 while the beam is stable).
+(:meth:`PhaseFractionEstimator.calibrate_from_reference_patterns`, or ``beamkin phases``, which
+writes the ratio into the TOML). With an absolute R_A (``reference_scale_a`` or the reference
+patterns) the amounts are in units of R_A, and amount_A + amount_B is a beam-drift diagnostic
+(about 1 while the beam is stable). R_A is not learned from the series' own frames: that would
+make a frame's result depend on which earlier frames its worker saw.
 
 Flagged results carry alpha = 0.0 and sigma_alpha = inf (never NaN): a consumer that forgets
 to check ``status`` gives such a frame zero weight.
@@ -83,6 +89,19 @@ __all__ = [
 ]
 
 FLAGGED_SIGMA = math.inf
+#: a refined line shift is rounded to position_step_rel / SHIFT_SUBDIVISIONS (5e-5 by default: at
+#: 2theta = 5 degrees, 0.00025 degrees, about 1 % of a line's FWHM)
+SHIFT_SUBDIVISIONS = 10
+#: off-grid shifts whose design columns are kept per phase
+SHIFT_COLUMNS_CACHED = 32
+
+#: keys of earlier versions whose behaviour made a frame's result depend on the frames seen before it
+RETIRED_KEYS = {
+    "learn_reference_frames": "R_A is no longer learned from pre-gas frames (results would depend on which "
+                              "worker saw them); set reference_scale_a, reference_ratio_b_to_a or reference patterns",
+    "position_search_every": "the line-shift search runs on every confident frame (a remembered shift would "
+                             "make results depend on the number of workers)",
+}
 
 
 # ---------------------------------------------------------------------------------- kernels
@@ -242,8 +261,8 @@ class FractionConfig:
     method: "peaks" or "whole_pattern". windows: peak windows with their lines (peaks method).
     reference_ratio_b_to_a: rho = R_B / R_A, or None to take it from the absolute scales.
     reference_scale_a / reference_scale_b: absolute R_A / R_B (pattern intensity x degrees per unit
-    relative intensity per unit fraction), None = unknown (R_A then learned before gas).
-    learn_reference_frames: pre-gas frames averaged for R_A. min_signal_sigma: a frame whose
+    relative intensity per unit fraction), None = unknown; both together give rho.
+    min_signal_sigma: a frame whose
     amount_A + amount_B is below this many standard deviations is flagged. n_reweight: IRLS passes.
     wavelength_A: needed only for patterns in q. whole_pattern_range_deg, background_terms:
     whole-pattern fit range (degrees) and number of Bernstein background terms.
@@ -254,12 +273,9 @@ class FractionConfig:
     position_search_rel, position_step_rel, position_min_snr: per frame, the lines of a phase
     whose summed area exceeds position_min_snr standard deviations are moved together by the
     relative change eps of sin(theta) in [-search, +search] that minimises chi^2 (grid of
-    position_step_rel, refined by a parabola through the best three points); a weaker phase keeps
-    the shift last determined confidently in the series (0 until then), since a shift chosen from
-    noise would inflate its area. 0 disables.
-    position_search_every: a confident phase's shift is searched on its first confident frame and
-    then on every position_search_every-th confident frame, the last shift standing in between
-    (the search is most of the fit's cost; lattice shifts drift slowly). 1 = every frame.
+    position_step_rel, refined by a parabola through the best three points and rounded to
+    position_step_rel / 10), searched on every frame by descent from eps = 0; a weaker phase keeps its configured positions (eps = 0), since a
+    shift chosen from noise would inflate its area. 0 disables.
     """
 
     windows: list[WindowSpec]
@@ -267,7 +283,6 @@ class FractionConfig:
     reference_ratio_b_to_a: float | None = 1.0
     reference_scale_a: float | None = None
     reference_scale_b: float | None = None
-    learn_reference_frames: int = 5
     min_signal_sigma: float = 3.0
     n_reweight: int = 2
     wavelength_A: float | None = None
@@ -278,7 +293,6 @@ class FractionConfig:
     position_search_rel: float = 0.004
     position_step_rel: float = 0.0005
     position_min_snr: float = 20.0
-    position_search_every: int = 4
     phases: tuple[Phase, Phase] | None = None   # model phases (whole-pattern references)
 
     def __post_init__(self) -> None:
@@ -296,16 +310,14 @@ class FractionConfig:
                 raise ReductionError(f"{name} must be positive, got {v}")
         if (self.reference_pattern_a is None) != (self.reference_pattern_b is None):
             raise ReductionError("reference_pattern_a and reference_pattern_b go together")
-        if (self.reference_ratio_b_to_a is None and self.reference_scale_b is None
-                and self.reference_pattern_a is None):
-            raise ReductionError("need reference_ratio_b_to_a, reference_pattern_a/_b files, or reference_scale_b "
-                                 "(with reference_scale_a or pre-gas frames to learn R_A)")
+        if (self.reference_ratio_b_to_a is None and self.reference_pattern_a is None
+                and (self.reference_scale_a is None or self.reference_scale_b is None)):
+            raise ReductionError("need reference_ratio_b_to_a, reference_pattern_a/_b files, or both reference_scale_a "
+                                 "and reference_scale_b (`beamkin phases REF_A REF_B` measures the ratio)")
         if self.background_terms < 1:
             raise ReductionError("background_terms must be >= 1")
         if not (0.0 <= self.position_search_rel < 0.05 and self.position_step_rel > 0):
             raise ReductionError("position_search_rel must be in [0, 0.05) and position_step_rel > 0")
-        if int(self.position_search_every) < 1:
-            raise ReductionError("position_search_every must be >= 1")
 
     def span_deg(self) -> tuple[float, float]:
         """Smallest 2theta range (degrees) the configuration needs."""
@@ -323,6 +335,10 @@ class FractionConfig:
             return base
         known = {f.name for f in dataclasses.fields(cls)} - {"phases"}
         unknown = set(d) - known
+        retired = unknown & set(RETIRED_KEYS)
+        if retired:
+            raise ReductionError("; ".join(f"[reducer.fractions] {key} is no longer used: {RETIRED_KEYS[key]}"
+                                           for key in sorted(retired)))
         if unknown:
             raise ReductionError(f"unknown [reducer.fractions] keys: {sorted(unknown)}")
         kwargs = {f.name: getattr(base, f.name) for f in dataclasses.fields(cls)}
@@ -336,10 +352,10 @@ class FractionConfig:
 
     def to_dict(self) -> dict:
         out = {"method": self.method, "reference_ratio_b_to_a": self.reference_ratio_b_to_a,
-               "learn_reference_frames": self.learn_reference_frames, "min_signal_sigma": self.min_signal_sigma,
+               "min_signal_sigma": self.min_signal_sigma,
                "n_reweight": self.n_reweight, "background_terms": self.background_terms,
                "position_search_rel": self.position_search_rel, "position_step_rel": self.position_step_rel,
-               "position_min_snr": self.position_min_snr, "position_search_every": self.position_search_every,
+               "position_min_snr": self.position_min_snr,
                "windows": [w.to_dict() for w in self.windows]}
         for key in ("reference_scale_a", "reference_scale_b", "wavelength_A", "whole_pattern_range_deg",
                     "reference_pattern_a", "reference_pattern_b"):
@@ -538,7 +554,7 @@ class _PeaksModel:
             return self.grid_columns[phase][k]
         cache = self._cache.setdefault(phase, {})
         if eps not in cache:
-            if len(cache) >= 8:
+            if len(cache) >= SHIFT_COLUMNS_CACHED:
                 cache.pop(next(iter(cache)))
             cache[eps] = self.phase_columns(phase, eps)
         return cache[eps]
@@ -558,20 +574,17 @@ class PhaseFractionEstimator:
     """Frame-by-frame phase fraction estimator (see module docstring for the equations).
 
     ``measured_range_deg``: when given, every window must lie inside it (ReductionError otherwise,
-    at construction). ``gas_time_s``: frames with time_s below it are used to learn R_A.
+    at construction). The estimate of a frame depends on that frame and the configuration only
+    (no state carried from frame to frame besides caches of the radial grid's design matrices).
     """
 
-    def __init__(self, config: FractionConfig, gas_time_s: float | None = None,
-                 measured_range_deg: tuple[float, float] | None = None, series_id: str | None = None):
+    def __init__(self, config: FractionConfig, measured_range_deg: tuple[float, float] | None = None,
+                 series_id: str | None = None):
         self.config = config
-        self.gas_time_s = gas_time_s
         self.series_id = series_id
         self._grid_key = None
         self._model: _PeaksModel | None = None
         self._wp_cache = None
-        self._learned_scale_a: list[float] = []
-        self._last_eps = {"A": 0.0, "B": 0.0}   # latest confident line shifts, used for weak phases
-        self._confident_frames = {"A": 0, "B": 0}  # confident frames per phase (search cadence)
         self._reference_patterns = None
         self._rho = config.reference_ratio_b_to_a
         self.reference_scale_a = config.reference_scale_a
@@ -591,8 +604,8 @@ class PhaseFractionEstimator:
     def from_config(cls, reducer_config: Mapping[str, Any] | None, metadata: Mapping[str, Any] | None = None
                     ) -> "PhaseFractionEstimator":
         """Estimator from the ``[reducer]`` table (its ``fractions`` sub-table) and the series'
-        start message: gas_time_s from the metadata, measured range from the geometry of image
-        series (windows outside it raise ReductionError here)."""
+        start message: measured range from the geometry of image series (windows outside it raise
+        ReductionError here)."""
         fr = dict((reducer_config or {}).get("fractions") or {})
         config = FractionConfig.from_dict(fr)
         metadata = metadata or {}
@@ -602,8 +615,7 @@ class PhaseFractionEstimator:
         measured = None
         if metadata.get("kind") == "image" and metadata.get("detector") and geo:
             measured = image_two_theta_range_deg(metadata)
-        return cls(config, gas_time_s=metadata.get("gas_time_s"), measured_range_deg=measured,
-                   series_id=metadata.get("series_id"))
+        return cls(config, measured_range_deg=measured, series_id=metadata.get("series_id"))
 
     def check_range(self, measured_range_deg: tuple[float, float]) -> None:
         """ReductionError when a window (or the whole-pattern range) is outside the measured range."""
@@ -621,7 +633,7 @@ class PhaseFractionEstimator:
 
     @property
     def reference_ratio(self) -> float | None:
-        """rho = R_B / R_A in use (None while it still has to be learned)."""
+        """rho = R_B / R_A in use."""
         if self._rho is not None:
             return self._rho
         if self.config.reference_scale_b is not None and self.reference_scale_a is not None:
@@ -677,7 +689,8 @@ class PhaseFractionEstimator:
 
     def _refine_shift(self, m: "_PeaksModel", good, yy, ss, c, eps: dict, phase: str) -> float:
         """eps of one phase minimising chi^2 on the grid (weights fixed from the current model),
-        refined by a parabola through the best grid point and its neighbours."""
+        refined by a parabola through the best grid point and its neighbours and rounded to
+        position_step_rel / SHIFT_SUBDIVISIONS."""
         pos = (yy > 0) & (ss > 0)
         gmed = float(np.median(ss[pos] ** 2 / yy[pos])) if pos.any() else 1.0
         g = np.where(pos, ss * ss / np.where(pos, yy, 1.0), gmed)
@@ -694,19 +707,26 @@ class PhaseFractionEstimator:
                     design = np.ascontiguousarray((fixed + m.grid_columns[phase][k])[good])
                     chi2[k] = weighted_linear_fit(design, yy, var)[2]
 
-        # Local scan around the current shift first; the whole grid only if the minimum is at its edge.
-        k0 = int(np.argmin(np.abs(grid - eps[phase])))
-        local = range(max(k0 - 3, 0), min(k0 + 4, grid.shape[0]))
-        scan(local)
-        k = int(np.argmin(chi2))
-        if k in (local[0], local[-1]):
-            scan(range(grid.shape[0]))
+        # Descent on the grid from the configured positions (eps = 0): scan the neighbours of the
+        # best point until both are scanned, i.e. the nearest local minimum (3 fits for an
+        # unshifted phase, one more per grid step of shift).
+        n = grid.shape[0]
+        k = int(np.argmin(np.abs(grid - eps[phase])))
+        scan(range(max(k - 1, 0), min(k + 2, n)))
+        while True:
             k = int(np.argmin(chi2))
+            todo = [j for j in (k - 1, k + 1) if 0 <= j < n and np.isinf(chi2[j])]
+            if not todo:
+                break
+            scan(todo)
         if 0 < k < grid.shape[0] - 1:
             curv = chi2[k - 1] - 2 * chi2[k] + chi2[k + 1]
             if np.isfinite(curv) and curv > 0:
                 step = grid[k + 1] - grid[k]
-                return float(grid[k] + 0.5 * step * (chi2[k - 1] - chi2[k + 1]) / curv)
+                refined = grid[k] + 0.5 * step * (chi2[k - 1] - chi2[k + 1]) / curv
+                # rounded so that the design columns of recurring shifts come from the cache
+                quantum = step / SHIFT_SUBDIVISIONS
+                return float(round(refined / quantum) * quantum)
         return float(grid[k])
 
     def _fit_windows(self, y, s, ok):
@@ -723,25 +743,18 @@ class PhaseFractionEstimator:
         ss = np.ascontiguousarray(s[m.pattern_rows][good])
         idx = m.area_index
         search = m.eps_grid.shape[0] > 1
-        eps = dict(self._last_eps) if search else {"A": 0.0, "B": 0.0}
-        design = np.ascontiguousarray(m.design_at(eps["A"], eps["B"])[good] if search else m.design[good])
+        eps = {"A": 0.0, "B": 0.0}
+        design = np.ascontiguousarray(m.design[good])
         try:
             c, cv, chi2 = irls_linear_fit(design, yy, ss, self.config.n_reweight)
             if search and np.all(np.isfinite(c)):
-                start = dict(eps)
-                confident = []
                 for p in ("A", "B"):
                     var_p = cv[m.block[p, p]].sum()
                     if var_p > 0 and c[idx[p]].sum() > self.config.position_min_snr * math.sqrt(var_p):
-                        if self._confident_frames[p] % int(self.config.position_search_every) == 0:
-                            eps[p] = self._refine_shift(m, good, yy, ss, c, eps, p)
-                        self._confident_frames[p] += 1
-                        confident.append(p)
-                if eps != start:
+                        eps[p] = self._refine_shift(m, good, yy, ss, c, eps, p)
+                if eps["A"] != 0.0 or eps["B"] != 0.0:
                     design = np.ascontiguousarray(m.design_at(eps["A"], eps["B"])[good])
                     c, cv, chi2 = irls_linear_fit(design, yy, ss, self.config.n_reweight)
-                for p in confident:
-                    self._last_eps[p] = eps[p]
         except Exception as exc:  # singular normal equations
             return f"peak fit failed: {exc}"
         if not (np.all(np.isfinite(c)) and np.all(np.isfinite(cv))):
@@ -760,27 +773,15 @@ class PhaseFractionEstimator:
                         [cv[m.block["B", "A"]].sum(), cv[m.block["B", "B"]].sum()]])
         return sums, cov, dict(m.total_t), peaks, eps
 
-    def _learn(self, scale_a: float, time_s: float | None) -> None:
-        """Accumulate R_A from pre-gas frames (time_s < gas_time_s)."""
-        if (self.config.reference_scale_a is None and self.gas_time_s is not None and time_s is not None
-                and time_s < self.gas_time_s and len(self._learned_scale_a) < self.config.learn_reference_frames):
-            self._learned_scale_a.append(scale_a)
-            self.reference_scale_a = float(np.mean(self._learned_scale_a))
-            logger.debug("learned R_A = %.4g from %d pre-gas frames", self.reference_scale_a,
-                         len(self._learned_scale_a), extra={"series_id": self.series_id})
-
     def _finish(self, sa, sb, cov_ab, ta, tb, peaks, time_s, rho: float | None = None) -> FractionResult:
         """alpha from summed areas (sa, sb) with covariance cov_ab and reference sums (ta, tb);
         rho = R_B / R_A (default: the estimator's)."""
         if ta <= 0 or tb <= 0:
             return FractionResult.flagged("no line of one phase inside the fitted windows", time_s, peaks)
         # Relative amounts with R_A = 1: u = S_A / T_A, v = S_B / (rho T_B).
-        if self.config.reference_scale_a is None:
-            self._learn(sa / ta, time_s)
         rho = self.reference_ratio if rho is None else rho
         if rho is None:
-            return FractionResult.flagged("reference ratio R_B/R_A unknown: R_A not learned yet (no pre-gas frames)",
-                                          time_s, peaks)
+            return FractionResult.flagged("reference ratio R_B/R_A unknown", time_s, peaks)
         scale_a = self.reference_scale_a if self.reference_scale_a is not None else 1.0
         da, db = 1.0 / (ta * scale_a), 1.0 / (tb * rho * scale_a)
         u, v = sa * da, sb * db

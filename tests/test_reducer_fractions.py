@@ -131,7 +131,7 @@ def test_q_patterns_give_the_same_alpha(md, detector, integrator, estimator):
 def test_whole_pattern_method(md, detector, integrator):
     config = cpl1_ar_fraction_config()
     config.method = "whole_pattern"
-    est = PhaseFractionEstimator(config, gas_time_s=None)
+    est = PhaseFractionEstimator(config)
     truths = np.linspace(0.1, 0.9, 20)
     results = [est.estimate(integrator.integrate(detector.image(a, 1 / 3, seed=5000 + i)), 20.0)
                for i, a in enumerate(truths)]
@@ -148,11 +148,9 @@ def test_whole_pattern_method(md, detector, integrator):
     assert r.status == "ok" and abs(r.alpha - 0.6) < 4 * r.sigma_alpha
 
 
-def test_reference_learned_before_gas_and_drift_cancels(md, detector, integrator):
-    est = PhaseFractionEstimator.from_config({}, md)            # gas_time_s = 7 s in the metadata
-    for i in range(5):                                           # pre-gas frames, alpha = 0
-        est.estimate(integrator.integrate(detector.image(0.0, 1 / 3, seed=6000 + i)), 0.5 + i / 3)
-    assert est.reference_scale_a is not None
+def test_absolute_reference_gives_amounts_and_drift_cancels(md, detector, integrator):
+    # R_A = counts_scale 0.15 per unit relative intensity per second x 1/3 s exposure
+    est = PhaseFractionEstimator.from_config({"fractions": {"reference_scale_a": 0.15 / 3}}, md)
     r = est.estimate(integrator.integrate(detector.image(0.5, 1 / 3, seed=6100)), 9.0)
     assert r.amount_a + r.amount_b == pytest.approx(1.0, abs=0.01)
     # Beam intensity drops by 30 %: amounts drop, alpha does not.
@@ -165,11 +163,14 @@ def test_rho_from_absolute_scale_and_reference_patterns(md, detector, integrator
     cfg = cpl1_ar_fraction_config()
     cfg.reference_ratio_b_to_a = None
     cfg.reference_scale_b = 0.15 * 2.0          # counts_scale x exposure: R_B per unit relative intensity
-    est = PhaseFractionEstimator(cfg, gas_time_s=7.0)
-    r = est.estimate(integrator.integrate(detector.image(0.0, 2.0, seed=1)), 12.0)  # after gas: nothing learned
-    assert r.status == "flagged" and "learned" in r.reason and math.isinf(r.sigma_alpha) and r.alpha == 0.0
-    est.estimate(integrator.integrate(detector.image(0.0, 2.0, seed=2)), 1.0)       # before gas: learn R_A
-    assert est.reference_ratio == pytest.approx(1.0, abs=0.01)
+    with pytest.raises(ReductionError, match="reference_scale_a"):  # R_A is never learned from the frames
+        FractionConfig(**{**cfg.__dict__})
+    cfg.reference_scale_a = 0.15 * 2.0 * 1.25   # the two absolute scales give rho = 0.8
+    est = PhaseFractionEstimator(FractionConfig(**{**cfg.__dict__}))
+    assert est.reference_ratio == pytest.approx(0.8, rel=1e-12)
+    r = est.estimate(integrator.integrate(detector.image(0.5, 2.0, seed=2)), 1.0)
+    # alpha = v / (u + v) with v scaled by 1 / rho: true 0.5 reads 0.5 / 0.8 / (0.5 + 0.5 / 0.8) = 5/9
+    assert abs(r.alpha - 5 / 9) < 4 * r.sigma_alpha
     est2 = PhaseFractionEstimator(cpl1_ar_fraction_config())
     rho = est2.calibrate_from_reference_patterns(integrator.integrate(detector.image(0.0, 3.0, seed=3)),
                                                  integrator.integrate(detector.image(1.0, 3.0, seed=4)))
@@ -238,6 +239,9 @@ def test_configuration_errors():
     bad_window = dict(table["windows"][0], lo_deg=3.0, hi_deg=3.1)
     with pytest.raises(ReductionError, match="centred inside"):
         FractionConfig.from_dict(dict(table, windows=[bad_window] + table["windows"][1:]))
+    for retired in ("learn_reference_frames", "position_search_every"):
+        with pytest.raises(ReductionError, match=f"{retired} is no longer used"):
+            FractionConfig.from_dict(dict(table, **{retired: 4}))
 
 
 def test_example_toml_matches_python_defaults():
