@@ -58,6 +58,8 @@ class Series:
     t_end_s: float | None = None  # end of the series window when the source knows it (s)
     gas_time_s: float | None = None  # gas-introduction time ts when the source knows it (s)
     start: dict | None = None  # the recorded start message's fields (recordings only)
+    #: frames per exact step of the live run (recordings: from the posteriors' ``batch``), or None
+    schedule: tuple | None = None
 
     def __len__(self) -> int:
         return int(self.time_s.size)
@@ -166,13 +168,15 @@ def load_recording_series(path: str | pathlib.Path) -> Series:
     path = str(path)
     if not is_recording(path):
         raise SeriesFormatError(f"{path}: not a beamkin recording")
-    start, fractions = None, {}
-    for _, message in read_messages(path, types=("start", "fraction"), with_arrays=False):
+    start, fractions, batches = None, {}, []
+    for _, message in read_messages(path, types=("start", "fraction", "posterior"), with_arrays=False):
         if start is None and message.type == "start":
             start = message
         elif (start is not None and message.type == "fraction" and message.series_id == start.series_id
               and message["status"] == "ok" and message["alpha"] is not None):
             fractions.setdefault(message["frame_index"], message)
+        elif start is not None and message.type == "posterior" and message.series_id == start.series_id:
+            batches.append(message.get("batch") or [message["frame_index"]])
     if start is None:
         raise SeriesFormatError(f"{path}: the recording has no series start message")
     if not fractions:
@@ -185,7 +189,17 @@ def load_recording_series(path: str | pathlib.Path) -> Series:
                   exposure_s=np.array([m["exposure_s"] for m in rows], dtype=float),
                   source=f"{path} (series {start.series_id})",
                   t_end_s=n_frames * frame_time if n_frames and frame_time else None,
-                  gas_time_s=start.get("gas_time_s"), start=dict(start.fields))
+                  gas_time_s=start.get("gas_time_s"), start=dict(start.fields),
+                  schedule=recorded_schedule(batches, sorted(fractions)))
+
+
+def recorded_schedule(batches: list[list[int]], frame_indices: list[int]) -> tuple | None:
+    """The live run's frames per exact step, from its posteriors' ``batch`` lists, when they
+    cover exactly the assimilated frames in order (else None: the run cannot be reproduced
+    step for step, e.g. a recording cut short)."""
+    if [j for batch in batches for j in batch] != frame_indices:
+        return None
+    return tuple(len(batch) for batch in batches)
 
 
 #: file suffix -> reader
@@ -206,11 +220,15 @@ def load_series(path: str | pathlib.Path) -> Series:
 
 def analyze_series(series: Series, models=MODEL_NAMES, priors: Priors | None = None, n_particles: int = 4096,
                    seed: int = 0, noise: str = "normal", student_nu: float = 4.0, gas_time_s: float | None = None,
-                   progress: Callable[[int, int], None] | None = None, engine=None) -> dict:
+                   progress: Callable[[int, int], None] | None = None, engine=None,
+                   schedule: tuple | None = None) -> dict:
     """Run the online sampler over a whole series and return ``OnlineInference.result()``.
 
     ``engine``: an OnlineInference already built (``engine_for``: the live service's settings);
-    without it one is built from models, priors, n_particles, seed, noise, student_nu, gas_time_s."""
+    without it one is built from models, priors, n_particles, seed, noise, student_nu, gas_time_s.
+    ``schedule``: frames per exact step (a live run's, ``Series.schedule``), which reproduces that
+    run exactly with the same settings and seed; None = one frame per step, which agrees with
+    it within Monte Carlo error."""
     from .smc import OnlineInference
 
     if engine is None:
@@ -221,11 +239,18 @@ def analyze_series(series: Series, models=MODEL_NAMES, priors: Priors | None = N
         engine = OnlineInference(models=models, priors=priors, n_particles=n_particles, seed=seed, noise=noise,
                                  student_nu=student_nu, gas_time_s=gas_time_s)
     engine.warm_up()
-    for j in range(len(series)):
-        sigma = None if series.sigma is None else float(series.sigma[j])
-        engine.assimilate(j, float(series.time_s[j]), float(series.exposure_s[j]), float(series.alpha[j]), sigma)
+    sizes = schedule if schedule is not None else (1,) * len(series)
+    if sum(sizes) != len(series) or min(sizes, default=1) < 1:
+        raise ValueError(f"the schedule covers {sum(sizes)} frames in steps {list(sizes)[:8]}..., "
+                         f"the series has {len(series)}")
+    first = 0
+    for size in sizes:
+        engine.assimilate_batch([
+            (j, float(series.time_s[j]), float(series.exposure_s[j]), float(series.alpha[j]),
+             None if series.sigma is None else float(series.sigma[j])) for j in range(first, first + size)])
+        first += size
         if progress is not None:
-            progress(j + 1, len(series))
+            progress(first, len(series))
     result = engine.result()
     result["input"] = {"source": series.source, "n_frames": len(series)}
     return result
@@ -280,6 +305,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gas-introduction time ts: start of the t0 prior window "
                              "(default: the recording's ts, else 0)")
     parser.add_argument("--json", metavar="FILE", default=None, help="write the result as JSON ('-' = stdout)")
+    parser.add_argument("--schedule", choices=("recorded", "single"), default="recorded",
+                        help="recorded: take the frames in the live run's exact steps (a recording's posteriors), "
+                             "which reproduces its posterior exactly; single: one frame per step (default: recorded "
+                             "when the recording has it)")
 
 
 def gas_time_from(args: argparse.Namespace, series: Series) -> float | None:
@@ -371,8 +400,11 @@ def main(args: argparse.Namespace) -> int:
             print(f"\ranalyze: frame {done}/{total} ({now - start:.1f} s)", end="" if done < total else "\n",
                   file=sys.stderr, flush=True)
 
+    schedule = series.schedule if args.schedule == "recorded" else None
+    if schedule is not None and set(schedule) != {1}:
+        print(f"analyze: the live run's schedule, {len(schedule)} steps for {len(series)} frames", file=sys.stderr)
     try:
-        result = analyze_series(series, engine=engine, progress=progress)
+        result = analyze_series(series, engine=engine, progress=progress, schedule=schedule)
     except ValueError as exc:
         print(f"beamkin analyze: {exc}", file=sys.stderr)
         return 2

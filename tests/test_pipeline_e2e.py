@@ -9,6 +9,7 @@ series runs, and checks the final result against the simulated truth.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -76,7 +77,8 @@ def test_demo_pipeline_recovers_simulated_kinetics(tmp_path, ports):
     fractions = [m for m in messages if m.type == "fraction"]
     posteriors = [m for m in messages if m.type == "posterior"]
     assert [m["frame_index"] for m in fractions] == list(range(N_FRAMES))
-    assert [m["frame_index"] for m in posteriors] == list(range(N_FRAMES))
+    # the exact sampler took every frame, alone or in a batch with those that arrived while it was busy
+    assert [j for m in posteriors for j in m["batch"]] == list(range(N_FRAMES))
     assert all(m["status"] == "ok" for m in fractions)
 
     # the final posterior holds the true t0 and k within 3 sd
@@ -95,8 +97,8 @@ def test_demo_pipeline_recovers_simulated_kinetics(tmp_path, ports):
 
     # the recorder kept every fraction and posterior of the series
     recorded = [message for _, message in read_messages(recording, types=("fraction", "posterior"), with_arrays=False)]
-    for kind in ("fraction", "posterior"):
-        assert sorted(m["frame_index"] for m in recorded if m.type == kind) == list(range(N_FRAMES))
+    assert sorted(m["frame_index"] for m in recorded if m.type == "fraction") == list(range(N_FRAMES))
+    assert sorted(j for m in recorded if m.type == "posterior" for j in m["batch"]) == list(range(N_FRAMES))
 
     # the recording turns into a report and spreadsheets
     report = beamkin_process("report", str(recording), "--out", str(tmp_path / "report"))
@@ -110,7 +112,8 @@ def test_demo_pipeline_recovers_simulated_kinetics(tmp_path, ports):
     fraction_csv = next((tmp_path / "csv").glob("*fraction*.csv"))
     assert len(fraction_csv.read_text().strip().splitlines()) == N_FRAMES + 1  # header + one row per frame
 
-    # replaying the recorded frames through the pipeline gives the same posterior, number for number
+    # replaying the recorded frames through the pipeline gives the same posterior within Monte Carlo
+    # error (its exact sampler may take the frames in other batches than the live one did)
     replayed_path = tmp_path / "replayed.json"
     replay = beamkin_process("replay", str(recording), "--speed", "0", "--json", str(replayed_path),
                              *LoopbackPorts.free().options())
@@ -118,11 +121,15 @@ def test_demo_pipeline_recovers_simulated_kinetics(tmp_path, ports):
     assert replay.returncode == 0, replay_output[-4000:]
     replayed = json.loads(replayed_path.read_text())
     for name, model in result["models"].items():
-        assert replayed["models"][name]["log_evidence"] == pytest.approx(model["log_evidence"], abs=1e-9)
-        for param, summary in model["params"].items():
-            assert replayed["models"][name]["params"][param] == pytest.approx(summary, abs=1e-9), (name, param)
+        other = replayed["models"][name]
+        se = math.hypot(model["log_evidence_se"], other["log_evidence_se"])
+        assert abs(other["log_evidence"] - model["log_evidence"]) < 5 * se + 0.05, (name, model, other)
+        if model["probability"] > 0.05:
+            t0, t0_replayed = model["params"]["t0"], other["params"]["t0"]
+            assert abs(t0_replayed["mean"] - t0["mean"]) < 0.5 * t0["sd"], (name, t0, t0_replayed)
 
-    # the offline analysis of the recorded fractions is the live posterior (DESIGN §1)
+    # the offline analysis of the recorded fractions, in the live run's recorded batches, is the
+    # live posterior number for number
     offline_path = tmp_path / "offline.json"
     offline = beamkin_process("analyze", str(recording), "--models", ",".join(result["models"]),
                               "--json", str(offline_path))
