@@ -334,3 +334,17 @@ def from_arguments(args: argparse.Namespace, base: dict[str, Any] | None = None)
         dotted, text = item.split("=", 1)
         set_path(config, dotted.strip(), parse_value(text.strip(), reference.get(dotted.strip())))
     return config
+
+
+def markdown_table() -> str:
+    """Every key of the defaults file as a Markdown table (docs/configuration.md holds it; a test
+    keeps the two in step): key, default (``optional`` for documented optional keys), description."""
+    rows = ["| key | default | description |", "| --- | --- | --- |"]
+    for dotted, doc in key_docs().items():
+        default = "optional" if doc.optional else f"`{_toml(doc.default)}`"
+        rows.append(f"| `{dotted}` | {default} | {doc.description.replace('|', '&#124;')} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")
