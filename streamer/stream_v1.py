@@ -82,7 +82,7 @@ def _shape_yx(shape: Any, what: str) -> tuple[int, int]:
 
 
 def _dtype(name: Any, what: str) -> np.dtype:
-    if name not in DTYPES:
+    if not isinstance(name, str) or name not in DTYPES:
         raise StreamDecodeError(f"{what} type {name!r:.40} is not one of {sorted(DTYPES)}")
     return np.dtype(DTYPES[name])
 

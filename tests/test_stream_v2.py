@@ -40,6 +40,9 @@ def cbor(value) -> bytes:
     if value is False:
         return b"\xf4"
     if isinstance(value, int):
+        if value >= 1 << 64 or value < -(1 << 64):  # RFC 8949 3.4.3 bignums: tag 2 (n) or 3 (-1 - n)
+            number, tag = (value, 2) if value >= 0 else (-1 - value, 3)
+            return cbor(Tag(tag, number.to_bytes((number.bit_length() + 7) // 8, "big")))
         return _head(0, value) if value >= 0 else _head(1, -1 - value)
     if isinstance(value, float):
         return b"\xfb" + struct.pack(">d", value)
