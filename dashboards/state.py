@@ -44,6 +44,8 @@ HEATMAP_ROWS = 256
 PHASE_B_ALPHA = 0.9
 #: Capacity of the per-frame ring buffers (alpha points, posterior history).
 HISTORY_CAPACITY = 5000
+#: Name of the "no reaction" hypothesis (alpha = 0 throughout) among the model probabilities.
+NO_REACTION = "no reaction"
 
 
 class RollingColumns:
@@ -151,6 +153,13 @@ class PatternHeatmap:
         self._pending_count = 0
         self.version += 1
 
+    def row_step(self) -> float:
+        """Time between adjacent rows (seconds): the median spacing, 1 s before two rows exist."""
+        if self.n_rows < 2:
+            return 1.0
+        step = float(np.median(np.diff(self.times[: self.n_rows])))
+        return step if step > 0 else 1.0
+
     def snapshot(self) -> dict[str, Any] | None:
         """Filled rows (time x radial, float32), their time extent and the radial extent."""
         if self.n_rows == 0:
@@ -181,9 +190,11 @@ class SeriesState:
     fractions: RollingColumns = field(default_factory=lambda: RollingColumns(
         ["frame_index", "time_s", "alpha", "sigma_alpha", "flagged"], HISTORY_CAPACITY))
     history: RollingColumns = field(default_factory=lambda: RollingColumns(
-        ["frame_index", "time_s", "onset_probability",
-         "t0_mean", "t0_sd", "k_mean", "k_sd", "t0_lead_mean", "t0_lead_sd", "k_lead_mean", "k_lead_sd",
-         "ess_min", "lag_s"], HISTORY_CAPACITY))
+        ["frame_index", "time_s", "onset_probability", "reaction_probability",
+         "t0_mean", "t0_sd", "t0_q05", "t0_q50", "t0_q95", "ess_min", "lag_s"], HISTORY_CAPACITY))
+    #: per model m: k_q05_m, k_q50_m, k_q95_m (1/s) of every exact posterior (k is never averaged
+    #: across models: each rate law has its own k)
+    k_history: RollingColumns = field(default_factory=lambda: RollingColumns(["frame_index", "time_s"], HISTORY_CAPACITY))
     model_history: RollingColumns = field(default_factory=lambda: RollingColumns(["time_s"], HISTORY_CAPACITY))
     latest_pattern: dict[str, Any] | None = None
     reference_a: dict[str, Any] | None = None
@@ -192,6 +203,7 @@ class SeriesState:
     heatmap: PatternHeatmap | None = None
     latest_peaks: list[dict[str, Any]] = field(default_factory=list)
     latest_posterior: dict[str, Any] | None = None
+    latest_exact: dict[str, Any] | None = None
     posterior_version: int = 0
     alert: dict[str, Any] | None = None
     status: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -208,6 +220,18 @@ class SeriesState:
         if len(recent) < 2 or recent[-1] <= recent[0]:
             return None
         return (len(recent) - 1) / (recent[-1] - recent[0])
+
+    def now_posterior(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """(the posterior the "now" panels present, the stale estimate it stands in for or None).
+
+        The newest posterior (estimate or exact) is presented unless it is an estimate marked
+        ``stale`` (its ESS collapsed: not a trustworthy posterior); then the newest exact
+        posterior is presented instead (None before the first one), labelled with the stale
+        estimate's frame and how far the exact sampler lags."""
+        latest = self.latest_posterior
+        if latest is not None and latest.get("estimate") and latest.get("stale"):
+            return self.latest_exact, latest
+        return latest, None
 
     @property
     def gas_time_s(self) -> float | None:
@@ -351,18 +375,21 @@ class DashboardState:
         the per-frame history (estimates are not kept in the history)."""
         f = message.fields
         self._show_latest(series, f, exact=True)
+        if series.latest_exact is None or f["frame_index"] >= series.latest_exact["frame_index"]:
+            series.latest_exact = {**f, "estimate": False}
+            series.posterior_version += 1  # a stale estimate on show gives way to it
         averaged = f.get("model_averaged") or {}
-        leading = ((f.get("models") or {}).get(f.get("leading_model")) or {}).get("params") or {}
         diagnostics = f.get("diagnostics") or {}
         ess_values = [m.get("diagnostics", {}).get("ess") for m in (f.get("models") or {}).values()]
         ess_values = [float(v) for v in ess_values if isinstance(v, (int, float))]
+        reaction = f.get("reaction_probability")
         series.history.append({
             "frame_index": f["frame_index"], "time_s": f["time_s"],
             "onset_probability": f["onset_probability"],
+            "reaction_probability": float(reaction) if isinstance(reaction, (int, float)) else None,
             "t0_mean": _stat(averaged, "t0", "mean"), "t0_sd": _stat(averaged, "t0", "sd"),
-            "k_mean": _stat(averaged, "k", "mean"), "k_sd": _stat(averaged, "k", "sd"),
-            "t0_lead_mean": _stat(leading, "t0", "mean"), "t0_lead_sd": _stat(leading, "t0", "sd"),
-            "k_lead_mean": _stat(leading, "k", "mean"), "k_lead_sd": _stat(leading, "k", "sd"),
+            "t0_q05": _stat(averaged, "t0", "q05"), "t0_q50": _stat(averaged, "t0", "q50"),
+            "t0_q95": _stat(averaged, "t0", "q95"),
             "ess_min": min(ess_values) if ess_values else None,
             "lag_s": next((float(diagnostics[k]) for k in ("lag_s", "latency_s")
                            if isinstance(diagnostics.get(k), (int, float))), None),
@@ -371,7 +398,16 @@ class DashboardState:
         for name, model in (f.get("models") or {}).items():
             probability = model.get("probability")
             row[name] = probability if isinstance(probability, (int, float)) else None
+        null = f.get("null_model")
+        if isinstance(null, dict) and isinstance(null.get("probability"), (int, float)):
+            row[NO_REACTION] = float(null["probability"])
         series.model_history.append(row)
+        k_row: dict[str, float | None] = {"frame_index": f["frame_index"], "time_s": f["time_s"]}
+        for name, model in (f.get("models") or {}).items():
+            k = (model.get("params") or {}).get("k") or {}
+            for q in ("q05", "q50", "q95"):
+                k_row[f"k_{q}_{name}"] = _stat({"k": k}, "k", q)
+        series.k_history.append(k_row)
 
 
 def _stat(params: dict[str, Any], name: str, key: str) -> float | None:

@@ -8,7 +8,7 @@ from bokeh.document import Document
 
 from beamkin import protocol
 from dashboards.layout import FOLLOW_LATEST, DashboardSession
-from dashboards.state import DashboardState, PatternHeatmap, RollingColumns, thin_pattern
+from dashboards.state import NO_REACTION, DashboardState, PatternHeatmap, RollingColumns, thin_pattern
 from tests.conftest import DEMO_MODELS, GAS_TIME_S
 
 
@@ -89,25 +89,34 @@ def test_session_streams_increments_and_follows_series(pipeline_messages):
     assert session.src_alpha.data["time_s"] == [] and "no status messages yet" in session.health.text
 
     messages = renamed(pipeline_messages, "a")
-    frames_before_refresh = 20
-    cut = [i for i, m in enumerate(messages) if m.type == "posterior"][frames_before_refresh - 1] + 1
+    posteriors_before_refresh = 10
+    cut = [i for i, m in enumerate(messages) if m.type == "posterior"][posteriors_before_refresh - 1] + 1
     for message in messages[:cut]:
         state.apply(message)
-    session.refresh()  # 20 posteriors arrived between two refreshes: one streamed increment
+    session.refresh()  # 10 exact posteriors arrived between two refreshes: one streamed increment
     # (the frames run ahead of the exact posteriors while the sampler is behind)
-    assert len(session.src_alpha.data["time_s"]) == sum(m.type == "fraction" for m in messages[:cut]) >= 20
-    assert len(session.src_history.data["onset_probability"]) == 20
+    assert len(session.src_alpha.data["time_s"]) == sum(m.type == "fraction" for m in messages[:cut]) >= 10
+    assert len(session.src_history.data["onset_probability"]) == 10
     for message in messages[cut:]:
         state.apply(message)
     session.refresh()
     fractions = [m for m in messages if m.type == "fraction"]
     assert list(session.src_alpha.data["alpha"]) == pytest.approx([m["alpha"] for m in fractions])
-    assert session.banner.visible and "ONSET DETECTED in series a" in session.banner.text
     alert = next(m for m in messages if m.type == "alert")
+    assert session.banner.visible and "ONSET DETECTED" in session.banner.text and "in series a" in session.banner.text
+    # the alert as it was raised (its frame and leading model) and the state now, each labelled
+    final = [m for m in messages if m.type == "posterior"][-1]
+    assert f"Alert as raised</b> at t = {alert['time_s']:.2f} s (frame {alert['frame_index']})" in session.banner.text
+    assert f"leading model then {alert['leading_model']}" in session.banner.text
+    assert (f"<b>Now</b> (exact posterior of frame {final['frame_index']}): leading model {final['leading_model']}"
+            in session.banner.text)
+    # health is current: after the end nothing lags, the final posterior is named
+    assert "series ended (completed)" in session.health.text and "behind" not in session.health.text
+    assert "lag s" not in session.health.text and "posterior lag" not in session.health.text
     assert session.span_alert.visible and session.span_alert.location == alert["time_s"]
     assert session.span_ts.visible and session.span_ts.location == GAS_TIME_S
     assert session.box_t0.left < session.span_t0.location < session.box_t0.right
-    assert set(session.src_model_history.data) == {"time_s", *DEMO_MODELS}
+    assert set(session.src_model_history.data) - {NO_REACTION} == {"time_s", *DEMO_MODELS}
     assert "(ended (completed))" in session.header.text
 
     # a second series appears: the session follows it and starts from empty plots
@@ -115,11 +124,11 @@ def test_session_streams_increments_and_follows_series(pipeline_messages):
     for message in second:
         state.apply(message)
     session.refresh()
-    # stopped before the posterior of frame 4: four posteriors, and the fractions sent before it
-    # (at least five: the fraction of frame 4 comes before its posterior)
+    # stopped before the posterior of frame 4, with the fractions sent before it (at least five:
+    # the fraction of frame 4 comes before its posterior)
     fractions_b = sum(m.type == "fraction" for m in second)
     assert session.series_id == "b" and len(session.src_alpha.data["time_s"]) == fractions_b >= 5
-    assert len(session.src_history.data["time_s"]) == 4
+    assert len(session.src_history.data["time_s"]) == sum(m.type == "posterior" for m in second) <= 4
     assert not session.banner.visible
     assert list(session.select.options) == [FOLLOW_LATEST, "b", "a"]
     session.select.value = "a"  # pick the first series again: its full history comes back
