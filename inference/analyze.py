@@ -163,11 +163,15 @@ def load_recording_series(path: str | pathlib.Path) -> Series:
     window (n_frames x frame time) and ts come from the recorded start message, so the offline
     priors are those of the live run.
     """
-    from streamer.recorder import is_recording, read_messages
+    from streamer.recorder import read_messages
+
+    from streamer.recording_check import RecordingInputError, check_recording
 
     path = str(path)
-    if not is_recording(path):
-        raise SeriesFormatError(f"{path}: not a beamkin recording")
+    try:
+        check_recording(path)  # missing, folder, not HDF5, another HDF5 file, empty: one line saying which
+    except RecordingInputError as exc:
+        raise SeriesFormatError(str(exc)) from None
     start, fractions, batches = None, {}, []
     for _, message in read_messages(path, types=("start", "fraction", "posterior"), with_arrays=False):
         if start is None and message.type == "start":

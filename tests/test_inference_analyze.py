@@ -196,3 +196,26 @@ def test_recording_is_analysed_as_the_live_service_would(tmp_path):
     got.pop("input")
     assert got == json.loads(json.dumps(want))
     assert got["priors"]["t0"]["low"] == 3.0 and got["priors"]["t0"]["high"] == 12.0
+
+
+@pytest.mark.parametrize("payload, problem", [
+    (None, "does not exist"),
+    (b"\x00\x01\x02 binary", "is not an HDF5 file"),
+])
+def test_recording_input_problems_are_one_line(tmp_path, capsys, payload, problem):
+    path = tmp_path / "run.h5"
+    if payload is not None:
+        path.write_bytes(payload)
+    assert run_cli([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"beamkin analyze: {path}") and problem in err and err.count("\n") == 1
+
+
+def test_deploy_and_example_configurations_are_valid():
+    from pathlib import Path
+
+    from beamkin import config as configuration
+
+    root = Path(__file__).resolve().parents[1]
+    for path in [root / "deploy" / "beamkin.toml.example", *sorted((root / "docs" / "examples").glob("*.toml"))]:
+        configuration.load(path)  # ConfigError (a failure) for an unknown key
