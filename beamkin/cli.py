@@ -334,6 +334,12 @@ def _offline_config(args: argparse.Namespace, name: str) -> dict[str, Any]:
     return config
 
 
+def _show_config(args: argparse.Namespace) -> int:
+    """Print the resolved configuration as JSON (unknown keys and wrong types fail before)."""
+    print(json.dumps(configuration.from_arguments(args), indent=1))
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from streamer.export import export_csv
     from beamkin.outputs import OutputPathError
@@ -394,6 +400,11 @@ def _add_offline_commands(commands, analyze_arguments: bool = True) -> None:
     replay.add_argument("--json", metavar="FILE", help="write the final result as JSON")
     replay.add_argument("--record", metavar="FILE", help="record the re-analysis to this HDF5 file")
     replay.set_defaults(func=_replay)
+
+    show = commands.add_parser("config", help="check a configuration and print it resolved (defaults < --config < options)",
+                               allow_abbrev=False)
+    configuration.add_arguments(show)
+    show.set_defaults(func=_show_config)
 
     export = commands.add_parser("export", help="write a recording's patterns, fractions and posteriors as CSV",
                                  allow_abbrev=False)

@@ -128,3 +128,16 @@ def test_config_that_is_not_text_or_toml(tmp_path):
 
 def test_defaults_file_is_valid_toml_and_its_own_schema():
     configuration.check_keys(tomllib.loads(configuration.defaults_text()))
+
+
+def test_config_command_prints_the_resolved_configuration(tmp_path, capsys):
+    import json
+
+    path = write(tmp_path, "[inference]\nparticles = 100\n")
+    assert cli.main(["config", "--config", str(path), "--inference.seed", "3"]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["inference"]["particles"] == 100 and resolved["inference"]["seed"] == 3
+    assert resolved["dashboard"] == configuration.defaults()["dashboard"]
+    bad = write(tmp_path, "[dashbord]\nport = 1\n")
+    assert cli.main(["config", "--config", str(bad)]) == 2
+    assert "did you mean 'dashboard'" in capsys.readouterr().err
