@@ -87,6 +87,10 @@ def check_source(spec: str) -> None:
     """ConfigError now, before any stage starts, for a source that names a missing file or folder
     (``files:FOLDER``, ``replay:FILE``); detector endpoints are only known once connected."""
     scheme, _, target = spec.partition(":")
+    if scheme not in ("dectris2", "dectris1", "files", "replay") or not target:
+        raise configuration.ConfigError(
+            f"source {spec!r}: expected dectris2:tcp://HOST:PORT, dectris1:tcp://HOST:PORT, files:FOLDER, "
+            "replay:FILE or simulate")
     if scheme == "files" and target and not os.path.isdir(target):
         what = "is a file, not a folder" if os.path.exists(target) else "does not exist"
         raise configuration.ConfigError(f"source folder {target} {what} (--source files:FOLDER)")

@@ -122,3 +122,10 @@ def test_replay_of_a_missing_file(tmp_path, capsys):
     assert cli.main(["replay", str(tmp_path / "gone.h5")]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "gone.h5") in err and "does not exist" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("spec", ["dectris:tcp://dcu:31001", "files:", "nonsense"])
+def test_a_source_that_is_no_source_is_one_error(spec, capsys):
+    assert cli.main(["run", "--source", spec]) == 2
+    err = capsys.readouterr().err
+    assert f"source {spec!r}: expected dectris2:tcp://HOST:PORT" in err and err.count("\n") == 1
