@@ -146,9 +146,10 @@ class Recorder:
     def _append_array(self, message: Message, name: str, array: np.ndarray) -> list:
         base = f"series/{group_name(message.series_id)}/{message.type}"
         group = self._file.require_group(base)
+        stored = hdf5_text(name.replace("%", "%25").replace("/", "%2F")) or "_"
         suffix = 0
         while True:
-            key = name if suffix == 0 else f"{name}.{suffix}"
+            key = stored if suffix == 0 else f"{stored}.{suffix}"
             dataset = group.get(key)
             if dataset is None:
                 dataset = self._create_array_dataset(group, key, message, name, array)

@@ -53,3 +53,94 @@ def test_idle_workers_take_frames_in_turn():
             dealer.close(0)
         router.close(0)
         context.term()
+
+
+def _router_and_dealer(context, name=b"w1"):
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.IDENTITY, name)
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    return router, dealer
+
+
+def test_malformed_ready_messages_from_a_dealer_are_counted_and_survived():
+    """Issue 11: one `ready` declaring an array of shape [2^32, 2^32] with an empty buffer killed
+    the streamer. Now it and its relatives are counted, and a good worker is still served."""
+    import json
+
+    context = zmq.Context()
+    router, dealer = _router_and_dealer(context)
+    dispatcher = FrameDispatcher(router, worker_timeout_s=5.0)
+    header = {"protocol": "beamkin", "version": 1, "type": "ready", "worker": "w1", "capacity": 2}
+    hostile = [
+        [b"ready", json.dumps({**header, "arrays": [{"name": "x", "dtype": "<u1", "shape": [2**32, 2**32]}]}).encode(), b""],
+        [b"ready", b"[" * 100_000 + b"]" * 100_000],
+        [b"ready", json.dumps({**header, "capacity": 2**60}).encode()],
+        [b"ready", json.dumps({**header, "capacity": 10**6, "quiet_s": 1e308}).encode()],
+        [b"ready", json.dumps({**header, "quiet_s": float("nan")}).encode()],
+        [b"done", json.dumps({"protocol": "beamkin", "version": 1, "type": "done", "worker": "w1",
+                              "series_id": "nope", "frame_index": 3}).encode()],
+        [b"\xff"],
+    ]
+    try:
+        for parts in hostile:
+            dealer.send_multipart(parts)
+            assert router.poll(5000)
+            dispatcher.handle_worker_message()
+        c = dispatcher.counters
+        assert c["malformed_worker_messages"] == 5  # shape, nesting, capacity beyond 2^53, NaN quiet_s, one part
+        assert c["worker_capacity_clamped"] == 1 and c["handler_errors"] == 0
+        worker = dispatcher.workers[b"w1"]
+        assert worker.capacity == 256 and worker.quiet_s == 3600.0
+        protocol.send(dealer, protocol.make("ready", worker="w1", capacity=1))
+        assert router.poll(5000)
+        dispatcher.handle_worker_message()
+        dispatcher.starts["s"] = protocol.make("start", source="test", series_id="s", kind="profile", detector={},
+                                               geometry={}, frame_time_s=0.1, exposure_s=0.1, n_frames=1, gas_time_s=None)
+        dispatcher.pending.append(protocol.make("frame", {"two_theta_deg": np.linspace(2, 20, 8), "counts": np.ones(8)},
+                                                series_id="s", frame_index=0, time_s=0.05, exposure_s=0.1))
+        dispatcher.dispatch()
+        received = []
+        while dealer.poll(2000):
+            received.append(protocol.recv(dealer)[1].type)
+            if received[-1] == "frame":
+                break
+        assert received == ["start", "frame"]
+    finally:
+        dealer.close(0)
+        router.close(0)
+        context.term()
+
+
+def test_per_series_state_is_released_when_a_series_ended_and_its_frames_are_done():
+    """Issue 11: 100 forged starts must not leave 100 series behind in the streamer."""
+    context = zmq.Context()
+    router, dealer = _router_and_dealer(context)
+    dispatcher = FrameDispatcher(router, worker_timeout_s=5.0)
+    try:
+        protocol.send(dealer, protocol.make("ready", worker="w1", capacity=4))
+        assert router.poll(5000)
+        dispatcher.handle_worker_message()
+        for n in range(100):
+            series = f"forged-{n}"
+            dispatcher.series_started(protocol.make("start", source="test", series_id=series, kind="profile", detector={},
+                                                    geometry={}, frame_time_s=0.1, exposure_s=0.1, n_frames=1,
+                                                    gas_time_s=None))
+            dispatcher.pending.append(protocol.make("frame", {"two_theta_deg": np.linspace(2, 20, 8), "counts": np.ones(8)},
+                                                    series_id=series, frame_index=0, time_s=0.05, exposure_s=0.1))
+            dispatcher.dispatch()
+            dispatcher.series_ended(series)
+            assert series in dispatcher.starts  # its frame is still in flight
+            protocol.send(dealer, protocol.make("done", worker="w1", series_id=series, frame_index=0))
+            assert router.poll(5000)
+            dispatcher.handle_worker_message()
+            dispatcher.release_finished()
+        assert dispatcher.starts == {} and dispatcher.ended == set()
+        assert dispatcher.workers[b"w1"].series_started == set()
+        assert dispatcher.counters["frames_done"] == 100
+    finally:
+        dealer.close(0)
+        router.close(0)
+        context.term()

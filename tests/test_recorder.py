@@ -179,3 +179,73 @@ def test_export_csv(tmp_path):
     assert float(rows("alerts.csv")[0]["t0.mean"]) == 7.44
     (series,) = rows("series.csv")
     assert series["frames_recorded"] == "2" and series["end_reason"] == "completed" and float(series["gas_time_s"]) == 1.5
+
+
+@pytest.mark.parametrize("series_id", ["a\x00b", "x/y.z%00", "\ud800lone", "é 1"])
+def test_odd_series_ids_are_recorded_with_the_original_kept(tmp_path, series_id):
+    """Issue 11: a series id with NUL made h5py raise ("VLEN strings do not support embedded
+    NULLs") and took the pipeline down. Now the log and the group name hold a storable form,
+    the series group keeps the exact original (JSON) and the header keeps it too."""
+    import json
+
+    path = tmp_path / "odd.h5"
+    with Recorder(path, raw_frames=True) as recorder:
+        recorder.write(start_message(series_id))
+        recorder.write(frame_message(0, series_id))
+        recorder.write(make("end", series_id=series_id, n_frames=1, reason="completed"))
+        assert recorder.counters["start"] == 1 and recorder.counters["frame"] == 1 and recorder.counters["end"] == 1
+    messages = [m for _, m in read_messages(path)]
+    assert [m.series_id for m in messages] == [series_id] * 3
+    np.testing.assert_array_equal(messages[1].arrays["image"], frame_message(0).arrays["image"])
+    with h5py.File(path, "r") as f:
+        (group,) = f["series"].values()
+        assert json.loads(group.attrs["series_id_json"]) == series_id
+        stored = f["log/series_id"].asstr()[0]
+        assert "\x00" not in stored and (series_id.isprintable() or stored != series_id)
+
+
+def test_a_message_that_cannot_be_written_is_counted_and_the_recorder_goes_on(tmp_path, monkeypatch):
+    """A write that fails (here: the disk is full while frame 1's image is appended) is logged,
+    counted as write_errors, and the recorder records what comes next."""
+    original = Recorder._append_array
+
+    def full_disk_at_frame_1(self, message, name, array):
+        if message.type == "frame" and message.frame_index == 1:
+            raise OSError(28, "No space left on device")
+        return original(self, message, name, array)
+
+    monkeypatch.setattr(Recorder, "_append_array", full_disk_at_frame_1)
+    context = zmq.Context()
+    publisher = context.socket(zmq.XPUB)
+    port = publisher.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+    outcome = {}
+    path = tmp_path / "r.h5"
+    thread = threading.Thread(target=lambda: outcome.update(counters=run_recorder(
+        [f"tcp://127.0.0.1:{port}"], path, True, stop, poll_ms=20, drain_ms=300)))
+    thread.start()
+    try:
+        assert publisher.poll(5000)  # the recorder's subscription
+        publisher.recv()
+        for message in (start_message("s1"), frame_message(0), frame_message(1), frame_message(2),
+                        make("end", series_id="s1", n_frames=3, reason="completed")):
+            send(publisher, message)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        thread.join(timeout=20)
+        publisher.close(0)
+        context.term()
+    counters = outcome["counters"]
+    assert counters["write_errors"] == 1 and counters["frame"] == 2 and counters["end"] == 1
+    assert [m.frame_index for _, m in read_messages(path, types=["frame"])] == [0, 2]
+
+
+def test_array_names_hdf5_cannot_hold_are_stored_under_a_safe_name(tmp_path):
+    image = np.arange(6, dtype=np.uint16).reshape(2, 3)
+    message = make("frame", arrays={"image": image, "odd\x00/name": image + 1}, series_id="s", frame_index=0,
+                   time_s=0.1, exposure_s=0.1)
+    with Recorder(tmp_path / "a.h5", raw_frames=True) as recorder:
+        recorder.write(message)
+    (_, back), = read_messages(tmp_path / "a.h5")
+    np.testing.assert_array_equal(back.arrays["odd\x00/name"], image + 1)

@@ -392,3 +392,24 @@ def test_fake_eiger_to_source_over_zeromq(compression):
         np.testing.assert_array_equal(received[1 + i].arrays["image"], image)
         assert received[1 + i]["time_s"] == pytest.approx(0.5 * i + 0.125)
     assert received[-1]["reason"] == "completed"
+
+
+def test_series_ids_are_sanitised_for_every_sink_and_the_original_kept():
+    """Issue 11: a series_unique_id with NUL took the recorder down. The beamkin id is the
+    percent-encoded UTF-8 of the original (reversible), frames and end still match it."""
+    from urllib.parse import unquote
+
+    from streamer.series import safe_series_id
+
+    odd = "run 7/\x00é%"
+    decoder = StreamV2Decoder()
+    out = feed(decoder, start_msg(series_unique_id=odd), dict(good_image(0), series_unique_id=odd),
+               dict(END, series_unique_id=odd))
+    assert [m.type for m in out] == ["start", "frame", "end"]
+    assert {m.series_id for m in out} == {"run%207%2F%00%C3%A9%25"}
+    assert unquote(out[0].series_id) == odd and out[0]["user_data"]["source_series_id"] == odd
+    assert decoder.counters["series_id_sanitised"] == 1
+    assert safe_series_id("01HBV3JPF9T4ZDPADX6EMK6XMZ") == "01HBV3JPF9T4ZDPADX6EMK6XMZ"  # real ids unchanged
+    long_id = safe_series_id("x" * 1000)
+    assert len(long_id) == 128 and long_id.startswith("x" * 111 + "~")
+    assert safe_series_id("") == "unnamed"

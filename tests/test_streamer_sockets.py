@@ -1,0 +1,101 @@
+"""The streamer's two publishers on real loopback sockets (issue 11): the raw PUB bounds what a
+stalled subscriber holds by bytes and never makes the streamer wait; the recorder's socket is
+lossless (the publisher waits instead)."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import numpy as np
+import zmq
+
+from beamkin import protocol, sockets
+
+FRAME_BYTES = 1 << 20  # a 512 x 512 uint32 image
+
+
+def frame(i: int) -> protocol.Message:
+    image = np.full((512, 512), i, dtype=np.uint32)
+    return protocol.make("frame", {"image": image}, series_id="s", frame_index=i, time_s=0.1 * i, exposure_s=0.1)
+
+
+def kernel_slack_frames() -> int:
+    """Frames the kernel can hold between a sender and a receiver that stopped reading: the
+    largest TCP send buffer (tcp_wmem max) plus the receive buffer the test asks for."""
+    with open("/proc/sys/net/ipv4/tcp_wmem") as handle:
+        wmem_max = int(handle.read().split()[2])
+    return math.ceil((wmem_max + 2 * 65536) / FRAME_BYTES) + 1
+
+
+def subscriber(context, endpoint, stalled=False):
+    sub = context.socket(zmq.SUB)
+    if stalled:
+        sub.setsockopt(zmq.RCVHWM, 1)
+        sub.setsockopt(zmq.RCVBUF, 65536)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(endpoint)
+    return sub
+
+
+def drain(sub, quiet_ms=500) -> list[int]:
+    indices = []
+    while sub.poll(quiet_ms):
+        indices.append(protocol.recv(sub)[1].frame_index)
+    return indices
+
+
+def test_raw_pub_bounds_a_stalled_subscriber_by_bytes_and_keeps_serving_the_others():
+    context = zmq.Context()
+    budget = 8 * FRAME_BYTES
+    raw = sockets.BudgetedPublisher(context, "tcp://127.0.0.1:0", budget, message_bytes=4 << 20)
+    endpoint = raw.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+    raw.endpoint = endpoint  # rebinding reuses the port the OS chose
+    stalled, fast = subscriber(context, endpoint, stalled=True), subscriber(context, endpoint)
+    try:
+        raw.size_for(FRAME_BYTES + 1024)  # the series' frames: HWM = 8 MiB // (1 MiB + 1 KiB) = 7
+        assert raw.hwm == 7 and raw.rebinds == 1
+        time.sleep(0.5)  # both subscribers reconnect to the new socket
+        received_fast: list[int] = []
+        reader = threading.Thread(target=lambda: received_fast.extend(drain(fast, 2000)))
+        reader.start()
+        n = 100
+        for i in range(n):
+            raw.publish(frame(i))  # never waits, whatever the stalled subscriber does
+            time.sleep(0.005)
+        reader.join(timeout=60)
+        assert received_fast == list(range(n))  # a subscriber that keeps up loses nothing
+        held = drain(stalled)
+        assert 0 < len(held) <= raw.hwm + 2 + kernel_slack_frames() < n
+        assert held == sorted(held)
+    finally:
+        for socket in (stalled, fast):
+            socket.close(0)
+        raw.close()
+        context.term()
+
+
+def test_the_recorder_socket_is_lossless_the_publisher_waits():
+    context = zmq.Context()
+    record = sockets.publisher(context, "tcp://127.0.0.1:0", hwm=2)
+    endpoint = record.getsockopt(zmq.LAST_ENDPOINT).decode()
+    slow = subscriber(context, endpoint, stalled=True)
+    try:
+        assert record.poll(5000)  # the subscription arrives
+        received: list[int] = []
+
+        def read_late():
+            time.sleep(1.0)  # a recorder busy writing
+            received.extend(drain(slow, 2000))
+
+        reader = threading.Thread(target=read_late)
+        reader.start()
+        for i in range(30):
+            assert sockets.publish(record, frame(i))
+        reader.join(timeout=60)
+        assert received == list(range(30))
+    finally:
+        slow.close(0)
+        record.close(0)
+        context.term()
