@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 #: Patterns are thinned to at most this many points (block means) before they are stored.
 MAX_PATTERN_POINTS = 1500
-#: Radial bins of the heat map and its maximum number of time rows.
-HEATMAP_BINS = 400
+#: Radial bins of the heat map (about one line width each over a 2D detector's range) and its
+#: maximum number of time rows.
+HEATMAP_BINS = 800
 HEATMAP_ROWS = 256
 #: A pattern whose frame has alpha at least this large serves as phase-B reference.
 PHASE_B_ALPHA = 0.9
@@ -128,8 +129,22 @@ class PatternHeatmap:
         self._pending_count = 0
         self.version = 0
 
-    def add(self, time_s: float, radial: np.ndarray, intensity: np.ndarray) -> None:
+    def bin_means(self, radial: np.ndarray, intensity: np.ndarray) -> np.ndarray:
+        """Mean intensity of the pattern points in each radial bin of width grid step centred on
+        the grid points (a narrow line keeps its integrated intensity, unlike point sampling);
+        bins holding no point are interpolated, bins outside the pattern are NaN."""
+        step = self.grid[1] - self.grid[0] if self.grid.size > 1 else 1.0
+        index = np.floor((radial - self.grid[0]) / step + 0.5).astype(np.int64)
+        inside = (index >= 0) & (index < self.grid.size) & np.isfinite(intensity)
+        sums = np.bincount(index[inside], weights=intensity[inside], minlength=self.grid.size)
+        counts = np.bincount(index[inside], minlength=self.grid.size)
         row = np.interp(self.grid, radial, intensity, left=np.nan, right=np.nan)
+        filled = counts > 0
+        row[filled] = sums[filled] / counts[filled]
+        return row
+
+    def add(self, time_s: float, radial: np.ndarray, intensity: np.ndarray) -> None:
+        row = self.bin_means(np.asarray(radial, dtype=float), np.asarray(intensity, dtype=float))
         self._pending += row
         self._pending_time += time_s
         self._pending_count += 1

@@ -146,3 +146,96 @@ def test_malformed_values_do_not_break_refresh():
     session.refresh()
     assert list(session.src_alpha.data["state"]) == ["flagged"]
     assert "unknown" in session.header.text  # gas time not known
+
+
+def test_heatmap_bins_keep_a_narrow_line():
+    """A line narrower than a heat-map bin keeps its integrated intensity (point sampling would
+    catch it or miss it depending on where the grid falls)."""
+    heat = PatternHeatmap(0.0, 10.0, bins=101)  # bins 0.1 wide
+    radial = np.arange(0.0, 10.0, 0.02)
+    line = np.exp(-0.5 * ((radial - 4.93) / 0.015) ** 2)
+    row = heat.bin_means(radial, line)
+    # each bin mean times the points per bin (5) times the point spacing = the line's integral
+    assert np.nansum(row) * 0.1 == pytest.approx(line.sum() * 0.02, rel=1e-9)
+    assert np.nanargmax(row) == 49  # the bin centred on 4.9 holds 4.85..4.95
+
+
+def test_density_per_log10_k():
+    """A log-uniform k has a flat density per log10 k; the bars' masses are the histogram's."""
+    from dashboards.layout import density_per_log10
+    edges = np.logspace(-2, 2, 41)
+    per_k = 1.0 / (np.log(10) * 4.0) / np.sqrt(edges[:-1] * edges[1:])  # log-uniform on [0.01, 100]: 1/(k ln10 4)
+    per_k *= (np.log10(edges[1:] / edges[:-1]) / np.diff(edges)) / per_k * 0.25  # exact bin means: mass 0.025 each
+    per_log10 = density_per_log10(edges, per_k)
+    assert per_log10 == pytest.approx(np.full(40, 0.25))  # 1 / (4 decades)
+    assert np.sum(per_log10 * np.diff(np.log10(edges))) == pytest.approx(np.sum(per_k * np.diff(edges)))
+    with pytest.raises(ValueError, match="positive"):
+        density_per_log10(np.linspace(0, 1, 5), np.ones(4))
+
+
+def _with(message: protocol.Message, **fields) -> protocol.Message:
+    return protocol.Message(message.type, {**message.fields, **fields}, message.arrays)
+
+
+def test_stale_estimate_gives_way_to_the_exact_posterior(pipeline_messages):
+    """A stale estimate of a later frame is not presented as the posterior: the panels show the
+    newest exact posterior, labelled with the stale estimate's frame and the sampler's lag."""
+    messages = renamed(pipeline_messages, "s")
+    posteriors = [i for i, m in enumerate(messages) if m.type == "posterior"]
+    cut = posteriors[5] + 1
+    state = DashboardState()
+    session = DashboardSession(Document(), state)
+    for message in messages[:cut]:
+        if message.type not in ("end", "result"):  # the series is still running
+            state.apply(message)
+    exact = messages[posteriors[5]]
+    template = next(m for m in messages if m.type == "estimate")
+    state.apply(_with(template, frame_index=exact["frame_index"] + 3, time_s=exact["time_s"] + 1.0, stale=True,
+                      diagnostics={"frames_behind": 3}))
+    session.refresh()
+    assert list(session.src_models.data["frame_index"])[0] == exact["frame_index"]
+    assert list(session.src_models.data["kind"])[0] == "exact"
+    label = f"exact posterior of frame {exact['frame_index']}; estimate of frame {exact['frame_index'] + 3} STALE"
+    assert label in session.now.text and "exact sampler 3 frames behind" in session.now.text
+    assert session.now.styles.get("border")  # marked where the eye is
+    assert "estimate STALE" in session.health.text
+    # a fresh (not stale) estimate of a later frame is shown as what it is
+    state.apply(_with(template, frame_index=exact["frame_index"] + 4, time_s=exact["time_s"] + 1.3, stale=False,
+                      diagnostics={"frames_behind": 1}))
+    session.refresh()
+    assert list(session.src_models.data["kind"])[0] == "estimate"
+    assert f"estimate of frame {exact['frame_index'] + 4}, exact sampler 1 frame behind" in session.now.text
+    assert not session.now.styles.get("border")
+
+
+def test_k_is_never_averaged_across_models_and_no_reaction_competes(pipeline_messages):
+    """k appears per model only (the header and history follow the leading model, the density
+    is the leading model's per log10 k); "no reaction" is a bar; probabilities sum to one."""
+    messages = renamed(pipeline_messages, "k")
+    state = DashboardState()
+    session = DashboardSession(Document(), state)
+    final = [m for m in messages if m.type == "posterior"][-1]
+    null = {"log_evidence": -30.0, "log_evidence_se": 0.0, "probability": 0.25}
+    models = {name: {**model, "probability": 0.75 * model["probability"], "log_evidence_se": 0.05}
+              for name, model in final["models"].items()}
+    for message in messages:
+        if message is final or (message.type == "posterior" and message["frame_index"] == final["frame_index"]):
+            message = _with(message, models=models, null_model=null, reaction_probability=0.75)
+        state.apply(message)
+    session.refresh()
+    data = session.src_models.data
+    assert NO_REACTION in data["model"] and sum(data["probability"]) == pytest.approx(1.0)
+    assert "P(reaction) = 0.7500" in session.model_table.text and "± 0.05" in session.model_table.text
+    leading = final["leading_model"]
+    k = final["models"][leading]["params"]["k"]
+    assert f"k({leading}) = {k['q50']:.3g} 1/s" in session.now.text
+    assert session.k_line.glyph.y == f"k_q50_{leading}" and session.k_line.visible
+    assert session.src_k_history.data[f"k_q05_{leading}"][-1] == pytest.approx(k["q05"])
+    assert min(v for v in session.src_k_history.data[f"k_q05_{leading}"] if np.isfinite(v)) > 0  # log axis
+    assert list(session.src_k_models.data["q50"]) == pytest.approx(
+        [final["models"][m]["params"]["k"]["q50"] for m in session.src_k_models.data["model"]])
+    hist = final["histograms"]["k"]
+    edges = np.asarray(hist["edges"])
+    expected = np.asarray(hist["leading"]) * np.diff(edges) / np.diff(np.log10(edges))
+    assert list(session.src_k_lead.data["top"]) == pytest.approx(expected.tolist())
+    assert "model_averaged" not in str(session.src_k_lead.data) and "k_mean" not in session.src_history.data
