@@ -92,6 +92,9 @@ def _typed_array_dtypes() -> dict[int, np.dtype]:
 TYPED_ARRAY_DTYPES = _typed_array_dtypes()
 #: binary128 typed arrays: big-endian 83, little-endian 87 (converted to float64)
 BINARY128_TAGS = {83: ">", 87: "<"}
+#: tags whose content is (or becomes) an array: an unusable array inside them makes them unusable
+ARRAY_TAGS = frozenset(TYPED_ARRAY_DTYPES) | set(BINARY128_TAGS) | {TAG_MULTI_DIM_ROW_MAJOR, TAG_MULTI_DIM_COLUMN_MAJOR,
+                                                                      TAG_DECTRIS_COMPRESSION}
 #: numpy dtype string ("<u2", "|u1", ...) -> its typed array tag, used by encoders (64, not 68, for uint8)
 TAG_FOR_DTYPE = {TYPED_ARRAY_DTYPES[tag].str: tag for tag in sorted(TYPED_ARRAY_DTYPES, reverse=True) if tag != 68}
 
@@ -119,6 +122,22 @@ def binary128_to_float64(raw: bytes, byteorder: str) -> np.ndarray:
     return value
 
 
+class UnusableArray:
+    """What the tag hook gives for an array it cannot decode (a typed array that is not a whole
+    number of elements, a tag 40 whose dimensions do not match its data, a compressed buffer that
+    is corrupt, too large or of an unknown algorithm), in place of failing the whole message: an
+    optional start field holding one is dropped with a warning and the series goes on; an image
+    holding one is dropped and counted under ``counter``."""
+
+    __slots__ = ("reason", "counter")
+
+    def __init__(self, reason: str, counter: str = "malformed") -> None:
+        self.reason, self.counter = reason, counter
+
+    def __repr__(self) -> str:
+        return f"<unusable array: {self.reason}>"
+
+
 class _TagDecoder:
     """cbor2 tag hook (both the cbor2 5 ``(decoder, tag)`` and 6 ``(tag, immutable)`` call forms)."""
 
@@ -128,6 +147,17 @@ class _TagDecoder:
 
     def __call__(self, first: Any, second: Any) -> Any:
         tag = first if isinstance(first, cbor2.CBORTag) else second
+        if tag.tag in ARRAY_TAGS:  # an array inside this one was already unusable: so is this one
+            if isinstance(tag.value, UnusableArray):
+                return tag.value
+            if isinstance(tag.value, (list, tuple)) and tag.value and isinstance(tag.value[-1], UnusableArray):
+                return tag.value[-1]
+        try:
+            return self._decode(tag)
+        except StreamDecodeError as exc:
+            return UnusableArray(str(exc), exc.counter)
+
+    def _decode(self, tag: cbor2.CBORTag) -> Any:
         number, value = tag.tag, tag.value
         if number in TYPED_ARRAY_DTYPES:
             return self._typed_array(number, value)
@@ -507,16 +537,16 @@ class StreamV2Decoder:
         if not isinstance(channels, (list, tuple)) or not all(isinstance(c, str) for c in channels):
             raise StreamDecodeError("start field channels is not an array of text", field="channels", value=_short(channels))
         self.channel = self._select_channel(list(channels))
-        nx = _integer(raw, "image_size_x", series_id, low=1, high=MAX_IMAGE_SIDE)
-        if nx is None:
-            raise StreamDecodeError(f"start field image_size_x must be an integer in [1, {MAX_IMAGE_SIDE}]",
-                                    field="image_size_x", value=_short(raw.get("image_size_x")))
-        ny = _integer(raw, "image_size_y", series_id, low=1, high=MAX_IMAGE_SIDE)
-        if ny is None:
-            if raw.get("image_size_y") is not None:
-                raise StreamDecodeError(f"start field image_size_y must be an integer in [1, {MAX_IMAGE_SIDE}]",
-                                        field="image_size_y", value=_short(raw.get("image_size_y")))
-            ny = 1  # a strip (1D) detector
+        sizes = {}
+        for key in ("image_size_x", "image_size_y"):
+            value = raw.get(key)
+            if key == "image_size_y" and value is None:
+                value = 1  # a strip (1D) detector
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_IMAGE_SIDE:
+                raise StreamDecodeError(f"start field {key} must be an integer in [1, {MAX_IMAGE_SIDE}]",
+                                        field=key, value=_short(value))
+            sizes[key] = value
+        nx, ny = sizes["image_size_x"], sizes["image_size_y"]
         shape = (ny, nx)
         px, py = _number(raw, "pixel_size_x", series_id), _number(raw, "pixel_size_y", series_id)
         distance, distance_from = self._distance(raw, series_id)
@@ -580,6 +610,8 @@ class StreamV2Decoder:
         image = data.get(channel)
         if image is None:
             raise StreamDecodeError(f"image {image_id} has no data for channel {_short(channel)}", "missing_channel")
+        if isinstance(image, UnusableArray):
+            raise StreamDecodeError(f"image {image_id} channel {_short(channel)}: {image.reason}", image.counter)
         if not isinstance(image, np.ndarray) or image.ndim not in (1, 2) or image.dtype.kind not in "biuf":
             raise StreamDecodeError(f"image {image_id} channel {_short(channel)} is {_short(image)}, not a 1D or 2D "
                                     "numeric array", "shape_mismatch")

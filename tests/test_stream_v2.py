@@ -315,9 +315,15 @@ def test_bad_input_is_counted_and_the_stream_carries_on():
 
 
 def test_compression_bomb_header_is_rejected_without_allocating():
+    from streamer.stream_v2 import UnusableArray
+
     bomb = Tag(69, Tag(56500, ["bslz4", 2, struct.pack(">QI", 1 << 50, 8192) + b"\x00" * 8]))
-    with pytest.raises(StreamDecodeError, match="limit"):
-        decode_message(cbor({"type": "x", "a": bomb}))
+    raw, _ = decode_message(cbor({"type": "x", "a": bomb}))
+    assert isinstance(raw["a"], UnusableArray) and "limit" in raw["a"].reason
+    decoder = StreamV2Decoder()
+    out = feed(decoder, start_msg(), image_msg(0, {"threshold_1": Tag(40, [[NY, NX], bomb])}), good_image(1))
+    assert [(m.type, m.get("frame_index")) for m in out] == [("start", None), ("frame", 1)]
+    assert decoder.counters["malformed"] == 1
 
 
 def test_unknown_compression_is_counted():
