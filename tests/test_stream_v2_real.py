@@ -203,3 +203,28 @@ def test_a_rejected_start_is_one_error_and_its_images_and_end_are_counted_quietl
 def test_real_arm_date_with_offset_and_datetime_user_data_are_json_safe():
     _, (start,) = decoded({**EIGER2_16M_START, "user_data": {"at": dt.datetime(2023, 10, 3).isoformat()}})
     assert start["user_data"]["at"] == "2023-10-03T00:00:00"
+
+
+def test_run_once_exits_non_zero_naming_the_field_of_a_rejected_start():
+    """Issue 12.2: `beamkin run --once` waited forever with nothing on the screen. Now the streamer
+    waits [streamer] rejected_wait_s for a usable start, then exits 3 and run exits 1 naming it."""
+    import os
+    import signal
+
+    from beamkin.loopback import LoopbackPorts, beamkin_process
+    from streamer.fake_eiger import StreamV2Sender
+
+    sender = StreamV2Sender("tcp://127.0.0.1:0")
+    run = beamkin_process("run", "--once", "--source", f"dectris2:{sender.endpoint}", "--streamer.rejected_wait_s", "1",
+                          *LoopbackPorts.free().options())
+    try:
+        assert sender.writable(120.0), "the streamer never connected"
+        sender.send_raw(self_described({**EIGER2_16M_START, "image_size_x": -4148}))
+        output, _ = run.communicate(timeout=180)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+        sender.close(0)
+    assert run.returncode == 1, output[-3000:]
+    verdict = [line for line in output.splitlines() if line.startswith("beamkin: stage 'streamer' rejected the series")]
+    assert verdict and "field image_size_x = -4148" in verdict[0], output[-3000:]
