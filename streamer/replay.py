@@ -261,19 +261,31 @@ class ReducedReplay(RecordingReplay):
         super().__init__(path, {**dict(options or {}), "types": REDUCED_TYPES}, spec=spec)
 
     def messages(self, stop_event: threading.Event) -> Iterator[Message]:
+        """The first series' messages; its ``end`` goes last, after the fractions recorded after it
+        (the inference publishes a series' last fractions after the streamer's ``end``)."""
         first: str | None = None
+        end: Message | None = None
+        fractions: set[int] = set()
         for message in super().messages(stop_event):
+            if message.type == "start" and first is not None and message.series_id != first:
+                break  # the next series: the first one is complete
             if first is None and message.type == "start":
                 first = message.series_id
             if message.series_id != first:
                 continue
-            if message.type == "fraction":
-                self.counters["fractions"] += 1
-            elif message.type == "pattern":
-                self.counters["patterns"] += 1
-            yield message
             if message.type == "end":
-                return
+                end = end or message
+            else:
+                if message.type == "fraction":
+                    self.counters["fractions"] += 1
+                    fractions.add(message.frame_index)
+                elif message.type == "pattern":
+                    self.counters["patterns"] += 1
+                yield message
+            if end is not None and len(fractions) >= int(end["n_frames"]):
+                break
+        if end is not None:
+            yield end
 
 
 def feed_reduced(path: str | Path, endpoint: str, stop_event: threading.Event,

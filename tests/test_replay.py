@@ -211,6 +211,26 @@ def test_reduced_replay_sends_the_first_series_fractions_and_patterns(tmp_path):
     assert source.counters["fractions"] == 5
 
 
+def test_reduced_replay_keeps_fractions_recorded_after_the_end(tmp_path):
+    """Live, the streamer's end reaches the recorder before the inference republishes the last
+    fractions: the replay sends them all, and the end last."""
+    from streamer.replay import ReducedReplay
+
+    path = tmp_path / "rec.h5"
+    messages = kinetics_recording(path, n_frames=4)
+    fractions = [m for m in messages if m.type == "fraction"]
+    end = messages[-1]
+    late = [messages[0], *fractions[:2], end, *fractions[2:],
+            make("start", series_id="rec2", kind="profile", source="test", detector={}, geometry={},
+                 frame_time_s=0.5, exposure_s=0.5, n_frames=1, gas_time_s=None)]
+    with Recorder(path) as recorder:
+        for i, message in enumerate(late):
+            recorder.write(message, received_s=1_000_000.0 + 0.01 * i)
+    replayed = [m for _, m in collect(ReducedReplay(path, {"speed": 0, "progress": False}))]
+    assert [m.type for m in replayed] == ["start"] + ["fraction"] * 4 + ["end"]
+    assert [m.frame_index for m in replayed[1:-1]] == [0, 1, 2, 3]
+
+
 def test_replay_without_raw_frames_reproduces_the_live_posterior(tmp_path):
     """`beamkin replay` of a recording made without raw frames feeds its fractions to a real
     inference process; the result equals the live service's engine fed the same fractions."""
