@@ -610,11 +610,16 @@ class PhaseFractionEstimator:
         config = FractionConfig.from_dict(fr)
         metadata = metadata or {}
         geo = metadata.get("geometry") or {}
-        if config.wavelength_A is None and geo.get("wavelength_A"):
-            config.wavelength_A = float(geo["wavelength_A"])
         measured = None
+        wavelength_A = geo.get("wavelength_A")
         if metadata.get("kind") == "image" and metadata.get("detector") and geo:
-            measured = image_two_theta_range_deg(metadata)
+            from reducer.geometry import resolve_geometry
+
+            geometry = resolve_geometry(metadata, reducer_config)  # stream, TOML, PONI
+            wavelength_A = geometry.wavelength_A
+            measured = image_two_theta_range_deg(geometry)
+        if config.wavelength_A is None and wavelength_A:
+            config.wavelength_A = float(wavelength_A)
         return cls(config, measured_range_deg=measured, series_id=metadata.get("series_id"))
 
     def check_range(self, measured_range_deg: tuple[float, float]) -> None:
@@ -922,11 +927,9 @@ def load_reference_pattern(path: str) -> Pattern:
     return pattern
 
 
-def image_two_theta_range_deg(metadata: Mapping[str, Any]) -> tuple[float, float]:
-    """(min, max) 2theta (degrees) of the pixel centres of an image series' detector."""
-    from reducer.integrate import azimuthal_integrator_from_metadata
-
-    ai = azimuthal_integrator_from_metadata(metadata)
-    shape = tuple(int(v) for v in metadata["detector"]["shape"])
-    tth = ai.center_array(shape, unit="2th_deg")
+def image_two_theta_range_deg(geometry) -> tuple[float, float]:
+    """(min, max) 2theta (degrees) of the pixel centres of an image series' detector, from a
+    reducer.geometry.SeriesGeometry."""
+    ai = geometry.azimuthal_integrator()
+    tth = ai.center_array(geometry.shape, unit="2th_deg")
     return float(np.min(tth)), float(np.max(tth))

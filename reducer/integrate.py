@@ -7,14 +7,14 @@ frame on, CSR methods call pyFAI's engine directly (``Integrator._sums``: identi
 checked on the first frame, without integrate1d's per-call Python work), and integer frames
 reach it already in its float32 working type, converted in the same pass as the per-frame checks.
 
-Geometry convention of the start message (Fit2D-like, no tilt unless rot1..3 are given):
-``beam_center_px = [x, y]`` with x the fast (column) and y the slow (row) pixel coordinate,
-pixel i spanning [i, i + 1); pyFAI's PONI is then poni1 = y * pixel_size_y,
-poni2 = x * pixel_size_x (metres), dist = distance_m, wavelength = wavelength_A * 1e-10 m.
+Geometry: reducer.geometry merges the start message's geometry, the ``[reducer]`` TOML keys and
+a PONI file, in that order of precedence, before validating (conventions there); the
+integrator logs once per series which layer and convention each parameter came from.
 
 Masks (all combined into one static mask, nonzero = excluded):
 
-* detector module gaps, when the detector name is one pyFAI knows and the shape matches;
+* detector module gaps from pyFAI's definition, when reducer.detectors recognises the detector
+  description (DECTRIS EIGER / EIGER2 / PILATUS / PILATUS3 / PILATUS4 ...) and the shape fits;
 * ``pixel_mask`` from the start message (DECTRIS convention: nonzero = bad);
 * a user mask file (any format fabio reads) or array;
 * per frame, dynamically: pixels equal to the all-ones value of the integer pixel type
@@ -142,74 +142,13 @@ def all_ones_value(dtype) -> int | None:
     return None
 
 
-def _require(mapping: Mapping, key: str, where: str):
-    if key not in mapping or mapping[key] is None:
-        raise ReductionError(f"start message {where} lacks {key!r}")
-    return mapping[key]
+def azimuthal_integrator_from_metadata(metadata: Mapping[str, Any], reducer_config: Mapping[str, Any] | None = None):
+    """pyFAI AzimuthalIntegrator of a start-message dict, with the ``[reducer]`` geometry keys and
+    PONI file (``reducer_config``, or the message's ``geometry.poni_file``) layered over the
+    stream's values before validation (reducer.geometry)."""
+    from reducer.geometry import resolve_geometry
 
-
-def azimuthal_integrator_from_metadata(metadata: Mapping[str, Any]):
-    """Build a pyFAI AzimuthalIntegrator from a start-message dict (see module docstring).
-
-    A ``geometry.poni_file`` takes precedence over the explicit geometry fields.
-    """
-    from pyFAI.detectors import Detector
-    from pyFAI.integrator.azimuthal import AzimuthalIntegrator
-
-    det_md = _require(metadata, "detector", "")
-    geo = _require(metadata, "geometry", "")
-    shape = tuple(int(v) for v in _require(det_md, "shape", "detector"))
-    if len(shape) != 2 or min(shape) <= 0:
-        raise ReductionError(f"detector.shape must be [ny, nx] with positive sizes, got {shape}")
-    poni_file = geo.get("poni_file")
-    if poni_file:
-        import pyFAI
-
-        try:
-            ai = pyFAI.load(str(poni_file))
-        except Exception as exc:  # pyFAI raises several types for unreadable files
-            raise ReductionError(f"cannot read PONI file {poni_file!r}: {exc}") from exc
-        if ai.detector.max_shape is not None and tuple(ai.detector.max_shape) != shape:
-            raise ReductionError(f"PONI detector shape {tuple(ai.detector.max_shape)} differs from "
-                                 f"start-message detector.shape {shape}")
-        return ai
-    py, px = (float(v) for v in _require(det_md, "pixel_size_m", "detector"))
-    if not (py > 0 and px > 0):
-        raise ReductionError(f"detector.pixel_size_m must be positive, got {[py, px]}")
-    dist = float(_require(geo, "distance_m", "geometry"))
-    if not dist > 0:
-        raise ReductionError(f"geometry.distance_m must be positive, got {dist}")
-    bx, by = (float(v) for v in _require(geo, "beam_center_px", "geometry"))
-    wl = float(_require(geo, "wavelength_A", "geometry"))
-    if not wl > 0:
-        raise ReductionError(f"geometry.wavelength_A must be positive, got {wl}")
-    detector = Detector(pixel1=py, pixel2=px, max_shape=shape)
-    return AzimuthalIntegrator(dist=dist, poni1=by * py, poni2=bx * px,
-                               rot1=float(geo.get("rot1_rad") or 0.0), rot2=float(geo.get("rot2_rad") or 0.0),
-                               rot3=float(geo.get("rot3_rad") or 0.0), detector=detector,
-                               wavelength=wl * 1e-10)
-
-
-def _gap_mask(name: str | None, shape: tuple[int, int]) -> np.ndarray | None:
-    """Module-gap mask of a detector pyFAI knows by name (e.g. "Pilatus 1M"), None otherwise."""
-    if not name:
-        return None
-    import pyFAI.detectors
-
-    key = name.replace(" ", "").lower()
-    if key not in pyFAI.detectors.ALL_DETECTORS:  # asking the factory would log an ERROR
-        logger.info("detector %r unknown to pyFAI: module gaps come from the all-ones pixel value only", name)
-        return None
-    try:
-        det = pyFAI.detectors.detector_factory(key)
-    except Exception as exc:
-        logger.info("pyFAI cannot build detector %r (%s): module gaps come from the all-ones pixel value only",
-                    name, exc)
-        return None
-    if det.max_shape is None or tuple(det.max_shape) != tuple(shape):
-        return None
-    mask = det.calc_mask()
-    return None if mask is None else mask.astype(bool)
+    return resolve_geometry(metadata, reducer_config).azimuthal_integrator()
 
 
 def load_mask_file(path: str) -> np.ndarray:
@@ -333,8 +272,10 @@ class Integrator:
         (default) or "q_nm^-1"; ``method``: pyFAI method triple or "split,algo,impl" string
         (default DEFAULT_METHOD); ``polarization_factor``: pyFAI convention, 0.99 (default) for a
         horizontally polarised synchrotron beam, None for no correction.
-        ``config``: the ``[reducer]`` table; its keys npt, unit, method, poni_file, mask_file,
-        polarization_factor apply where the explicit argument is not given ("" = default).
+        ``config``: the ``[reducer]`` table; its keys npt, unit, method, mask_file,
+        polarization_factor apply where the explicit argument is not given ("" = default), and
+        its geometry keys (distance_m, beam_center_px, wavelength_A, pixel_size_m, poni_file)
+        override the start message's (reducer.geometry).
         """
         config = dict(config or {})
 
@@ -350,19 +291,22 @@ class Integrator:
         mask_file = pick(mask_file, "mask_file", None)
         if polarization_factor == "config":
             polarization_factor = config.get("polarization_factor", 0.99)
-        poni_file = config.get("poni_file")
-        if poni_file:
-            metadata = dict(metadata)
-            metadata["geometry"] = dict(metadata.get("geometry") or {}, poni_file=poni_file)
         if metadata.get("kind", "image") != "image":
             raise ReductionError(f"series kind {metadata.get('kind')!r} carries profiles: no integration needed")
-        ai = azimuthal_integrator_from_metadata(metadata)
+        from reducer.geometry import resolve_geometry
+
+        geometry = resolve_geometry(metadata, config)
+        ai = geometry.azimuthal_integrator()
         det_md = metadata["detector"]
-        shape = tuple(int(v) for v in det_md["shape"])
+        shape = geometry.shape
+        logger.info("geometry: %s", geometry.describe(), extra={"series_id": metadata.get("series_id")})
         combined = np.zeros(shape, dtype=bool)
-        gaps = _gap_mask(det_md.get("name"), shape)
+        gaps = None if geometry.detector is None else geometry.detector.gap_mask(shape)
         if gaps is not None:
             combined |= gaps
+        elif det_md.get("name"):
+            logger.info("detector %r has no pyFAI definition of shape %s: module gaps come from the all-ones "
+                        "pixel value only", det_md.get("name"), shape, extra={"series_id": metadata.get("series_id")})
         for label, extra in (("pixel_mask", metadata.get("pixel_mask")), ("mask", mask),
                              ("mask_file", None if mask_file is None else load_mask_file(mask_file))):
             if extra is None:

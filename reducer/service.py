@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 1.0
 SERIES_KEPT = 4  # series (and integrators) kept per worker (a new one evicts the oldest)
 #: [reducer] options an integrator depends on
-INTEGRATOR_OPTIONS = ("npt", "unit", "method", "polarization_factor", "poni_file", "mask_file")
+INTEGRATOR_OPTIONS = ("npt", "unit", "method", "polarization_factor", "poni_file", "mask_file",
+                      "distance_m", "beam_center_px", "wavelength_A", "pixel_size_m")
 
 
 def integrator_key(start: protocol.Message, reducer_config: dict[str, Any]) -> str:
@@ -77,7 +78,7 @@ class SeriesReduction:
         metadata = {**start.fields, **start.arrays}  # pixel_mask / flatfield when the detector sent them
         self.integrator = None
         self.reused_integrator = False
-        if self.kind == "image":  # npt, unit, method, poni_file, mask_file from [reducer]
+        if self.kind == "image":  # npt, unit, method, geometry keys, poni_file, mask_file from [reducer]
             key = integrator_key(start, reducer_config) if integrators is not None else None
             if key is not None and key in integrators:
                 integrators.move_to_end(key)
