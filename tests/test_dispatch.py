@@ -144,3 +144,45 @@ def test_per_series_state_is_released_when_a_series_ended_and_its_frames_are_don
         dealer.close(0)
         router.close(0)
         context.term()
+
+
+def test_a_failing_message_is_survived_and_a_failing_source_makes_the_streamer_exit_non_zero(monkeypatch):
+    """Issue 11: an exception escaping the source made the streamer exit 0 ("stage streamer
+    finished") while nobody read the detector. Now one message that cannot be handled is logged
+    and counted, and a source that dies makes run_streamer return 1."""
+    import socket
+    import threading
+    from collections import Counter
+
+    from beamkin import config as configuration
+    from streamer import service
+
+    class FailingSource:
+        spec = "failing:"
+        counters = Counter()
+
+        def messages(self, stop):
+            yield protocol.make("start", source="failing:", series_id="s", kind="profile", detector={"shape": [1, 8]},
+                                geometry={}, frame_time_s=0.1, exposure_s=0.1, n_frames=2, gas_time_s=None)
+            yield protocol.make("end", series_id="s", n_frames=0, reason="aborted", note={1, 2})  # not JSON: cannot be sent
+            raise RuntimeError("detector link lost")
+
+    monkeypatch.setattr("streamer.sources.open_source", lambda spec, options: FailingSource())
+    config = configuration.defaults()
+    held = [socket.socket() for _ in range(4)]
+    for s in held:
+        s.bind(("127.0.0.1", 0))
+    for name, s in zip(("frames", "raw", "reduced", "record"), held):
+        config["endpoints"][name] = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    for s in held:
+        s.close()
+    counters = {}
+    original = service.FrameDispatcher.__init__
+
+    def keep(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        counters["dispatcher"] = self.counters
+
+    monkeypatch.setattr(service.FrameDispatcher, "__init__", keep)
+    assert service.run_streamer(config, threading.Event()) == 1
+    assert counters["dispatcher"]["handler_errors"] == 1

@@ -193,3 +193,28 @@ def test_lz4_image_claiming_an_impossible_size_is_rejected():
              b"\x00\x00\x00\x00"]  # 256 MB (below the size limit) from 4 bytes: impossible for LZ4
     assert [m.type for m in feed(decoder, header(1), bogus)] == ["start"]
     assert decoder.counters["malformed"] == 1
+
+
+def test_a_rejected_header_is_one_error_and_its_images_and_end_are_counted_quietly(caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    decoder = StreamV1Decoder()
+    out = feed(decoder, header(5, config={**CONFIG, "x_pixels_in_detector": 0}),
+               *[image(5, i, img(i)) for i in range(3)], end(5), header(6), image(6, 0, img(0)))
+    assert [m.type for m in out] == ["status", "start", "frame"]
+    assert out[0]["rejected"]["field"] == "x_pixels_in_detector" and out[0]["rejected"]["value"] == "0.0"
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "field x_pixels_in_detector = 0.0" in errors[0].getMessage()
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    c = decoder.counters
+    assert c["series_rejected"] == 1 and c["rejected_series_frames"] == 3 and c["rejected_series_end"] == 1
+
+
+def test_times_that_are_not_finite_nanoseconds_drop_the_image():
+    decoder = StreamV1Decoder()
+    huge = image(8, 1, img(1))[:3] + [j({"htype": "dconfig-1.0", "start_time": 2**1100, "stop_time": 2**1100})]
+    nan = image(8, 2, img(2))[:3] + [b'{"htype": "dconfig-1.0", "start_time": NaN, "stop_time": 1}']
+    out = feed(decoder, header(8), image(8, 0, img(0)), huge, nan, image(8, 3, img(3)))
+    assert [m.get("frame_index") for m in out] == [None, 0, 3]
+    assert decoder.counters["malformed"] == 2 and decoder.counters["handler_errors"] == 0
