@@ -150,11 +150,13 @@ class SeriesAssembler:
     def is_open(self) -> bool:
         return self.series_id is not None
 
-    def count_dropped(self, counter: str, text: str, *args: Any, series_id: str | None = None, frame_index: int | None = None) -> None:
-        """Count a dropped event; WARNING the first time per series and kind, DEBUG afterwards."""
-        self.counters[counter] += 1
-        self._dropped[counter] += 1
-        level = logging.WARNING if self._dropped[counter] == 1 else logging.DEBUG
+    def count_dropped(self, counter: str, text: str, *args: Any, series_id: str | None = None, frame_index: int | None = None,
+                      amount: int = 1) -> None:
+        """Count a dropped event (``amount`` of them); WARNING the first time per series and kind,
+        DEBUG afterwards."""
+        self.counters[counter] += amount
+        self._dropped[counter] += amount
+        level = logging.WARNING if self._dropped[counter] == amount else logging.DEBUG
         if level == logging.WARNING and self.is_open:
             text += " (further ones in this series are counted, not logged)"
         log.log(level, text, *args, extra={"series_id": series_id, "frame_index": frame_index})

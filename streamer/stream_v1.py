@@ -216,9 +216,15 @@ class StreamV1Decoder:
                 blob = _part_bytes(rest.pop(0))
                 if htype == "dcountrate_table-1.0":
                     continue
-                dtype = _dtype(meta.get("type"), htype)
-                shape = _shape_yx(meta.get("shape"), htype)
-                array = decode_blob(blob, shape, dtype, "<", max_bytes=self.max_bytes)
+                try:
+                    dtype = _dtype(meta.get("type"), htype)
+                    shape = _shape_yx(meta.get("shape"), htype)
+                    array = decode_blob(blob, shape, dtype, "<", max_bytes=self.max_bytes)
+                except StreamDecodeError as exc:  # an optional calibration array: the series goes on without it
+                    self.counters["unusable_calibration"] += 1
+                    log.warning("header part %s: %s; dropped, the series goes on without it", htype, exc,
+                                extra={"series_id": series_id})
+                    continue
                 if htype == "dflatfield-1.0":
                     arrays["flatfield"] = np.ascontiguousarray(array, dtype=np.float32)
                 else:

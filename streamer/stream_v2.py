@@ -426,10 +426,10 @@ class StreamV2Decoder:
             self.series.count_dropped(exc.counter, "dropping undecodable Stream V2 message (%s): %s", exc.counter, exc,
                                       series_id=self.series.series_id)
             return []
-        if unknown:
-            self.counters["unknown_tag"] += sum(unknown.values())
-            log.warning("Stream V2 %s message carries unknown CBOR tags %s", _short(raw["type"]), dict(unknown),
-                        extra={"series_id": self.series.series_id})
+        if unknown:  # kept as they are (the message goes on); counted, logged once per series
+            self.series.count_dropped("unknown_tag", "Stream V2 %s message carries unknown CBOR tags %s",
+                                      _short(raw["type"]), dict(unknown), series_id=self.series.series_id,
+                                      amount=sum(unknown.values()))
         handler = {"start": self._start, "image": self._image, "end": self._end}.get(raw["type"])
         if handler is None:
             self.series.count_dropped("unknown_type", "dropping Stream V2 message of unknown type %s", _short(raw["type"]),

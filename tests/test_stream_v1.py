@@ -218,3 +218,16 @@ def test_times_that_are_not_finite_nanoseconds_drop_the_image():
     out = feed(decoder, header(8), image(8, 0, img(0)), huge, nan, image(8, 3, img(3)))
     assert [m.get("frame_index") for m in out] == [None, 0, 3]
     assert decoder.counters["malformed"] == 2 and decoder.counters["handler_errors"] == 0
+
+
+def test_an_unusable_mask_part_is_dropped_with_a_warning_and_the_series_goes_on(caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    parts = header(9, mask=np.zeros((NY, NX), np.uint32))
+    parts[3] = b"\x00\x00\x00\x00"  # a 4-byte placeholder instead of the mask's NX * NY * 4 bytes
+    decoder = StreamV1Decoder()
+    out = feed(decoder, parts, image(9, 0, img(0)))
+    assert [m.type for m in out] == ["start", "frame"] and "pixel_mask" not in out[0].arrays
+    (record,) = [r for r in caplog.records if "dpixelmask-1.0" in r.getMessage()]
+    assert "dropped" in record.getMessage() and decoder.counters["unusable_calibration"] == 1
