@@ -145,6 +145,63 @@ def _read_csv_series(path: str) -> Series:
                   source=path)
 
 
+def series_from_arrays(time_s, alpha, sigma=None, exposure_s=None, source: str = "arrays") -> Series:
+    """A Series from arrays (times and exposures in s); SeriesFormatError naming the first problem
+    (lengths differ, not finite, times not increasing, negative sigma or exposure)."""
+    def column(values, name):
+        try:
+            array = np.asarray(values, dtype=float).reshape(-1)
+        except (TypeError, ValueError):
+            raise SeriesFormatError(f"{source}: {name} is not an array of numbers") from None
+        if not np.all(np.isfinite(array)):
+            raise SeriesFormatError(f"{source}: {name}[{int(np.flatnonzero(~np.isfinite(array))[0])}] is not finite")
+        return array
+
+    t, a = column(time_s, "time_s"), column(alpha, "alpha")
+    if t.size == 0 or t.size != a.size:
+        raise SeriesFormatError(f"{source}: time_s has {t.size} values and alpha {a.size}; need as many, at least one")
+    if t.size > 1 and not np.all(np.diff(t) > 0):
+        j = int(np.flatnonzero(np.diff(t) <= 0)[0]) + 1
+        raise SeriesFormatError(f"{source}: time_s[{j}] = {t[j]} is not after time_s[{j - 1}] = {t[j - 1]}")
+    extra = {}
+    for name, values in (("sigma", sigma), ("exposure_s", exposure_s)):
+        if values is None:
+            continue
+        array = column(np.broadcast_to(np.asarray(values, dtype=float), t.shape), name)
+        if np.any(array < 0):
+            raise SeriesFormatError(f"{source}: {name} must be >= 0")
+        extra[name] = array
+    return Series(time_s=t, alpha=a, sigma=extra.get("sigma"),
+                  exposure_s=extra.get("exposure_s", np.zeros(t.size)), source=source)
+
+
+def analyze(time_s, alpha, sigma=None, exposure_s=None, *, gas_time_s: float | None = None,
+            config: str | pathlib.Path | None = None, **inference_keys) -> dict:
+    """The posterior of a series given as arrays, for notebooks (``beamkin.analyze``).
+
+    ``time_s``: mid-exposure times (s from the series start); ``alpha``: phase fractions (0..1);
+    ``sigma``: their standard uncertainties (None = unknown, absorbed by the scatter s);
+    ``exposure_s``: exposure per frame (s; a number or an array; None = instantaneous);
+    ``gas_time_s``: ts (s), the start of the t0 prior window. Settings: the ``[inference]`` table of
+    beamkin/defaults.toml < the TOML file ``config`` < keyword arguments named like its keys
+    (``particles=1024``, ``models=["F1", "A2"]``, ``priors={"k": [0.1, 10.0]}``): the live
+    service's defaults, so the same data give the live answer. Returns the result dict of
+    docs/protocol.md (``models``, ``model_averaged``, ``alert``, ``priors``, ...).
+    """
+    from beamkin import config as configuration
+
+    table = configuration.load(config)["inference"]
+    for key, value in inference_keys.items():
+        configuration.set_path({"inference": table}, f"inference.{key}", value)
+    for name in table["models"]:
+        model_code(name)
+    series = series_from_arrays(time_s, alpha, sigma, exposure_s)
+    warning = implausible_alpha(series)
+    if warning:
+        logger.warning("%s", warning)
+    return analyze_series(series, engine=engine_for(series, table, gas_time_s))
+
+
 def implausible_alpha(series: Series) -> str | None:
     """A warning when alpha leaves ALPHA_PLAUSIBLE (alpha given in percent, usually); None if not."""
     lo, hi = ALPHA_PLAUSIBLE

@@ -49,6 +49,71 @@ def _write(path: Path, columns: list[str], rows: Iterable[dict[str, Any]]) -> No
             writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
 
 
+def recording_arrays(recording: str | Path, series_id: str | None = None) -> dict[str, Any]:
+    """One series of a recording as NumPy arrays, for notebooks (default: the first series).
+
+    Keys: ``series_id``; ``start`` (the start message's fields: geometry, ts as ``gas_time_s``, ...);
+    per fraction message, in frame order: ``frame_index``, ``time_s`` (s), ``exposure_s`` (s),
+    ``alpha``, ``sigma_alpha`` (NaN where the reducer flagged the frame), ``ok`` (bool);
+    per pattern, in frame order: ``pattern_frame_index``, ``pattern_time_s`` (s), ``radial``
+    (the first pattern's axis, degrees 2theta or 1/nm as ``unit`` says), ``intensity`` and
+    ``intensity_sigma`` (frames x points; rows of another length are NaN-padded);
+    ``result``: the series' final result (dict) if recorded, else None.
+    RecordingInputError for a file that is not a recording or has no such series."""
+    check_recording(recording)
+    start, result = None, None
+    fractions: dict[int, dict] = {}
+    patterns: dict[int, tuple] = {}
+    for _, message in read_messages(recording, types=("start", "fraction", "pattern", "result")):
+        sid = message.series_id
+        if series_id is None and message.type == "start":
+            series_id = sid
+        if sid != series_id:
+            continue
+        if message.type == "start" and start is None:
+            start = dict(message.fields)
+        elif message.type == "fraction":
+            fractions.setdefault(message.frame_index, message.fields)
+        elif message.type == "pattern" and "intensity" in message.arrays:
+            patterns.setdefault(message.frame_index, (message["time_s"], message.get("unit"),
+                                                      message.arrays.get("radial"), message.arrays["intensity"],
+                                                      message.arrays.get("sigma")))
+        elif message.type == "result":
+            result = dict(message["result"])
+    if series_id is None or (start is None and not fractions and not patterns):
+        raise RecordingInputError(f"{recording} has no series {series_id!r}" if series_id
+                                  else f"{recording} holds no series")
+    order = sorted(fractions)
+
+    def fraction_column(name: str) -> np.ndarray:
+        return np.array([np.nan if fractions[j].get(name) is None else fractions[j][name] for j in order], float)
+
+    out: dict[str, Any] = {
+        "series_id": series_id, "start": start, "result": result,
+        "frame_index": np.array(order, dtype=np.int64), "time_s": fraction_column("time_s"),
+        "exposure_s": fraction_column("exposure_s"), "alpha": fraction_column("alpha"),
+        "sigma_alpha": fraction_column("sigma_alpha"),
+        "ok": np.array([fractions[j].get("status") == "ok" and fractions[j].get("alpha") is not None for j in order]),
+    }
+    rows = sorted(patterns)
+    width = max((patterns[j][3].size for j in rows), default=0)
+
+    def padded(index: int) -> np.ndarray:
+        table = np.full((len(rows), width), np.nan)
+        for i, j in enumerate(rows):
+            values = patterns[j][index]
+            if values is not None:
+                table[i, :values.size] = values
+        return table
+
+    out.update(pattern_frame_index=np.array(rows, dtype=np.int64),
+               pattern_time_s=np.array([patterns[j][0] for j in rows], float),
+               unit=patterns[rows[0]][1] if rows else None,
+               radial=np.asarray(patterns[rows[0]][2], float) if rows and patterns[rows[0]][2] is not None else None,
+               intensity=padded(3), intensity_sigma=padded(4))
+    return out
+
+
 def export_csv(recording: str | Path, out_dir: str | Path) -> list[Path]:
     """Write the CSV files described in the module doc into ``out_dir``; returns their paths."""
     out_dir = check_output_folder(out_dir, "export folder")
