@@ -83,6 +83,9 @@ def read_master_start(path: str | Path, series_id: str, source: str) -> tuple[di
                 raise StreamDecodeError(f"{path}: image size unknown (no x/y_pixels_in_detector and no data)")
             nimages, ntrigger = _scalar(spec, "nimages"), _scalar(spec, "ntrigger")
             announced = int(nimages) * int(ntrigger or 1) if nimages is not None else n_frames
+            if not 1 <= announced <= 1 << 40:
+                log.warning("%s: nimages x ntrigger = %s is not a frame count; the series length is unknown", path, announced)
+                announced = None
             wavelength = _scalar(f["entry/instrument/beam"], "incident_wavelength") if "entry/instrument/beam" in f else None
             if wavelength is None:
                 wavelength = wavelength_from_energy(_scalar(spec, "photon_energy"))
@@ -114,8 +117,8 @@ def read_master_start(path: str | Path, series_id: str, source: str) -> tuple[di
                 if name in spec and spec[name].shape == tuple(shape):
                     arrays[name] = np.ascontiguousarray(spec[name][()], dtype=dtype)
             return fields, arrays
-    except (OSError, KeyError, ValueError, TypeError) as exc:
-        raise StreamDecodeError(f"cannot read EIGER master file {path}: {exc}") from exc
+    except (OSError, KeyError, ValueError, TypeError, OverflowError, AttributeError) as exc:
+        raise StreamDecodeError(f"cannot read EIGER master file {path}: {type(exc).__name__}: {exc}") from exc
 
 
 def iter_master_frames(path: str | Path, start_index: int = 0, *, missing_ok: bool = True) -> Iterator[tuple[int, np.ndarray]]:

@@ -73,3 +73,37 @@ def test_a_master_file_of_garbage_is_a_decode_error(tmp_path):
         assert "x_master.h5" in str(exc)
     else:
         raise AssertionError("garbage accepted as an EIGER master file")
+
+
+MASTER_FIELDS = ["detectorSpecific/x_pixels_in_detector", "detectorSpecific/y_pixels_in_detector",
+                 "detectorSpecific/nimages", "detectorSpecific/ntrigger", "count_time", "frame_time", "beam_center_x",
+                 "detector_distance", "x_pixel_size", "description", "bit_depth_image", "saturation_value"]
+h5_values = st.one_of(st.integers(-(2**63), 2**63 - 1), st.floats(),
+                      st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=5),
+                      st.lists(st.integers(-5, 5), min_size=0, max_size=3))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(MASTER_FIELDS), h5_values, min_size=1, max_size=4))
+@example({"detectorSpecific/nimages": float("inf")})
+@example({"detectorSpecific/nimages": -3, "detectorSpecific/x_pixels_in_detector": 2**62})
+@example({"frame_time": "fast", "count_time": [1, 2]})
+def test_fuzz_eiger_master_fields(tmp_path, fields):
+    """Any value in an EIGER master file's fields: a start (passed on as found) or a StreamDecodeError."""
+    import h5py
+
+    from streamer.eiger_h5 import write_eiger_master
+
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    master = write_eiger_master(folder / "m_master.h5", np.ones((2, 4, 3), np.uint16), frames_per_file=2)
+    with h5py.File(master, "a") as f:
+        detector = f["entry/instrument/detector"]
+        for name, value in fields.items():
+            if name in detector:
+                del detector[name]
+            detector[name] = value
+    try:
+        start, arrays = read_master_start(master, "m", "files:")
+    except StreamDecodeError:
+        return
+    assert start["n_frames"] is None or start["n_frames"] >= 1
