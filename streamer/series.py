@@ -125,6 +125,26 @@ def gas_time_from(*mappings: Any) -> float | None:
     return None
 
 
+class _SeenIndices:
+    """The frame indices of a series seen so far, in memory bounded by how far out of order they
+    arrive (not by the series length): every index below ``low`` was seen, plus the set above it."""
+
+    __slots__ = ("low", "above")
+
+    def __init__(self) -> None:
+        self.low = 0
+        self.above: set[int] = set()
+
+    def __contains__(self, index: int) -> bool:
+        return index < self.low or index in self.above
+
+    def add(self, index: int) -> None:
+        self.above.add(index)
+        while self.low in self.above:
+            self.above.discard(self.low)
+            self.low += 1
+
+
 class SeriesAssembler:
     """Turns decoded start/frame/end events into validated beamkin messages (see module doc).
 
@@ -141,7 +161,7 @@ class SeriesAssembler:
         self.source_key: str | None = None  # its id as the source sent it
         self.start_fields: dict[str, Any] | None = None
         self.rejected: dict[str, Any] | None = None  # the last rejected series, until the next start
-        self._seen: set[int] = set()
+        self._seen = _SeenIndices()
         self._frames = 0
         self._highest = -1
         self._dropped: Counter = Counter()  # per kind, for the open (or rejected) series
@@ -193,7 +213,7 @@ class SeriesAssembler:
         self.series_id = message["series_id"]
         self.source_key = raw_id if isinstance(raw_id, str) else message["series_id"]
         self.start_fields = message.fields
-        self._seen = set()
+        self._seen = _SeenIndices()
         self._frames = 0
         self._highest = -1
         self._dropped = Counter()
@@ -321,7 +341,7 @@ class SeriesAssembler:
         self.series_id = None
         self.source_key = None
         self.start_fields = None
-        self._seen = set()
+        self._seen = _SeenIndices()
         self._dropped = Counter()
         return [message]
 

@@ -133,3 +133,14 @@ def test_unknown_length_accepts_a_bounded_window():
         out += decoder.feed(self_described(image_msg(image_id, image)))
     assert [m["frame_index"] for m in out[1:]] == [0, 10, 20, 30]
     assert decoder.counters["frame_index_out_of_range"] == 1
+
+
+def test_the_duplicate_check_holds_only_out_of_order_indices():
+    from streamer.series import _SeenIndices
+
+    seen = _SeenIndices()
+    for index in [0, 1, 2, 5, 3, 7, 4]:
+        assert index not in seen
+        seen.add(index)
+    assert all(i in seen for i in (0, 1, 2, 3, 4, 5, 7)) and 6 not in seen and 8 not in seen
+    assert seen.low == 6 and seen.above == {7}
