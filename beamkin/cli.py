@@ -157,7 +157,19 @@ def _run_record(config, args, stop):
         raise configuration.ConfigError("beamkin record needs --recorder.path FILE")
     signal_ready()
     run_recorder([config["endpoints"]["record"], config["endpoints"]["results"]], rec["path"], rec["raw_frames"], stop)
+    _add_nexus_views(rec["path"])
     return 0
+
+
+def _add_nexus_views(path: str) -> None:
+    """NeXus NXdata views in a closed recording (streamer.nexus_views); a failure is logged, the
+    recording itself is complete either way."""
+    from streamer.nexus_views import add_nxdata_views
+    try:
+        entries = add_nxdata_views(path)
+        log.info("recording %s: NeXus views %s (silx view %s)", path, ", ".join(entries) or "none", path)
+    except Exception as exc:  # noqa: BLE001 - the views are a convenience, the recording is safe
+        log.error("recording %s: NeXus views not written: %s", path, exc)
 
 
 def _supervised(config: dict[str, Any], with_simulator: bool, once: bool,
@@ -349,9 +361,17 @@ def _export(args: argparse.Namespace) -> int:
     from beamkin.outputs import OutputPathError
     from streamer.recording_check import RecordingInputError
 
+    from streamer.nexus_views import add_nxdata_views
+
     _offline_config(args, "export")
+    if not args.csv and not args.nexus:
+        print("beamkin export: give --csv DIR and/or --nexus", file=sys.stderr)
+        return 2
     try:
-        paths = export_csv(args.recording, args.csv)
+        paths = export_csv(args.recording, args.csv) if args.csv else []
+        if args.nexus:
+            entries = add_nxdata_views(args.recording)
+            paths.append(f"{args.recording}: NeXus views {', '.join(entries)}")
     except (RecordingInputError, OutputPathError, OSError) as exc:
         print(f"beamkin export: {exc}", file=sys.stderr)
         return 2
@@ -410,11 +430,14 @@ def _add_offline_commands(commands, analyze_arguments: bool = True) -> None:
     configuration.add_arguments(show)
     show.set_defaults(func=_show_config)
 
-    export = commands.add_parser("export", help="write a recording's patterns, fractions and posteriors as CSV",
+    export = commands.add_parser("export", help="a recording's patterns, fractions and posteriors as CSV, or NeXus views",
                                  allow_abbrev=False)
     configuration.add_arguments(export, ("logging",))
     export.add_argument("recording")
-    export.add_argument("--csv", metavar="DIR", required=True, help="output folder")
+    export.add_argument("--csv", metavar="DIR", help="write CSV files into this folder")
+    export.add_argument("--nexus", action="store_true",
+                        help="add NeXus NXdata views (alpha(t), patterns, onset, t0) to the recording itself, "
+                             "for silx view and other facility tools (beamkin record adds them when it closes)")
     export.set_defaults(func=_export)
 
 
