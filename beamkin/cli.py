@@ -161,11 +161,22 @@ def _run_record(config, args, stop):
     return 0
 
 
+#: the record stage adds NeXus views itself up to this many messages (~0.8 ms each, measured: well
+#: inside the supervisor's stop grace); beyond, `beamkin export --nexus` does it offline
+NEXUS_VIEWS_AT_CLOSE_MAX_MESSAGES = 5000
+
+
 def _add_nexus_views(path: str) -> None:
     """NeXus NXdata views in a closed recording (streamer.nexus_views); a failure is logged, the
-    recording itself is complete either way."""
+    recording itself is complete either way. Large recordings are left to ``export --nexus``, so
+    that a stop deadline never interrupts a write into the file."""
     from streamer.nexus_views import add_nxdata_views
+    from streamer.recorder import count_messages
     try:
+        n = count_messages(path)
+        if n > NEXUS_VIEWS_AT_CLOSE_MAX_MESSAGES:
+            log.info("recording %s: %d messages; add its NeXus views with: beamkin export %s --nexus", path, n, path)
+            return
         entries = add_nxdata_views(path)
         log.info("recording %s: NeXus views %s (silx view %s)", path, ", ".join(entries) or "none", path)
     except Exception as exc:  # noqa: BLE001 - the views are a convenience, the recording is safe
