@@ -1,0 +1,175 @@
+"""`beamkin phases REF_A REF_B`: a [reducer.fractions] table from two measured references.
+
+The references are synthetic CPL-1 / Ar patterns (streamer.synthetic, MYTHEN-like profiles, 60 s,
+Poisson noise). The command must (1) find the lines the phase model put there, so that its table
+is the built-in CPL-1 table (reducer.defaults, from the model phases) within the measurement's
+precision, and (2) give a table with which a mixture series comes back within its sigma, by both
+the peak-window and the whole-pattern method.
+"""
+import math
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from beamkin import protocol
+from reducer.defaults import cpl1_ar_fraction_config
+from reducer.fractions import PhaseFractionEstimator
+from reducer.integrate import Pattern
+from reducer.phase_finder import PhaseFinderError, load_reference
+from streamer.synthetic import SyntheticPowderDetector, default_metadata
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_EXPOSURE_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return SyntheticPowderDetector(default_metadata(), seed=5)
+
+
+@pytest.fixture(scope="module")
+def references(detector, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("references")
+    rng = np.random.default_rng(1)
+    paths = []
+    for name, alpha in (("empty", 0.0), ("loaded", 1.0)):
+        tth, mu = detector.expected_profile(alpha, REFERENCE_EXPOSURE_S)
+        path = folder / f"{name}.xy"
+        np.savetxt(path, np.column_stack([tth, rng.poisson(mu)]), header="2theta_deg counts")
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def table(references, tmp_path_factory):
+    out = tmp_path_factory.mktemp("table") / "cpl1.toml"
+    run = subprocess.run([sys.executable, "-m", "beamkin", "phases", str(references[0]), str(references[1]),
+                          "--out", str(out), "--range", "3", "13"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "6 windows" in run.stdout
+    return out
+
+
+def test_command_writes_toml_png_and_whole_pattern_references(table):
+    for path in (table, table.with_suffix(".png"), table.parent / "cpl1_phase_a.xy", table.parent / "cpl1_phase_b.xy"):
+        assert path.is_file() and path.stat().st_size > 0, path
+    assert table.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fractions = tomllib.loads(table.read_text())["reducer"]["fractions"]
+    assert fractions["method"] == "peaks" and fractions["whole_pattern_range_deg"] == [3.0, 13.0]
+    assert "written by: beamkin phases" in table.read_text()
+
+
+def test_the_cpl1_table_comes_out_of_the_command(table, references):
+    """Same windows as the model-phase table (edges to 0.002 degrees, a tenth of a line width);
+    each measured line's centre and relative intensity within 4 of its own fitted sigma of the
+    model's, widths to 3 %, and rho = 1 (both phases rendered with the same scale) to 1 %."""
+    from reducer.phase_finder import MeasuredPhase, find_lines
+
+    found = tomllib.loads(table.read_text())["reducer"]["fractions"]
+    model = cpl1_ar_fraction_config()
+    fitted = {name: MeasuredPhase(name, find_lines(load_reference(str(path)))[0])
+              for name, path in zip("AB", references)}
+    assert found["reference_ratio_b_to_a"] == pytest.approx(1.0, abs=0.01)
+    assert len(found["windows"]) == len(model.windows) == 6
+    for got, want in zip(found["windows"], model.windows):
+        assert got["phase"] == want.phase
+        assert got["lo_deg"] == pytest.approx(want.lo_deg, abs=0.002)
+        assert got["hi_deg"] == pytest.approx(want.hi_deg, abs=0.002)
+        measured = [l for l in got["lines"] if l["phase"] == got["phase"] and got["lo_deg"] <= l["center_deg"] <= got["hi_deg"]]
+        expected = [l for l in want.lines if l.phase == want.phase and want.lo_deg <= l.center_deg <= want.hi_deg]
+        assert len(measured) == len(expected) == 1
+        phase = fitted[want.phase]
+        line = min(phase.lines, key=lambda l: abs(l.center_deg - measured[0]["center_deg"]))
+        top = max(phase.lines, key=lambda l: l.area)
+        sigma_rel = measured[0]["relative_intensity"] * math.hypot(line.sigma_area / line.area, top.sigma_area / top.area)
+        assert 0 < line.sigma_center_deg < 3e-4
+        assert measured[0]["center_deg"] == pytest.approx(expected[0].center_deg, abs=4 * line.sigma_center_deg + 1e-5)
+        assert measured[0]["relative_intensity"] == pytest.approx(expected[0].relative_intensity, abs=4 * sigma_rel + 1e-3)
+        assert measured[0]["fwhm_deg"] == pytest.approx(expected[0].fwhm_deg, rel=0.03)
+
+
+@pytest.mark.parametrize("method", ["peaks", "whole_pattern"])
+def test_mixture_series_comes_back_within_sigma(table, detector, method):
+    fractions = tomllib.loads(table.read_text())["reducer"]["fractions"]
+    estimator = PhaseFractionEstimator.from_config({"fractions": dict(fractions, method=method)}, None)
+    truths = np.linspace(0.0, 1.0, 40)
+    results = [estimator.estimate(Pattern.from_profile(*detector.profile(a, 1 / 3, seed=900 + i)), 1.0)
+               for i, a in enumerate(truths)]
+    assert all(r.status == "ok" for r in results)
+    z = np.array([(r.alpha - t) / r.sigma_alpha for r, t in zip(results, truths)])
+    assert abs(z.mean()) < 3.0 / math.sqrt(len(z)) + 0.1
+    assert 0.7 < z.std(ddof=1) < 1.3
+    assert np.abs(z).max() < 4.0
+    # sigma(alpha) of a 1/3 s profile: ~0.01 (peaks), the whole pattern uses more lines
+    assert 0.005 < np.median([r.sigma_alpha for r in results]) < 0.02
+
+
+def test_pyfai_q_header_is_converted(tmp_path, detector):
+    tth, mu = detector.expected_profile(0.0, REFERENCE_EXPOSURE_S)
+    wavelength_A = 0.8
+    q = 4 * np.pi * np.sin(np.radians(tth) / 2) / (wavelength_A / 10)
+    path = tmp_path / "empty_q.dat"
+    np.savetxt(path, np.column_stack([q, mu]),
+               header=f"== pyFAI calibration ==\nWavelength: {wavelength_A * 1e-10:.6e} m\n  q_nm^-1  I")
+    ref = load_reference(str(path))
+    np.testing.assert_allclose(ref.two_theta_deg, tth, rtol=1e-10, atol=1e-10)
+
+
+def test_frames_of_a_recording(tmp_path, detector):
+    from streamer.recorder import Recorder
+
+    path = tmp_path / "run.h5"
+    profiles = [detector.profile(0.0, 1.0, seed=s) for s in range(4)]
+    with Recorder(path) as recorder:
+        for index, (tth, counts) in enumerate(profiles):
+            pattern = Pattern.from_profile(tth, counts)
+            recorder.write(protocol.make("pattern", {"radial": pattern.radial, "intensity": pattern.intensity,
+                                                     "sigma": pattern.sigma}, unit="2th_deg", series_id="ref-a",
+                                         frame_index=index, time_s=float(index)))
+    ref = load_reference(f"{path}:ref-a:1-3")
+    mean = np.mean([c for _, c in profiles[1:4]], axis=0)
+    keep = mean > 0
+    np.testing.assert_allclose(ref.intensity, mean[keep], rtol=1e-12)
+    np.testing.assert_allclose(ref.sigma, np.sqrt(np.sum([c for _, c in profiles[1:4]], axis=0))[keep] / 3, rtol=1e-12)
+    assert "3 frames" in ref.label
+    with pytest.raises(PhaseFinderError, match="holds no pattern"):
+        load_reference(f"{path}:other-series")
+
+
+def test_image_reference_with_geometry_from_the_toml(tmp_path, detector):
+    """An EDF frame carries no geometry: the [reducer] TOML keys give it (stream < TOML < PONI)."""
+    import fabio
+
+    md = default_metadata()
+    image = detector.image(0.0, 20.0, seed=3)
+    path = tmp_path / "empty.edf"
+    fabio.edfimage.EdfImage(data=image.astype(np.int32)).write(str(path))
+    geo = md["geometry"]
+    config = {"npt": 3000, "unit": "2th_deg", "method": "", "polarization_factor": 0.99, "mask_file": "",
+              "distance_m": geo["distance_m"], "beam_center_px": geo["beam_center_px"],
+              "wavelength_A": geo["wavelength_A"], "pixel_size_m": md["detector"]["pixel_size_m"], "poni_file": ""}
+    with pytest.raises(PhaseFinderError, match="distance_m is missing"):
+        load_reference(str(path), dict(config, distance_m=0.0))
+    ref = load_reference(str(path), config)
+    from reducer.phase_finder import find_lines
+
+    lines, _ = find_lines(ref)
+    strongest = max(lines, key=lambda l: l.area)
+    assert strongest.center_deg == pytest.approx(4.86775, abs=0.003)       # (011) of empty CPL-1 at 0.8 A
+
+
+def test_unusable_references_say_why(tmp_path, references):
+    missing = subprocess.run([sys.executable, "-m", "beamkin", "phases", str(tmp_path / "none.xy"),
+                              str(references[1])], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    same = subprocess.run([sys.executable, "-m", "beamkin", "phases", str(references[0]), str(references[0]),
+                           "--out", str(tmp_path / "x.toml")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert same.returncode == 2 and "free of the other phase's lines" in same.stderr
+    (tmp_path / "short.xy").write_text("1 2\n2 3\n3 4\n")
+    with pytest.raises(PhaseFinderError, match="usable points"):
+        load_reference(str(tmp_path / "short.xy"))
