@@ -21,12 +21,12 @@ Line positions: per frame, each phase whose lines are detected strongly (summed 
 eps of sin(theta) (d -> d / (1 + eps)), chosen on a grid by minimum chi^2 and refined by a
 parabola; a weaker phase keeps its configured positions (eps = 0), since a shift chosen from
 noise would inflate its area. This absorbs lattice strain and geometry miscalibration without a
-per-frame nonlinear optimiser.
+per-frame nonlinear optimiser. In 2D the line profiles are the integrator's exact bin responses
+(sparse CSR rows of the window bins), which carry the pixel-centre aliasing of fine bins.
 
 Determinism: the result for a frame depends on that frame and the configuration only, never on
 the frames a worker happened to see before (no learned reference, no remembered shift), so any
-number of reducer workers gives bit-identical fractions (docs/design.md, issue 11.3). In 2D the line profiles are the integrator's exact bin responses
-(sparse CSR rows of the window bins), which carry the pixel-centre aliasing of fine bins.
+number of reducer workers gives bit-identical fractions (docs/design.md; issue 11.3).
 
 Amounts, with per-phase reference intensities R_P (integrated intensity per unit phase
 fraction per unit relative intensity):
