@@ -39,6 +39,21 @@ def subscriber(context, endpoint, stalled=False):
     return sub
 
 
+def wait_until_subscribed(raw, subscribers, timeout_s=20.0) -> None:
+    """Publish probe messages until every subscriber got one, then drop what they hold."""
+    probe = protocol.make("status", stage="probe", series_id=None, counters={})
+    waiting = set(subscribers)
+    deadline = time.monotonic() + timeout_s
+    while waiting and time.monotonic() < deadline:
+        raw.publish(probe)
+        time.sleep(0.05)
+        waiting = {sub for sub in waiting if not sub.poll(0)}
+    assert not waiting, "a subscriber never connected"
+    for sub in subscribers:
+        while sub.poll(200):
+            sub.recv_multipart()
+
+
 def drain(sub, quiet_ms=500) -> list[int]:
     indices = []
     while sub.poll(quiet_ms):
@@ -56,14 +71,21 @@ def test_raw_pub_bounds_a_stalled_subscriber_by_bytes_and_keeps_serving_the_othe
     try:
         raw.size_for(FRAME_BYTES + 1024)  # the series' frames: HWM = 8 MiB // (1 MiB + 1 KiB) = 7
         assert raw.hwm == 7 and raw.rebinds == 1
-        time.sleep(0.5)  # both subscribers reconnect to the new socket
+        wait_until_subscribed(raw, (stalled, fast))  # both reconnected to the new socket
         received_fast: list[int] = []
-        reader = threading.Thread(target=lambda: received_fast.extend(drain(fast, 2000)))
+
+        def read_fast():
+            while fast.poll(3000):
+                received_fast.append(protocol.recv(fast)[1].frame_index)
+
+        reader = threading.Thread(target=read_fast)
         reader.start()
         n = 100
         for i in range(n):
+            deadline = time.monotonic() + 30
+            while len(received_fast) < i - 2 and time.monotonic() < deadline:  # the fast one keeps up
+                time.sleep(0.001)
             raw.publish(frame(i))  # never waits, whatever the stalled subscriber does
-            time.sleep(0.005)
         reader.join(timeout=60)
         assert received_fast == list(range(n))  # a subscriber that keeps up loses nothing
         held = drain(stalled)
