@@ -66,9 +66,18 @@ def test_hostile_stream_v2_input_against_real_processes(tmp_path):
     stop, frames = threading.Event(), []
     worker = threading.Thread(target=acknowledging_worker, args=(f"tcp://127.0.0.1:{frames_port}", stop, frames))
     worker.start()
+    logs = {process.pid: [] for process in (streamer, recorder)}
+    readers = [threading.Thread(target=lambda p=process: logs[p.pid].extend(p.stdout), daemon=True)
+               for process in (streamer, recorder)]
+    for reader in readers:
+        reader.start()
     try:
         assert sender.writable(60.0), "the streamer did not connect"
-        time.sleep(1.5)  # the recorder has subscribed
+        deadline = time.monotonic() + 60
+        while not any(f"recorder SUB tcp://127.0.0.1:{record_port}" in line for line in logs[recorder.pid]):
+            assert time.monotonic() < deadline, "the recorder did not connect"
+            time.sleep(0.05)
+        time.sleep(0.5)  # its subscription reaches the streamer
         image = {"threshold_1": mdarray(np.arange(NY * NX, dtype=np.uint16).reshape(NY, NX), "bslz4")}
         odd = "nul\x00series"
         hostile = [
@@ -95,7 +104,11 @@ def test_hostile_stream_v2_input_against_real_processes(tmp_path):
         for process in (streamer, recorder):
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGINT)
-        outputs = [process.communicate(timeout=30)[0] for process in (streamer, recorder)]
+        for process in (streamer, recorder):
+            process.wait(timeout=30)
+        for reader in readers:
+            reader.join(timeout=10)
+        outputs = ["".join(logs[process.pid]) for process in (streamer, recorder)]
         stop.set()
         worker.join(timeout=10)
         sender.close(0)
