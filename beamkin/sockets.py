@@ -112,23 +112,42 @@ class BudgetedPublisher:
                 time.sleep(0.02)
 
     def size_for(self, message_bytes: int) -> None:
-        """Messages of the coming series are about ``message_bytes``: rebind if that changes the HWM."""
+        """Messages of the coming series are about ``message_bytes``: rebind if that changes the HWM.
+
+        The raw PUB is for live viewers, best effort: if the port cannot be bound again, it says so
+        (ERROR) and publishes nothing until the next rebind, and the stage goes on."""
         hwm = self.hwm_for(message_bytes)
-        if hwm == self.hwm:
+        if hwm == self.hwm and self.socket is not None:
             return
-        self.socket.close(0)
-        self.socket = self._bind(hwm)
+        if self.socket is not None:
+            self.socket.close(0)
+            self.socket = None
+        self.hwm = hwm
+        try:
+            self.socket = self._bind(hwm)
+        except OSError as exc:
+            log.error("raw PUB not available until the next series: %s", exc)
+            return
         self.rebinds += 1
         log.info("raw PUB %s: %d-byte messages, a slow subscriber holds at most %d of them (%d bytes budget)",
                  self.endpoint, message_bytes, hwm, self.budget_bytes)
-        self.hwm = hwm
 
-    def publish(self, message: protocol.Message) -> None:
-        """Send without ever waiting: a subscriber at its high-water mark misses this message."""
-        protocol.send(self.socket, message, flags=zmq.NOBLOCK)
+    def publish(self, message: protocol.Message) -> bool:
+        """Send without ever waiting: a subscriber at its high-water mark misses this message.
+        False when the socket is unavailable (see :meth:`size_for`)."""
+        if self.socket is None:
+            return False
+        try:
+            protocol.send(self.socket, message, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.warning("raw PUB could not send a %s message: %s", message.type, exc,
+                        extra={"series_id": message.series_id, "frame_index": message.frame_index})
+            return False
+        return True
 
     def close(self, linger: int = 0) -> None:
-        self.socket.close(linger)
+        if self.socket is not None:
+            self.socket.close(linger)
 
 
 def pusher(context: zmq.Context, endpoint: str) -> zmq.Socket:

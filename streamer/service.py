@@ -284,7 +284,8 @@ def run_streamer(config: dict[str, Any], stop: threading.Event) -> int:
             state["rejected"] = None
             raw.size_for(frame_bytes(message))
         sockets.publish(record, message, stop)
-        raw.publish(message)
+        if not raw.publish(message):
+            dispatcher.counters["raw_not_sent"] += 1
         if message.type == "frame":
             dispatcher.pending.append(message)
             dispatcher.counters["frames_received"] += 1
