@@ -1,11 +1,12 @@
 """`beamkin phases REF_A REF_B`: a [reducer.fractions] table from two measured references.
 
-The references are synthetic CPL-1 / Ar patterns (streamer.synthetic, MYTHEN-like profiles, 60 s,
-Poisson noise). The command must (1) find the lines the phase model put there, so that its table
+The references are synthetic CPL-1 / Ar patterns (docs/examples/cpl1_references.py:
+streamer.synthetic's MYTHEN-like profiles, 60 s, Poisson noise). The command must (1) find the lines the phase model put there, so that its table
 is the built-in CPL-1 table (reducer.defaults, from the model phases) within the measurement's
 precision, and (2) give a table with which a mixture series comes back within its sigma, by both
 the peak-window and the whole-pattern method.
 """
+import importlib.util
 import math
 import subprocess
 import sys
@@ -32,16 +33,13 @@ def detector():
 
 
 @pytest.fixture(scope="module")
-def references(detector, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("references")
-    rng = np.random.default_rng(1)
-    paths = []
-    for name, alpha in (("empty", 0.0), ("loaded", 1.0)):
-        tth, mu = detector.expected_profile(alpha, REFERENCE_EXPOSURE_S)
-        path = folder / f"{name}.xy"
-        np.savetxt(path, np.column_stack([tth, rng.poisson(mu)]), header="2theta_deg counts")
-        paths.append(path)
-    return paths
+def references(tmp_path_factory):
+    """The two references of docs/examples/cpl1_references.py (the ones the example table came from)."""
+    spec = importlib.util.spec_from_file_location("cpl1_references", ROOT / "docs/examples/cpl1_references.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.EXPOSURE_S == REFERENCE_EXPOSURE_S
+    return list(module.write_references(tmp_path_factory.mktemp("references")))
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +60,29 @@ def test_command_writes_toml_png_and_whole_pattern_references(table):
     fractions = tomllib.loads(table.read_text())["reducer"]["fractions"]
     assert fractions["method"] == "peaks" and fractions["whole_pattern_range_deg"] == [3.0, 13.0]
     assert "written by: beamkin phases" in table.read_text()
+
+
+def test_example_table_is_what_the_command_gives(table):
+    """docs/examples/cpl1_ar_phases.toml was written by the command on these references (numbers
+    to the last written digit, allowing for another scipy's least-squares path)."""
+    example = tomllib.loads((ROOT / "docs/examples/cpl1_ar_phases.toml").read_text())["reducer"]["fractions"]
+    now = tomllib.loads(table.read_text())["reducer"]["fractions"]
+    for key in ("reference_pattern_a", "reference_pattern_b"):
+        name = f"docs/examples/cpl1_ar_phases_phase_{key[-1]}.xy"
+        assert example.pop(key) == name and (ROOT / name).is_file()
+        now.pop(key)
+    windows_example, windows_now = example.pop("windows"), now.pop("windows")
+    assert example.pop("whole_pattern_range_deg") == now.pop("whole_pattern_range_deg")
+    assert example.pop("method") == now.pop("method") == "peaks"
+    assert example == pytest.approx(now, abs=2e-5)
+    assert len(windows_example) == len(windows_now)
+    for got, want in zip(windows_example, windows_now):
+        assert got["phase"] == want["phase"]
+        assert (got["lo_deg"], got["hi_deg"]) == pytest.approx((want["lo_deg"], want["hi_deg"]), abs=2e-4)
+        assert [l["phase"] for l in got["lines"]] == [l["phase"] for l in want["lines"]]
+        for line, other in zip(got["lines"], want["lines"]):
+            assert {k: v for k, v in line.items() if k != "phase"} == pytest.approx(
+                {k: v for k, v in other.items() if k != "phase"}, rel=1e-3, abs=2e-5)
 
 
 def test_the_cpl1_table_comes_out_of_the_command(table, references):
