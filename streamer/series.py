@@ -73,6 +73,11 @@ def safe_series_id(raw: str) -> str:
     return text
 
 
+def _log_id(key: Any) -> str | None:
+    """A source's series key as it may appear in a log line (sanitised, never raw control characters)."""
+    return safe_series_id(key) if isinstance(key, str) else None if key is None else safe_series_id(repr(key))
+
+
 def wavelength_from_energy(energy_ev: float | None) -> float | None:
     """Wavelength in angstrom of a photon of ``energy_ev`` electronvolts (lambda = hc / E)."""
     if energy_ev is None or not energy_ev > 0:
@@ -267,11 +272,11 @@ class SeriesAssembler:
             return []
         if not self.is_open:
             self.count_dropped("frame_before_start", "dropping frame %s: no series is open", frame_index,
-                        series_id=series_id, frame_index=frame_index)
+                               series_id=_log_id(series_id), frame_index=frame_index)
             return []
         if series_id is not None and series_id != self.source_key:
             self.count_dropped("series_mismatch", "dropping frame %s of series %s while series %s is open",
-                        frame_index, str(series_id)[:200], self.series_id, series_id=self.series_id, frame_index=frame_index)
+                        frame_index, _log_id(series_id), self.series_id, series_id=self.series_id, frame_index=frame_index)
             return []
         expected_frames = self.start_fields.get("n_frames")
         if expected_frames is not None and expected_frames >= 0 and frame_index >= expected_frames:
@@ -321,11 +326,11 @@ class SeriesAssembler:
             return []
         if not self.is_open:
             self.count_dropped("end_without_start", "dropping end of series %s: no series is open",
-                        None if series_id is None else str(series_id)[:200], series_id=series_id)
+                               _log_id(series_id), series_id=_log_id(series_id))
             return []
         if series_id is not None and series_id != self.source_key:
             self.count_dropped("series_mismatch", "dropping end of series %s while series %s is open",
-                        str(series_id)[:200], self.series_id, series_id=self.series_id)
+                               _log_id(series_id), self.series_id, series_id=self.series_id)
             return []
         expected = self.start_fields.get("n_frames")
         if reason is None:

@@ -61,7 +61,7 @@ from beamkin.protocol import Message
 from streamer import compression
 from streamer.errors import StreamDecodeError
 from streamer.series import (DEFAULT_FRAME_INDEX_WINDOW, SeriesAssembler, gas_time_from, make_detector, make_geometry,
-                             wavelength_from_energy)
+                             safe_series_id, wavelength_from_energy)
 
 log = logging.getLogger(__name__)
 
@@ -537,6 +537,7 @@ class StreamV2Decoder:
         if not isinstance(channels, (list, tuple)) or not all(isinstance(c, str) for c in channels):
             raise StreamDecodeError("start field channels is not an array of text", field="channels", value=_short(channels))
         self.channel = self._select_channel(list(channels))
+        log_id = safe_series_id(series_id)  # logs never carry the raw id (control characters, NUL)
         sizes = {}
         for key in ("image_size_x", "image_size_y"):
             value = raw.get(key)
@@ -548,25 +549,25 @@ class StreamV2Decoder:
             sizes[key] = value
         nx, ny = sizes["image_size_x"], sizes["image_size_y"]
         shape = (ny, nx)
-        px, py = _number(raw, "pixel_size_x", series_id), _number(raw, "pixel_size_y", series_id)
-        distance, distance_from = self._distance(raw, series_id)
+        px, py = _number(raw, "pixel_size_x", log_id), _number(raw, "pixel_size_y", log_id)
+        distance, distance_from = self._distance(raw, log_id)
         if distance_from is not None:
-            log.info("series %s: distance %.6g m from %s", series_id, distance, distance_from, extra={"series_id": series_id})
+            log.info("series %s: distance %.6g m from %s", log_id, distance, distance_from, extra={"series_id": log_id})
         else:
             log.info("series %s: no distance in the start message (neither detector_distance nor detector_translation)",
-                     series_id, extra={"series_id": series_id})
-        bx, by = _number(raw, "beam_center_x", series_id), _number(raw, "beam_center_y", series_id)
-        wavelength = _number(raw, "incident_wavelength", series_id)
+                     log_id, extra={"series_id": log_id})
+        bx, by = _number(raw, "beam_center_x", log_id), _number(raw, "beam_center_y", log_id)
+        wavelength = _number(raw, "incident_wavelength", log_id)
         if wavelength is None or wavelength <= 0:
-            wavelength = wavelength_from_energy(_number(raw, "incident_energy", series_id))
-        count_time = _number(raw, "count_time", series_id)
-        frame_time = _number(raw, "frame_time", series_id)
+            wavelength = wavelength_from_energy(_number(raw, "incident_energy", log_id))
+        count_time = _number(raw, "count_time", log_id)
+        frame_time = _number(raw, "frame_time", log_id)
         if frame_time is None and count_time is None:
             log.warning("start message has neither frame_time nor count_time; frame times need start/stop times",
-                        extra={"series_id": series_id})
+                        extra={"series_id": log_id})
         frame_time = frame_time if frame_time is not None else (count_time or 0.0)
         count_time = count_time if count_time is not None else frame_time
-        n_frames = _integer(raw, "number_of_images", series_id, low=1, high=1 << 40)
+        n_frames = _integer(raw, "number_of_images", log_id, low=1, high=1 << 40)
         user_data = user_data_dict(raw.get("user_data")) if raw.get("user_data") is not None else {}
         description = raw.get("detector_description")
         fields = {
@@ -576,8 +577,8 @@ class StreamV2Decoder:
                 description[:200] if isinstance(description, str) else "DECTRIS Stream V2 detector",
                 shape,
                 None if px is None or py is None else (py, px),
-                saturation=_integer(raw, "saturation_value", series_id),
-                bit_depth=_integer(raw, "bit_depth_image", series_id, low=1, high=64),
+                saturation=_integer(raw, "saturation_value", log_id),
+                bit_depth=_integer(raw, "bit_depth_image", log_id, low=1, high=64),
             ),
             "geometry": make_geometry(distance, None if bx is None or by is None else (bx, by), wavelength),
             "frame_time_s": frame_time,
@@ -588,10 +589,10 @@ class StreamV2Decoder:
                                                      "channels": list(channels), "distance_from": distance_from}},
         }
         arrays = {}
-        mask = self._channel_array(raw, "pixel_mask", shape, series_id)
+        mask = self._channel_array(raw, "pixel_mask", shape, log_id)
         if mask is not None:
             arrays["pixel_mask"] = np.ascontiguousarray(mask, dtype=np.uint32)
-        flat = self._channel_array(raw, "flatfield", shape, series_id)
+        flat = self._channel_array(raw, "flatfield", shape, log_id)
         if flat is not None:
             arrays["flatfield"] = np.ascontiguousarray(flat, dtype=np.float32)
         return self.series.start(fields, arrays)
