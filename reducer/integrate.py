@@ -236,6 +236,7 @@ class Integrator:
         self.polarization_factor = polarization_factor
         self.radial_range = None if radial_range is None else (float(radial_range[0]), float(radial_range[1]))
         self.series_id = series_id
+        self.geometry = None  # reducer.geometry.SeriesGeometry when built by from_metadata
         for label, arr in (("mask", mask), ("dark", dark), ("flat", flat)):
             if arr is not None and tuple(arr.shape) != self.shape:
                 raise ReductionError(f"{label} shape {tuple(arr.shape)} differs from detector shape {self.shape}")
@@ -325,10 +326,12 @@ class Integrator:
             if bad_flat.any():
                 combined |= bad_flat
                 flat = np.where(bad_flat, 1.0, flat).astype(np.float32)
-        return cls(ai, shape, combined, npt=npt, unit=unit, method=method,
-                   saturation=det_md.get("saturation"), dark=dark, flat=flat,
-                   polarization_factor=polarization_factor, radial_range=radial_range,
-                   series_id=metadata.get("series_id"))
+        integrator = cls(ai, shape, combined, npt=npt, unit=unit, method=method,
+                         saturation=det_md.get("saturation"), dark=dark, flat=flat,
+                         polarization_factor=polarization_factor, radial_range=radial_range,
+                         series_id=metadata.get("series_id"))
+        integrator.geometry = geometry
+        return integrator
 
     # ------------------------------------------------------------------ per frame
     def _prepare(self, image: np.ndarray, to_float32: bool = False) -> tuple[np.ndarray, float | None]:

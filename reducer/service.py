@@ -85,6 +85,8 @@ class SeriesReduction:
                 self.integrator = copy.copy(integrators[key])
                 self.integrator.series_id = self.series_id
                 self.reused_integrator = True
+                if self.integrator.geometry is not None:  # once per series, as a new integrator does
+                    log.info("geometry: %s", self.integrator.geometry.describe(), extra={"series_id": self.series_id})
             else:
                 self.integrator = Integrator.from_metadata(metadata, config=reducer_config)
                 if key is not None:

@@ -121,3 +121,25 @@ def test_unusable_geometry_names_the_parameter(md, change, message):
     change(md)
     with pytest.raises(ReductionError, match=message):
         resolve_geometry(md)
+
+
+def test_geometry_logged_once_per_series_and_toml_keys_key_the_integrator(caplog):
+    """A series reusing an earlier series' integrator still says where its geometry came from;
+    a [reducer] geometry key is part of what an integrator depends on."""
+    import collections
+
+    from beamkin import config as configuration
+    from beamkin import protocol
+    from reducer.service import SeriesReduction
+
+    reducer_config = configuration.defaults()["reducer"]
+    integrators = collections.OrderedDict()
+    with caplog.at_level(logging.INFO):
+        for series_id in ("s1", "s2"):
+            SeriesReduction(protocol.make("start", source="test", **default_metadata(series_id=series_id)),
+                            reducer_config, integrators)
+    said = [getattr(r, "series_id", None) for r in caplog.records if r.getMessage().startswith("geometry:")]
+    assert said == ["s1", "s2"]
+    moved = SeriesReduction(protocol.make("start", source="test", **default_metadata(series_id="s3")),
+                            dict(reducer_config, distance_m=0.65), integrators)
+    assert not moved.reused_integrator and moved.integrator.ai.dist == 0.65
