@@ -42,6 +42,7 @@ from __future__ import annotations
 import html
 import logging
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -68,6 +69,9 @@ from .state import HISTORY_CAPACITY, NO_REACTION, DashboardState, SeriesState
 log = logging.getLogger(__name__)
 
 FOLLOW_LATEST = "(follow latest series)"
+#: The context panels (latest pattern, heat map) are redrawn at most this often (seconds): they
+#: are the largest payloads and are not the posterior; the posterior panels follow max_refresh_hz.
+CONTEXT_MIN_INTERVAL_S = 1.0
 
 COLOR_DATA = "#1f1f1f"
 COLOR_FLAGGED = "#9e9e9e"
@@ -87,6 +91,43 @@ NOW_STYLE = {"font-size": "14px", "line-height": "1.5", "padding": "6px 10px", "
              "background-color": "#f5f5f5"}
 NOW_STALE_STYLE = {**NOW_STYLE, "background-color": "#fff3e0", "border": "2px solid #ef6c00"}
 PANEL_STYLE = {"font-size": "12px", "line-height": "1.45"}
+#: The page: the roots of a session placed by a CSS grid (texts beside each other above the
+#: plots, health below); widths follow the window from 1000 px.
+PLOT_NAMES = ("plot_alpha", "plot_models", "plot_onset", "plot_t0_time", "plot_k_time", "plot_k_models",
+              "plot_k_hist", "plot_t0_hist", "plot_pattern", "plot_heatmap", "plot_model_history")
+
+
+def plot_roots(session: "DashboardSession") -> list[tuple[str, Any]]:
+    """(root name, figure) of every plot of a session, in page order."""
+    return list(zip(PLOT_NAMES, (
+        session.fig_alpha, session.fig_models, session.fig_onset, session.fig_t0_time, session.fig_k_time,
+        session.fig_k_models, session.fig_k_hist, session.fig_t0_hist, session.fig_pattern, session.fig_heat,
+        session.fig_model_history)))
+
+
+PAGE_TEMPLATE = """{% block contents %}
+<style>
+  body { margin: 6px 10px; font-family: sans-serif; }
+  .beamkin-texts { display: grid; grid-template-columns: minmax(0, 1fr) minmax(300px, 34%); gap: 8px;
+                   align-items: start; margin: 4px 0; }
+  .beamkin-plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(460px, 1fr)); gap: 6px; }
+  .beamkin-plots > .wide { grid-column: 1 / -1; }
+  .beamkin-plots > div { min-width: 0; }
+</style>
+{{ embed(roots.beamkin_header) }}
+{{ embed(roots.beamkin_banner) }}
+<div class="beamkin-texts"><div>{{ embed(roots.beamkin_now) }}</div><div>{{ embed(roots.beamkin_models) }}</div></div>
+<div class="beamkin-plots">
+  <div class="wide">{{ embed(roots.plot_alpha) }}</div>
+  <div>{{ embed(roots.plot_models) }}</div><div>{{ embed(roots.plot_onset) }}</div>
+  <div>{{ embed(roots.plot_t0_time) }}</div><div>{{ embed(roots.plot_k_time) }}</div>
+  <div>{{ embed(roots.plot_k_models) }}</div><div>{{ embed(roots.plot_k_hist) }}</div>
+  <div>{{ embed(roots.plot_t0_hist) }}</div><div>{{ embed(roots.plot_model_history) }}</div>
+  <div class="wide">{{ embed(roots.plot_pattern) }}</div>
+  <div class="wide">{{ embed(roots.plot_heatmap) }}</div>
+</div>
+{{ embed(roots.beamkin_health) }}
+{% endblock %}"""
 #: Heights (pixels) of the plot rows; widths follow the window (from 1000 px).
 PLOT_HEIGHT = 300
 MIN_PLOT_WIDTH = 300
@@ -223,7 +264,9 @@ class DashboardSession:
         self._reset_counters()
         self._build()
         doc.title = "beamkin live kinetics"
-        doc.add_root(self.root)
+        for root in self.roots.values():
+            doc.add_root(root)
+        doc.template = PAGE_TEMPLATE
         self.callback = doc.add_periodic_callback(self.refresh, max(int(1000.0 / max_refresh_hz), 20))
 
     # ------------------------------------------------------------------ building
@@ -237,14 +280,17 @@ class DashboardSession:
                           sizing_mode="stretch_width", styles=ALERT_STYLE)
         self.now = Div(text="no posterior yet", name="now", sizing_mode="stretch_width", styles=NOW_STYLE)
         self.health = Div(text="", name="health", sizing_mode="stretch_width", styles=PANEL_STYLE)
-        self.model_table = Div(text="", name="model_table", width=330, styles=PANEL_STYLE)
+        self.model_table = Div(text="", name="model_table", sizing_mode="stretch_width", styles=PANEL_STYLE)
 
         # alpha(t) with errors, predictive bands, ts and t0 marks
         self.src_alpha = ColumnDataSource(_empty(self.ALPHA_COLUMNS), name="alpha_points")
         self.src_pred = ColumnDataSource(_empty(self.PREDICTIVE_COLUMNS), name="predictive")
+        # one time axis for every plot against time, fixed to the series window (a range that
+        # follows the data would repaint all of them on every frame)
+        self.time_range = Range1d(-0.5, 60.0)
         fig = _figure("Phase fraction α(t): data and posterior predictive (median, 90 % band)",
                       "time since series start (s)", "fraction of loaded phase α", height=340,
-                      y_range=Range1d(-0.12, 1.18))
+                      x_range=self.time_range, y_range=Range1d(-0.12, 1.18))
         fig.varea("time_s", "avg_q05", "avg_q95", source=self.src_pred, fill_color=COLOR_AVERAGED, fill_alpha=0.18,
                   legend_label="all models 90 %")
         fig.line("time_s", "avg_median", source=self.src_pred, color=COLOR_AVERAGED, line_width=2, line_dash="dashed",
@@ -267,7 +313,8 @@ class DashboardSession:
 
         # model probabilities now, "no reaction" among them
         self.src_models = ColumnDataSource(_empty(self.MODEL_COLUMNS), name="model_probabilities")
-        fig = _figure("Model probabilities now", "hypothesis", "posterior probability", height=340,
+        fig = _figure("Model probabilities now (which posterior: see 'Now')", "hypothesis", "posterior probability",
+                      height=340,
                       x_range=FactorRange(), y_range=Range1d(0, 1.05))
         fig.vbar(x="model", top="probability", width=0.8, color="color", source=self.src_models)
         fig.hover.tooltips = [("model", "@model"), ("P", "@probability{0.0000}"),
@@ -278,7 +325,7 @@ class DashboardSession:
         # onset probability and P(reaction)
         self.src_history = ColumnDataSource(_empty(self.HISTORY_COLUMNS), name="onset_history")
         fig = _figure("Onset probability P(t0 ≤ t | data)", "time since series start (s)", "probability",
-                      x_range=self.fig_alpha.x_range, y_range=Range1d(-0.03, 1.05))
+                      x_range=self.time_range, y_range=Range1d(-0.03, 1.05))
         fig.line("time_s", "onset_probability", source=self.src_history, color="#6a1b9a", line_width=2,
                  legend_label="onset probability")
         fig.line("time_s", "reaction_probability", source=self.src_history, color=COLOR_NULL, line_width=1.5,
@@ -296,7 +343,7 @@ class DashboardSession:
 
         # t0 over time: model-averaged median and 90 % band (t0 means the same in every model)
         fig = _figure("Onset time t0 over time (all models: median, 90 % band)", "time since series start (s)",
-                      "t0 (s)", x_range=self.fig_alpha.x_range)
+                      "t0 (s)", x_range=self.time_range)
         fig.varea("time_s", "t0_q05", "t0_q95", source=self.src_history, fill_color=COLOR_AVERAGED, fill_alpha=0.25)
         fig.line("time_s", "t0_q50", source=self.src_history, color=COLOR_AVERAGED, line_width=2)
         self.fig_t0_time = fig
@@ -304,7 +351,7 @@ class DashboardSession:
         # k over time: one model's k (the model leading now), log axis, quantile band (never below 0)
         self.src_k_history = ColumnDataSource({"frame_index": [], "time_s": []}, name="k_history")
         fig = _figure("Rate constant k over time", "time since series start (s)", "k (1/s)",
-                      x_range=self.fig_alpha.x_range, y_axis_type="log")
+                      x_range=self.time_range, y_axis_type="log")
         self.k_band = fig.varea("time_s", "time_s", "time_s", source=self.src_k_history, fill_color=COLOR_LEADING,
                                 fill_alpha=0.2, visible=False)
         self.k_line = fig.line("time_s", "time_s", source=self.src_k_history, color=COLOR_LEADING, line_width=2,
@@ -360,7 +407,7 @@ class DashboardSession:
         self.fig_t0_hist = fig
 
         self.src_k_lead = ColumnDataSource(_empty(["left", "right", "top", "bottom"]), name="k_histogram")
-        fig = _figure("Posterior of k, leading model", "k (1/s)", "probability per unit log10 k",
+        fig = _figure("Posterior of k of the leading model", "k (1/s)", "probability per unit log10 k",
                       x_range=Range1d(0.01, 100), x_axis_type="log")
         fig.quad(left="left", right="right", top="top", bottom="bottom", source=self.src_k_lead,
                  fill_color=COLOR_LEADING, fill_alpha=0.3, line_color=COLOR_LEADING, line_alpha=0.6)
@@ -379,24 +426,26 @@ class DashboardSession:
         # model probability history: one line per hypothesis, added as they appear
         self.src_model_history = ColumnDataSource({"time_s": []}, name="model_history")
         fig = _figure("Model probabilities over time", "time since series start (s)", "posterior probability",
-                      x_range=self.fig_alpha.x_range, y_range=Range1d(-0.03, 1.05))
+                      x_range=self.time_range, y_range=Range1d(-0.03, 1.05))
         fig.add_layout(Legend(label_text_font_size="8pt", spacing=0, padding=2, click_policy="hide"), "right")
         fig.line(x=[], y=[])  # placeholder renderer until the first posterior names the models
         self.fig_model_history = fig
         self._model_lines: dict[str, Any] = {}
 
+        # One root per panel, placed by the page template's CSS grid. BokehJS recomputes the
+        # layout of a whole root (and repaints every plot in it) when a Div's text changes or an
+        # axis or title changes size, so each text and each plot is a root of its own.
         stretch = {"sizing_mode": "stretch_width"}
-        self.root = column(
-            row(self.header, self.select, **stretch),
-            self.banner,
-            self.now,
-            row(column(self.fig_alpha, **stretch), self.fig_models, self.model_table, **stretch),
-            row(self.fig_onset, self.fig_t0_time, self.fig_k_time, **stretch),
-            row(self.fig_k_models, self.fig_k_hist, self.fig_t0_hist, **stretch),
-            row(self.fig_pattern, self.fig_heat, **stretch),
-            row(self.fig_model_history, self.health, **stretch),
-            name="beamkin_dashboard", sizing_mode="stretch_width", min_width=1000 - 20,
-        )
+        self.roots = {
+            "beamkin_header": row(self.header, self.select, name="beamkin_header", **stretch),
+            "beamkin_banner": column(self.banner, name="beamkin_banner", **stretch),
+            "beamkin_now": column(self.now, name="beamkin_now", **stretch),
+            "beamkin_models": column(self.model_table, name="beamkin_models", **stretch),
+            "beamkin_health": column(self.health, name="beamkin_health", **stretch),
+        }
+        for name, fig in plot_roots(self):
+            fig.name = name
+            self.roots[name] = fig
 
     # ------------------------------------------------------------------ refresh
     def _reset_counters(self) -> None:
@@ -408,6 +457,7 @@ class DashboardSession:
         self.reference_frames: tuple[Any, Any] = (None, None)
         self.posterior_version = -1
         self.heatmap_version = -1
+        self.context_sent_at = -math.inf
         self.heat_rows_sent = 0
         self.heat_stride = 0
         self.heat_geometry: tuple[float, float] | None = None
@@ -433,6 +483,8 @@ class DashboardSession:
             log.exception("dashboard refresh failed", extra={"series_id": self.series_id})
 
     def _refresh(self) -> None:
+        # (no doc.hold("combine"): it would send a replaced source's final data *and* the rows
+        # streamed into it after the replacement, so the browser would hold them twice)
         with self.state.lock:
             ids = self.state.series_ids()
             target = self._target_series()
@@ -473,7 +525,14 @@ class DashboardSession:
         """Copy (under the state lock) what changed since the last refresh of this session."""
         update: dict[str, Any] = {"series_id": series.series_id}
         heatmap = series.heatmap
-        if heatmap is not None and heatmap.version != self.heatmap_version:
+        now = time.monotonic()
+        context_due = now - self.context_sent_at >= CONTEXT_MIN_INTERVAL_S or series.ended is not None
+        if context_due and ((heatmap is not None and heatmap.version != self.heatmap_version)
+                            or series.pattern_version != self.pattern_version):
+            self.context_sent_at = now
+        else:
+            context_due = False
+        if context_due and heatmap is not None and heatmap.version != self.heatmap_version:
             self.heatmap_version = heatmap.version
             if heatmap.stride != self.heat_stride or heatmap.n_rows < self.heat_rows_sent or self.heat_rows_sent == 0:
                 update["heatmap_full"] = heatmap.snapshot()
@@ -486,7 +545,7 @@ class DashboardSession:
         update["frame_rate_hz"] = series.frame_rate_hz()
         update["ess_min"] = series.history.last("ess_min")
         update["status"] = {k: dict(v) for k, v in series.status.items()}
-        if series.version == self.series_version:
+        if series.version == self.series_version and not context_due:
             return update
         self.series_version = series.version
         update["start"] = dict(series.start)
@@ -500,7 +559,7 @@ class DashboardSession:
             update["k_history"], self.n_k_history = series.k_history.rows_since(self.n_k_history)
         if series.model_history.total != self.n_model_history:
             update["model_history"], self.n_model_history = series.model_history.rows_since(self.n_model_history)
-        if series.pattern_version != self.pattern_version:
+        if context_due and series.pattern_version != self.pattern_version:
             self.pattern_version = series.pattern_version
             update["pattern"] = series.latest_pattern
             references = tuple((r or {}).get("frame_index") for r in (series.reference_a, series.reference_b))
@@ -527,6 +586,8 @@ class DashboardSession:
         self.ended = update.get("ended")
         if "fractions" in update:
             self._stream_fractions(update["fractions"])
+        times = update.get("fractions", {}).get("time_s")
+        self._fit_time_range(start, float(np.nanmax(times)) if times is not None and len(times) else None)
         if "history" in update:
             self._stream_history(update["history"])
         if "model_history" in update:
@@ -552,6 +613,20 @@ class DashboardSession:
         if self.alert_shown and ("now" in update or not self.banner.visible):
             self._show_alert(self.alert_fields or {})
         self._show_header(update, start)
+
+    def _fit_time_range(self, start: dict[str, Any], latest_s: float | None) -> None:
+        """The series window (n_frames x frame_time) when the start message gives it; otherwise
+        a window that doubles whenever a frame falls beyond it (so it rarely changes)."""
+        n_frames, frame_time = _number(start.get("n_frames")), _number(start.get("frame_time_s"))
+        if n_frames and frame_time and n_frames > 0 and frame_time > 0:
+            end = n_frames * frame_time
+        else:
+            end = self.time_range.end if self.time_range.end and self.time_range.end > 1.0 else 60.0
+            while latest_s is not None and latest_s > end:
+                end *= 2.0
+        pad = 0.02 * end
+        if (self.time_range.start, self.time_range.end) != (-pad, end + pad):
+            self.time_range.update(start=-pad, end=end + pad)
 
     def _stream_fractions(self, rows: dict[str, np.ndarray]) -> None:
         alpha = rows["alpha"]
@@ -601,6 +676,10 @@ class DashboardSession:
         self.src_model_history.stream(rows, rollover=HISTORY_CAPACITY)
         names = [name for name in self.src_model_history.data if name != "time_s"]
         palette = Category20_20 if len(names) > 10 else Category10_10
+        with self.doc.models.freeze():  # one model-graph update for all new lines, not one per line
+            self._add_model_lines(names, palette)
+
+    def _add_model_lines(self, names: list[str], palette: Any) -> None:
         for i, name in enumerate(names):
             line = self._model_lines.get(name)
             if line is None:
@@ -729,7 +808,6 @@ class DashboardSession:
         k = ((models.get(leading) or {}).get("params") or {}).get("k") or {}
         leading_p = (models.get(leading) or {}).get("probability")
         reaction = _number(posterior.get("reaction_probability"))
-        self.fig_k_hist.title.text = f"Posterior of k, leading model {leading} (per unit log10 k)"
         self.now.styles = NOW_STALE_STYLE if stale is not None else NOW_STYLE
         self.now.text = (
             f"<b>Now</b> ({html.escape(described)}, t = {_fmt(posterior.get('time_s'), 2)} s): "
@@ -776,8 +854,6 @@ class DashboardSession:
             "frame_index": [posterior.get("frame_index")] * len(entries),
             "kind": [kind] * len(entries),
         }
-        self.fig_models.title.text = (f"Model probabilities, {kind} posterior of frame {posterior.get('frame_index')}"
-                                      + (" (estimate stale: exact shown)" if stale is not None else ""))
         k_rows = [(m, ((models[m].get("params") or {}).get("k") or {})) for m in names]
         k_rows = [(m, k) for m, k in k_rows if all(_number(k.get(q)) and k[q] > 0 for q in ("q05", "q50", "q95"))]
         k_rows.reverse()  # most probable at the top

@@ -37,10 +37,10 @@ log = logging.getLogger(__name__)
 
 #: Patterns are thinned to at most this many points (block means) before they are stored.
 MAX_PATTERN_POINTS = 1500
-#: Radial bins of the heat map (about one line width each over a 2D detector's range) and its
+#: Radial bins of the heat map (about one line width, 0.03 degrees, over a 2D detector's range) and its
 #: maximum number of time rows.
-HEATMAP_BINS = 800
-HEATMAP_ROWS = 256
+HEATMAP_BINS = 600
+HEATMAP_ROWS = 128
 #: A pattern whose frame has alpha at least this large serves as phase-B reference.
 PHASE_B_ALPHA = 0.9
 #: Capacity of the per-frame ring buffers (alpha points, posterior history).
