@@ -57,12 +57,15 @@ class ParticleView:
     log_evidence: float
     version: int
     diagnostics: dict
-    #: Monte Carlo variance of ``log_evidence`` (nat^2), see ``ModelSampler`` in inference.smc
-    log_evidence_var: float = 0.0
+    #: Monte Carlo variance of ``log_evidence`` (nat^2; NaN = unknown), see ``ModelSampler`` in
+    #: inference.smc
+    log_evidence_var: float = math.nan
 
     @property
-    def log_evidence_se(self) -> float:
-        """Monte Carlo standard error of the log evidence (nat)."""
+    def log_evidence_se(self) -> float | None:
+        """Monte Carlo standard error of the log evidence (nat); None when unknown (one island)."""
+        if not math.isfinite(self.log_evidence_var):
+            return None
         return math.sqrt(max(self.log_evidence_var, 0.0))
 
     @functools.cached_property

@@ -30,11 +30,7 @@ many tempering steps as the information it carries, not b times a frame's.  The 
 and the same batch schedule (``OnlineInference.schedule``: frames per step) give the same
 result; ``beamkin analyze --schedule`` replays a live run's schedule.
 
-Monte Carlo error of the log evidence: each reweighting step's incremental estimate
-log sum_i W_i w_i (W: normalised weights before the step, W' after) has the delta-method
-variance sum_i (W'_i - W_i)^2 (= 1/ESS' - 1/N after a resampling), and the steps' variances
-add up (``ModelSampler.log_evidence_var``; the moves are tuned to decorrelate the particles
-between steps, ``JUMP_TARGET``).
+Monte Carlo error of the log evidence: see inference.population.
 
 Model probabilities: Bayes' rule over the kinetic models and the null model "no reaction"
 (inference.null_model), prior probability ``null_prior`` for the null and the rest shared
@@ -65,23 +61,14 @@ import numpy as np
 
 from . import likelihood as lk
 from .alert import OnsetAlert
-from .models import MODEL_EXPONENT, MODEL_NAMES, model_code
+from .models import MODEL_NAMES, model_code
 from .null_model import NullModel
-from .payload import COL, NullEvidence, ParticleView, PayloadBuilder, model_probabilities, warm_up_kernels
+from .payload import NullEvidence, ParticleView, PayloadBuilder, model_probabilities, warm_up_kernels
+from .population import ModelSampler
 from .priors import Priors
-from .resample import systematic_indices
 
 logger = logging.getLogger(__name__)
 
-#: with ``light_probability`` > 0, models below that posterior probability get LIGHT_SWEEPS
-#: sweeps per rejuvenation (their evidence stays unbiased, only its variance grows: measured
-#: 0.37 nat error for a model 24 nat behind); default 1e-6, which halved the exact sampler's
-#: time on a 300-frame series of 16 models (89 -> 44 s, bench_inference --speed 0)
-LIGHT_SWEEPS = 1
-#: a move also needs a mean squared Mahalanobis jump >= JUMP_TARGET * d from its start (0: off);
-#: 2 d is the distance between two independent posterior draws. Measured (F1 + A2, paper data,
-#: N = 4096, 8 seeds): evidence sd F1 0.07, A2 0.055 nat with 2.0; A2 0.17 nat without, at half the time
-JUMP_TARGET = 2.0
 
 
 # --------------------------------------------------------------------------- frame store
@@ -168,22 +155,6 @@ class FrameHistory:
 
 # --------------------------------------------------------------------------- helpers
 
-def _log_ess(logw: np.ndarray) -> float:
-    """log ESS of unnormalised log weights."""
-    mx = np.max(logw)
-    if not np.isfinite(mx):
-        return -math.inf
-    w = np.exp(logw - mx)
-    return 2.0 * math.log(w.sum()) - math.log(np.dot(w, w))
-
-
-def _logsumexp(a: np.ndarray) -> float:
-    mx = np.max(a)
-    if not np.isfinite(mx):
-        return mx
-    return float(mx + math.log(np.exp(a - mx).sum()))
-
-
 def _renice_thread(increment: int) -> None:
     """Make the calling thread ``increment`` nicer (Linux per-thread nice; elsewhere a no-op)."""
     if increment <= 0:
@@ -193,216 +164,6 @@ def _renice_thread(increment: int) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
     except (AttributeError, OSError) as exc:
         logger.debug("model thread keeps its priority: %s", exc)
-
-
-# --------------------------------------------------------------------------- one model
-
-class ModelSampler:
-    """IBIS sampler of one kinetic model."""
-
-    def __init__(self, name: str, priors: Priors, n_particles: int, rng: np.random.Generator,
-                 history: FrameHistory, noise_kind: int, student_nu: float, ess_threshold: float,
-                 move_fraction: float = 0.95, min_sweeps: int = 3, max_sweeps: int = 30,
-                 independent_fraction: float = 0.5, parallel: bool = False, temper_threshold: float = 0.5):
-        self.name = name
-        self._kernels = ((lk.frame_loglik_parallel, lk.history_loglik_parallel, lk.mh_sweep_parallel) if parallel
-                         else (lk.frame_loglik, lk.history_loglik, lk.mh_sweep))
-        self.code = model_code(name)
-        self.priors = priors
-        self.n = int(n_particles)
-        self.rng = rng
-        self.history = history
-        self.noise_kind = noise_kind
-        self.nu = float(student_nu)
-        self.ess_threshold = float(ess_threshold)
-        self.temper_threshold = min(float(temper_threshold), self.ess_threshold)
-        self.move_fraction = move_fraction
-        self.jump_target = JUMP_TARGET
-        self.min_sweeps = min_sweeps
-        #: True while the model's posterior probability is negligible: rejuvenate with fewer sweeps
-        self.light = False
-        self.max_sweeps = max_sweeps
-        self.independent_fraction = independent_fraction
-
-        used = ["t0", "k", "s", "A"] + (["n"] if name == "An" else [])
-        self.reported = tuple(used)
-        self.free = tuple(p for p in used if p not in priors.fixed)
-        self.free_cols = np.array([COL[p] for p in self.free], dtype=np.int64)
-        self.lo = np.array([priors.bounds(p)[0] for p in self.free])
-        self.hi = np.array([priors.bounds(p)[1] for p in self.free])
-
-        theta = np.empty((self.n, 5))
-        theta[:, 4] = MODEL_EXPONENT.get(name, 1.0)
-        for p, v in priors.fixed.items():
-            if p in used:
-                theta[:, COL[p]] = priors.sampling_value(p, v)
-        if self.free:
-            theta[:, self.free_cols] = priors.sample(self.free, self.n, rng)
-        self.theta = np.ascontiguousarray(theta)
-        self.logw = np.full(self.n, -math.log(self.n))
-        self.cur_ll = np.zeros(self.n)
-        self.log_evidence = 0.0
-        #: delta-method Monte Carlo variance of ``log_evidence`` (nat^2), summed over steps
-        self.log_evidence_var = 0.0
-        self.rw_scale = 1.0
-        self.rejuvenations = 0
-        self.tempering_steps = 0
-        self.acceptance_rate: float | None = None
-        #: incremented whenever ``theta`` is replaced (resampling); a ParticleView is keyed by it
-        self._version = 0
-
-    # ------------------------------------------------------------------ kernels
-    def _frame_loglik(self, j: int) -> np.ndarray:
-        h = self.history
-        out = np.empty(self.n)
-        self._kernels[0](self.code, self.theta, h.t_lo[j], h.t_hi[j], h.y[j], h.sig2[j],
-                        self.noise_kind, self.nu, out)
-        return out
-
-    def _batch_loglik(self, first: int, last: int) -> np.ndarray:
-        """sum_{j=first}^{last-1} log p(y_j | theta_i) per particle (NaN counts as -inf)."""
-        total = self._frame_loglik(first)
-        for j in range(first + 1, last):
-            total += self._frame_loglik(j)
-        return np.where(np.isnan(total), -np.inf, total)
-
-    # ------------------------------------------------------------------ IBIS step
-    @property
-    def weights(self) -> np.ndarray:
-        return self.view().weights
-
-    def ess(self) -> float:
-        return math.exp(_log_ess(self.logw))
-
-    def _choose_delta(self, l: np.ndarray, remaining: float) -> float:
-        """Exponent increment: all of ``remaining`` unless that drops the ESS below
-        ``temper_threshold * N``; then the largest increment keeping ESS >= ess_threshold * N
-        (bisection)."""
-        if _log_ess(self.logw + remaining * l) >= math.log(self.temper_threshold * self.n):
-            return remaining
-        log_target = math.log(self.ess_threshold * self.n)
-        lo, hi = 0.0, remaining
-        for _ in range(50):
-            mid = 0.5 * (lo + hi)
-            if _log_ess(self.logw + mid * l) >= log_target:
-                lo = mid
-            else:
-                hi = mid
-            if hi - lo <= 1e-6 * remaining:
-                break
-        return max(lo, 1e-12)
-
-    def assimilate(self, first: int, last: int | None = None) -> None:
-        """Bring the posterior from frames [0, first) to frames [0, last) (positions in the
-        history; ``last`` defaults to first + 1), tempering the batch in adaptively."""
-        last = first + 1 if last is None else int(last)
-        if last <= first:
-            raise ValueError(f"empty batch [{first}, {last})")
-        l = self._batch_loglik(first, last)
-        lam = 0.0
-        steps = 0
-        while lam < 1.0:
-            remaining = 1.0 - lam
-            delta = self._choose_delta(l, remaining) if steps < 200 else remaining
-            step = np.where(np.isfinite(l), delta * l, -np.inf)
-            inc = _logsumexp(self.logw + step)
-            if not np.isfinite(inc):
-                raise FloatingPointError(
-                    f"model {self.name}: all particles have zero likelihood at frames {first}..{last - 1}")
-            new_logw = self.logw + step - inc
-            self.log_evidence += inc
-            self.log_evidence_var += float(np.sum((np.exp(new_logw) - np.exp(self.logw)) ** 2))
-            self.logw = new_logw
-            self.cur_ll = self.cur_ll + step
-            lam = 1.0 if delta >= remaining else lam + delta
-            steps += 1
-            if lam < 1.0:
-                self._resample_move(m_hist=first, m_end=last, lam=lam)
-                l = self._batch_loglik(first, last)  # the particles changed
-        self.tempering_steps = steps
-        if self.ess() < self.ess_threshold * self.n:
-            self._resample_move(m_hist=last, m_end=last, lam=0.0)
-
-    # ------------------------------------------------------------------ rejuvenation
-    def _resample_move(self, m_hist: int, m_end: int, lam: float) -> None:
-        """Resample (systematic) and move with MH targeting the tempered posterior of frames
-        [0, m_hist) and, to the power lam, frames [m_hist, m_end)."""
-        idx = systematic_indices(self.weights, self.n, float(self.rng.random()))
-        self.theta = np.ascontiguousarray(self.theta[idx])
-        self.cur_ll = self.cur_ll[idx]
-        self.logw = np.full(self.n, -math.log(self.n))
-        self.rejuvenations += 1
-        self._version += 1  # a new theta array: views of the old one stay valid
-        if self.free:
-            self._move(m_hist, m_end, lam)
-
-    def _move(self, m_hist: int, m_end: int, lam: float) -> None:
-        d = len(self.free)
-        cols = self.free_cols
-        x = self.theta[:, cols]
-        mean = x.mean(axis=0)
-        cov = np.atleast_2d(np.cov(x, rowvar=False))
-        jitter = np.diag((1e-7 * (self.hi - self.lo)) ** 2)
-        cov = cov + jitter
-        try:
-            chol = np.linalg.cholesky(cov)
-        except np.linalg.LinAlgError:
-            cov = np.diag(np.diag(cov)) + jitter
-            chol = np.linalg.cholesky(cov)
-        chol_inv = np.linalg.inv(chol)
-        moved = np.zeros(self.n, dtype=bool)
-        accept = np.zeros(self.n, dtype=np.bool_)
-        start = self.theta[:, cols].copy()
-        tried = accepted = 0
-        p_independent = self.independent_fraction
-        h = self.history
-        for sweep in range(self.max_sweeps):
-            rw_step = 2.38 / math.sqrt(d) * self.rw_scale
-            z = self.rng.standard_normal((self.n, d))
-            use_ind = self.rng.random(self.n) < p_independent
-            log_u = np.log(self.rng.random(self.n))
-            self._kernels[2](self.code, self.theta, self.cur_ll, cols, self.lo, self.hi, mean, chol, chol_inv,
-                             rw_step, z, use_ind, log_u, int(m_hist), int(m_end), float(lam), h.t_lo, h.t_hi,
-                             h.y, h.sig2, h.cy, h.cy2, h.homo_var, self.noise_kind, self.nu, accept)
-            moved |= accept
-            tried += self.n
-            n_acc = int(accept.sum())
-            accepted += n_acc
-            n_ind = int(use_ind.sum())
-            acc_ind = int((accept & use_ind).sum())
-            # adapt between sweeps from the population's acceptance: random-walk scale towards
-            # 15-45 % acceptance; fewer independent proposals when the Gaussian fit is poor
-            rate_rw = (n_acc - acc_ind) / max(1, self.n - n_ind)
-            if rate_rw < 0.15:
-                self.rw_scale = max(0.02, self.rw_scale * 0.7)
-            elif rate_rw > 0.45:
-                self.rw_scale = min(3.0, self.rw_scale * 1.3)
-            p_independent = self.independent_fraction if acc_ind >= 0.1 * max(1, n_ind) else 0.1
-            if self.light and sweep + 1 >= LIGHT_SWEEPS:
-                break
-            if sweep + 1 >= self.min_sweeps and moved.mean() >= self.move_fraction:
-                if self.jump_target <= 0.0:
-                    break
-                # mean squared Mahalanobis jump from the start of the move; two independent
-                # posterior draws are 2 d apart on average
-                jump = (self.theta[:, cols] - start) @ chol_inv.T
-                if float(np.mean(np.sum(jump * jump, axis=1))) >= self.jump_target * d:
-                    break
-        self.acceptance_rate = accepted / tried
-
-    # ------------------------------------------------------------------ summaries
-    def values(self, param: str) -> np.ndarray:
-        """Particle values of ``param`` in natural units (k in 1/s, t0 in s)."""
-        return self.view().values(param)
-
-    def view(self) -> ParticleView:
-        """The current weighted particles (no copy: ``theta`` and ``logw`` are replaced, never
-        written in place, once assimilation of a frame or a move has finished)."""
-        return ParticleView(self.name, self.code, self.reported, self.theta, self.logw, float(self.log_evidence),
-                            self._version, {"acceptance_rate": self.acceptance_rate,
-                                            "rejuvenations": self.rejuvenations,
-                                            "tempering_steps": self.tempering_steps},
-                            float(self.log_evidence_var))
 
 
 # --------------------------------------------------------------------------- engine
@@ -619,17 +380,18 @@ class OnlineInference:
     def _run_models(self, work) -> None:
         """``work(sampler)`` for every model: in turn, or on ``threads`` threads (each model owns
         its random numbers, so the result does not depend on the threads' timing)."""
-        if self.threads == 1 or len(self.samplers) == 1:
-            for sampler in self.samplers.values():
+        samplers = list(self.samplers.values())
+        if self.threads == 1 or len(samplers) == 1:
+            for sampler in samplers:
                 work(sampler)
             return
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(
-                min(self.threads, len(self.samplers)), thread_name_prefix="model-sampler",
-                initializer=_renice_thread, initargs=(self.thread_niceness,))
-        # the slowest models first, so that the threads finish together
-        order = sorted(self.samplers.values(), key=lambda smp: -smp.n * (0 if smp.light else 1))
-        for future in [self._pool.submit(work, sampler) for sampler in order]:
+                min(self.threads, len(samplers)), thread_name_prefix="model-sampler", initializer=_renice_thread,
+                initargs=(self.thread_niceness,))
+        # the costly models (full moves) first, so that the threads finish together
+        samplers.sort(key=lambda sampler: sampler.light)
+        for future in [self._pool.submit(work, sampler) for sampler in samplers]:
             future.result()
 
     def close(self) -> None:

@@ -87,7 +87,7 @@ def test_estimate_is_the_exact_reweighting_when_the_sampler_keeps_up():
                 rejuvenations[name] = diagnostics["rejuvenations"]
     finally:
         live.close()
-    assert evidence_checked > 60 and summaries_checked > 20
+    assert evidence_checked > 30 and summaries_checked > 20
 
 
 def test_a_lagging_sampler_takes_frames_in_batches_and_its_schedule_reproduces_the_run():

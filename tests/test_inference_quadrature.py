@@ -124,9 +124,9 @@ def r3_series(seed=0):
 BATCHED_SCHEDULE = (12, 1, 1, 2, 6, 1, 13)
 
 
-def run_batched(models, t, y, seed, schedule=BATCHED_SCHEDULE, n_particles=4096):
+def run_batched(models, t, y, seed, schedule=BATCHED_SCHEDULE, n_particles=4096, **settings):
     engine = OnlineInference(models=models, priors=Priors(t0=T_WINDOW, fixed={"A": 1.0}), n_particles=n_particles,
-                             seed=seed)
+                             seed=seed, **settings)
     first = 0
     for size in schedule:
         engine.assimilate_batch([(j, float(t[j]), 0.0, float(y[j]), None) for j in range(first, first + size)])
@@ -135,13 +135,20 @@ def run_batched(models, t, y, seed, schedule=BATCHED_SCHEDULE, n_particles=4096)
     return engine.result()
 
 
+#: settings of the singular-model case: smaller tempering steps (ESS >= 0.8 N) and full moves for
+#: every model.  Measured over 6 seeds on this series (N = 4096, one frame per step): log evidence
+#: error sd R3 0.08, D3 0.10 nat with these; R3 0.12, D3 0.28 nat with the defaults (ESS 0.5 N), and
+#: D3, 35 nat behind R3, 0.7 to 1.5 nat low when it gets the single-sweep moves of negligible models
+SINGULAR_SETTINGS = {"ess_threshold": 0.8, "light_probability": 0.0}
+
+
 @pytest.mark.parametrize("data, models", [("paper", ("F1", "A2")), ("r3", ("R3", "D3"))])
 def test_batched_steps_match_quadrature(data, models):
     """Frames taken in batches (adaptive tempering over each batch) give the same posterior and
     evidence as quadrature, for smooth models and for a finite-domain (R3) and a diffusion (D3)
-    model on a series that saturates inside the window."""
+    model on a series that saturates inside the window (with ``SINGULAR_SETTINGS``)."""
     t, y = paper_series() if data == "paper" else r3_series()
-    result = run_batched(models, t, y, seed=4)
+    result = run_batched(models, t, y, seed=4, **({} if data == "paper" else SINGULAR_SETTINGS))
     for model in models:
         ref = quadrature(model, t, y)
         got = result["models"][model]
