@@ -6,9 +6,10 @@ A and one of the pure loaded phase B, recorded with the same incident flux and e
 * 1D text profiles, the formats the ``files:`` source reads and pyFAI writes (``.xy``, ``.xye``,
   ``.dat``: columns 2theta in degrees, intensity, optional sigma; a pyFAI header naming the unit
   ``q_nm^-1`` or ``q_A^-1`` and the ``Wavelength`` is converted to 2theta);
-* 2D frames (CBF / EDF / TIFF, any format fabio reads): integrated with the reducer's own
-  integrator, geometry from the file header, the ``[reducer]`` keys and PONI file (stream < TOML
-  < PONI, reducer.geometry);
+* 2D frames (CBF / EDF / TIFF, any format fabio reads) and EIGER master files
+  (``NAME_master.h5`` or ``NAME_master.h5:FIRST-LAST``, the mean pattern of those frames):
+  integrated with the reducer's own integrator, geometry from the file header, the ``[reducer]``
+  keys and PONI file (stream < TOML < PONI, reducer.geometry);
 * frames of a beamkin recording: ``RUN.h5:SERIES`` or ``RUN.h5:SERIES:FIRST-LAST`` (frame
   indices, inclusive), the mean of the recorded patterns of those frames.
 
@@ -260,13 +261,49 @@ def _image_reference(path: Path, reducer_config: Mapping[str, Any]) -> Reference
     return _finish(path.name, pattern.radial[ok], pattern.intensity[ok], pattern.sigma[ok])
 
 
+def _master_reference(path: Path, first: int | None, last: int | None,
+                      reducer_config: Mapping[str, Any]) -> ReferencePattern:
+    from reducer.integrate import Integrator, ReductionError
+    from streamer.eiger_h5 import iter_master_frames, read_master_start
+    from streamer.errors import StreamDecodeError
+
+    try:
+        fields, arrays = read_master_start(path, path.name[: -len("_master.h5")], "phases")
+        integrator = Integrator.from_metadata({**fields, **arrays}, config=dict(reducer_config))
+        patterns = []
+        for index, image in iter_master_frames(path, first or 0, missing_ok=False):
+            if last is not None and index > last:
+                break
+            patterns.append(integrator.integrate(image))
+    except (StreamDecodeError, ReductionError, OSError, KeyError) as exc:
+        raise PhaseFinderError(f"cannot use EIGER master file {path}: {exc}") from exc
+    if not patterns:
+        raise PhaseFinderError(f"EIGER master file {path} holds no frame in that range")
+    if integrator.unit != "2th_deg":
+        raise PhaseFinderError("integrate the references in 2th_deg (--reducer.unit 2th_deg)")
+    ok = np.logical_and.reduce([p.valid for p in patterns])
+    n = len(patterns)
+    mean = np.mean([p.intensity for p in patterns], axis=0)
+    sigma = np.sqrt(np.sum([p.sigma**2 for p in patterns], axis=0)) / n
+    return _finish(f"{path.name} ({n} frames)", patterns[0].radial[ok], mean[ok], sigma[ok])
+
+
 def load_reference(spec: str, reducer_config: Mapping[str, Any] | None = None,
                    wavelength_A: float | None = None) -> ReferencePattern:
     """A reference pattern from a profile file, an image file or frames of a recording (module doc)."""
     from streamer.profiles import PROFILE_SUFFIXES
 
+    master = re.match(r"^(?P<file>.+?_master\.h5)(?::(?P<first>\d+)(?:-(?P<last>\d+))?)?$", spec)
+    if master:
+        path = Path(master.group("file"))
+        if not path.is_file():
+            raise PhaseFinderError(f"reference {path} does not exist")
+        first = None if master.group("first") is None else int(master.group("first"))
+        last = first if first is not None and master.group("last") is None else (
+            None if master.group("last") is None else int(master.group("last")))
+        return _master_reference(path, first, last, reducer_config or {})
     match = re.match(r"^(?P<file>.+?\.h5)(?::(?P<series>[^:]*))?(?::(?P<first>\d+)(?:-(?P<last>\d+))?)?$", spec)
-    if match and not match.group("file").endswith("_master.h5"):
+    if match:
         first = None if match.group("first") is None else int(match.group("first"))
         last = first if first is not None and match.group("last") is None else (
             None if match.group("last") is None else int(match.group("last")))
@@ -533,8 +570,8 @@ def add_phases_command(commands) -> None:
         "phases", allow_abbrev=False,
         help="a [reducer.fractions] TOML (peak windows, reference ratio, whole-pattern references) from two "
              "reference patterns",
-        description=__doc__.split("\n\n")[0] + "\n\nREF: a .xy/.xye/.dat profile, a CBF/EDF/TIFF frame, or "
-                    "RUN.h5:SERIES[:FIRST-LAST] (frames of a recording).",
+        description=__doc__.split("\n\n")[0] + "\n\nREF: a .xy/.xye/.dat profile, a CBF/EDF/TIFF frame, "
+                    "NAME_master.h5[:FIRST-LAST] (EIGER), or RUN.h5:SERIES[:FIRST-LAST] (frames of a recording).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.add_argument("ref_a", metavar="REF_A", help="reference pattern of the pure empty phase A")
     sub.add_argument("ref_b", metavar="REF_B", help="reference pattern of the pure loaded phase B")

@@ -194,3 +194,22 @@ def test_unusable_references_say_why(tmp_path, references):
     (tmp_path / "short.xy").write_text("1 2\n2 3\n3 4\n")
     with pytest.raises(PhaseFinderError, match="usable points"):
         load_reference(str(tmp_path / "short.xy"))
+
+
+def test_frames_of_an_eiger_master_file(tmp_path, detector):
+    from streamer.eiger_h5 import write_eiger_master
+
+    md = default_metadata()
+    geo = md["geometry"]
+    images = np.stack([detector.image(0.0, 5.0, seed=s) for s in range(3)])
+    master = write_eiger_master(tmp_path / "empty_master.h5", images, wavelength=geo["wavelength_A"],
+                                beam_center=tuple(geo["beam_center_px"]), distance=geo["distance_m"],
+                                pixel_size=md["detector"]["pixel_size_m"][0])
+    ref = load_reference(f"{master}:1-2", {"npt": 3000})
+    assert "2 frames" in ref.label
+    from reducer.phase_finder import find_lines
+
+    strongest = max(find_lines(ref)[0], key=lambda l: l.area)
+    assert strongest.center_deg == pytest.approx(4.86775, abs=0.003)       # (011) of empty CPL-1 at 0.8 A
+    with pytest.raises(PhaseFinderError, match="no frame in that range"):
+        load_reference(f"{master}:7-9", {"npt": 3000})
