@@ -231,3 +231,15 @@ def test_an_unusable_mask_part_is_dropped_with_a_warning_and_the_series_goes_on(
     assert [m.type for m in out] == ["start", "frame"] and "pixel_mask" not in out[0].arrays
     (record,) = [r for r in caplog.records if "dpixelmask-1.0" in r.getMessage()]
     assert "dropped" in record.getMessage() and decoder.counters["unusable_calibration"] == 1
+
+
+def test_frames_beyond_the_announced_series_length_are_dropped_with_one_warning(caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    decoder = StreamV1Decoder()  # CONFIG announces nimages 2 x ntrigger 2 = 4 frames
+    out = feed(decoder, header(4), image(4, 0, img(0)), *[image(4, i, img(0), t0_ns=0) for i in (4, 200_000, 5)],
+               image(4, 3, img(3)), end(4))
+    assert [m.get("frame_index") for m in out if m.type == "frame"] == [0, 3]
+    assert decoder.counters["frame_index_out_of_range"] == 3
+    assert sum("announced 4 frames" in r.getMessage() for r in caplog.records) == 1
