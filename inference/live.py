@@ -26,8 +26,10 @@ the reweighting degenerates.  A model whose estimate ESS falls below ``ess_floor
 *stale* (its probability is then at least ``STALE_RELEVANCE`` in the estimate or in the exact
 posterior it came from; models ruled out in both do not count), and so is the estimate
 (``stale``); the dashboard then shows the newest exact posterior instead.  The onset alert is
-decided on the estimates that are not stale, so that it comes with the frame that shows the
-onset rather than when the sampler's moves have caught up, and never from a collapsed one.
+decided on posteriors that are not stale, so that it comes with the frame that shows the onset
+rather than when the sampler's moves have caught up: on the estimates that are not stale, on
+the exact posteriors of newer frames, and, for a stale estimate, on a lower bound of its onset
+probability that does not rely on the collapsed weights (``onset_lower_bound``).
 
 "No reaction" (inference.null_model) competes with the kinetic models in the estimates too:
 its evidence is exact and cheap, so the estimate carries it up to the newest frame.
@@ -78,6 +80,9 @@ ESS_FLOOR = 0.05
 #: a model below this probability both in the estimate and in its exact base cannot mislead:
 #: its ESS does not make the estimate stale
 STALE_RELEVANCE = 1e-6
+#: the onset bound of a stale estimate holds with probability >= 1 - M * ALERT_BOUND_ALPHA
+#: (``onset_lower_bound``): log Z of each kinetic model is lowered by log(1/alpha) = 6.9 nat
+ALERT_BOUND_ALPHA = 1e-3
 
 
 def tune_interpreter_for_latency() -> None:
@@ -269,20 +274,68 @@ class LiveInference:
         onset = PayloadBuilder.onset_probability(views, probs, readout_s)
         alert = None
         self.counters["estimates"] += 1
-        if stale:  # not a posterior: the alert rule waits for one that is
+        bound = None
+        if stale:  # not a posterior: the alert rule sees only a bound that holds whatever the weights
             self.counters["estimates_stale"] += 1
+            bound = self.onset_lower_bound(views, readout_s)
             log.debug("estimate stale", extra={"series_id": self.engine.series_id, "frame_index": int(frame_index),
-                                               "stale_models": sorted(stale)})
+                                               "stale_models": sorted(stale), "onset_probability_bound": bound})
+            alert = self._observe(j, frame_index, time_s, bound,
+                                  lambda: self._bound_alert(snapshot, int(frame_index), float(time_s), bound),
+                                  "estimate-bound")
         else:
             alert = self._observe(j, frame_index, time_s, onset,
                                   lambda: self.builder.alert(views, probs, int(frame_index), float(time_s), onset,
                                                              self.engine.gas_time_s), "estimate")
         payload = self.builder.build(views, int(frame_index), float(time_s), readout_s, j + 1, alert, probs, onset,
                                      null=null, stale_models=stale)
-        payload["diagnostics"] = {"frames_behind": j + 1 - snapshot.n_frames,
+        payload["diagnostics"] = {"frames_behind": j + 1 - snapshot.n_frames, "onset_probability_bound": bound,
                                   "exact_frame_index": self.history.frame_indices[snapshot.n_frames - 1]
                                   if snapshot.n_frames else None}
         return payload
+
+    def onset_lower_bound(self, views: dict[str, ParticleView], readout_s: float) -> float:
+        """A lower bound of P(a kinetic model and t0 <= now | y) that does not use the particle
+        weights, only the evidences, and holds with probability >= 1 - M * ALERT_BOUND_ALPHA.
+
+        For t0 after "now" (the end of the latest exposure) every frame has mean 0, so
+        p(y, t0 > now | model) = P_prior(t0 > now) * Z_null exactly, whatever k, A, n (the scatter
+        s has the null model's prior).  With prior probabilities pi_0 (no reaction) and pi_m:
+
+            P(onset | y) = 1 - Z_null (pi_0 + sum_m pi_m q) / (pi_0 Z_null + sum_m pi_m Z_m),
+
+        q = P_prior(t0 > now), increasing in every Z_m.  Z_null is exact (quadrature); each Z_m
+        is estimated without bias, so by Markov's inequality Z_m >= alpha * Z_m(estimate) with
+        probability >= 1 - alpha: putting alpha * Z_m(estimate) in gives the bound.
+        """
+        engine = self.engine
+        models = list(views)
+        pi_null = engine.null_prior
+        pi_model = (1.0 - pi_null) / len(models)
+        if "t0" in engine.priors.fixed:
+            q = 1.0 if engine.priors.fixed["t0"] > readout_s else 0.0
+        else:
+            lo, hi = engine.priors.t0
+            q = (hi - min(max(readout_s, lo), hi)) / (hi - lo)
+        log_null = self.null.log_evidence
+        rest = pi_null + pi_model * len(models) * q
+        if rest <= 0.0:
+            return 1.0
+        terms = [math.log(pi_model) + math.log(ALERT_BOUND_ALPHA) + views[m].log_evidence for m in models]
+        if pi_null > 0.0:
+            terms.append(math.log(pi_null) + log_null)
+        top = max(terms)
+        log_den = top + math.log(sum(math.exp(t - top) for t in terms))
+        return min(1.0, max(0.0, 1.0 - math.exp(log_null + math.log(rest) - log_den)))
+
+    def _bound_alert(self, snapshot: _Snapshot, frame_index: int, time_s: float, bound: float) -> dict:
+        """The alert raised on a stale estimate's onset bound: t0 and the leading model come from
+        the newest exact posterior (``posterior_frame_index``), not from the collapsed weights."""
+        probs = snapshot.probabilities
+        alert = self.builder.alert(snapshot.views, probs, frame_index, time_s, bound, self.engine.gas_time_s)
+        alert["posterior_frame_index"] = (self.history.frame_indices[snapshot.n_frames - 1]
+                                          if snapshot.n_frames else None)
+        return alert
 
     def _null_evidence(self) -> NullEvidence | None:
         if self.engine.null_prior <= 0.0:

@@ -324,6 +324,7 @@ class PayloadBuilder:
         """Summaries of the mixture over models, conditional on a reaction (the kinetic models'
         probabilities renormalised).  Only parameters that mean the same in every model (t0)
         should be averaged: k is a different quantity in every rate law."""
+        probs = self.given_reaction(views)  # the mixture is over kinetic models, given a reaction
         active = [m for m in self.models if probs[m] > NEGLIGIBLE_PROBABILITY]
         p = np.array([probs[m] for m in active])
         p /= p.sum()
@@ -340,6 +341,12 @@ class PayloadBuilder:
             out[param] = {"mean": mean, "sd": math.sqrt(max(second - mean * mean, 0.0)),
                           "q05": float(quantiles[0]), "q50": float(quantiles[1]), "q95": float(quantiles[2])}
         return out
+
+    @staticmethod
+    def given_reaction(views: dict) -> dict[str, float]:
+        """P(model | y, reaction) from the kinetic models' evidences alone (no underflow when
+        "no reaction" holds nearly all the probability)."""
+        return model_probabilities({m: v.log_evidence for m, v in views.items()}, None)[0]
 
     @staticmethod
     def probabilities(views: dict, null: NullEvidence | None = None) -> dict[str, float]:
@@ -379,7 +386,10 @@ class PayloadBuilder:
                                       minlength=nbins + 1)
         return (total[:nbins] / np.diff(edges)).tolist()
 
-    def _predictive(self, views: dict, probs: dict[str, float], leading: str) -> dict:
+    def _predictive(self, views: dict, probs: dict[str, float], null_probability: float, leading: str) -> dict:
+        """Posterior-predictive median and 90 % band of alpha(t) for the leading model and for
+        all hypotheses (kinetic models with their probabilities ``probs``, and "no reaction",
+        alpha = 0, with ``null_probability``)."""
         times = self.predictive_times
 
         def curves(view: ParticleView, n_draws: int) -> np.ndarray:
@@ -394,9 +404,10 @@ class PayloadBuilder:
             return {"median": c[rows[1]].tolist(), "q05": c[rows[0]].tolist(), "q95": c[rows[2]].tolist()}
 
         lead = curves(views[leading], self.predictive_draws)
-        p = np.array([probs[m] for m in self.models])
-        alloc = np.bincount(systematic_indices(p, 2 * self.predictive_draws, 0.5), minlength=len(self.models))
-        mix = np.concatenate([curves(views[m], int(c)) for m, c in zip(self.models, alloc) if c > 0])
+        p = np.array([probs[m] for m in self.models] + [null_probability])
+        alloc = np.bincount(systematic_indices(p, 2 * self.predictive_draws, 0.5), minlength=p.size)
+        mix = np.concatenate([curves(views[m], int(c)) for m, c in zip(self.models, alloc) if c > 0]
+                             + [np.zeros((int(alloc[-1]), times.size))])
         return {"time_s": times.tolist(), "leading": bands(lead), "model_averaged": bands(mix)}
 
     def build(self, views: dict, frame_index: int, time_s: float, readout_s: float, n_frames: int,
@@ -417,7 +428,8 @@ class PayloadBuilder:
             models[name] = {"log_evidence": float(view.log_evidence), "log_evidence_se": view.log_evidence_se,
                             "probability": probs[name], "stale": name in stale_models,
                             "params": self.summaries(view, memo), "diagnostics": {**view.diagnostics, "ess": view.ess}}
-        active = {m: probs[m] for m in self.models if probs[m] > NEGLIGIBLE_PROBABILITY}
+        given_reaction = self.given_reaction(views)
+        active = {m: given_reaction[m] for m in self.models if given_reaction[m] > NEGLIGIBLE_PROBABILITY}
         histograms = {}
         for param, edges in (("t0", self.t0_edges), ("k", self.k_edges)):
             histograms[param] = {
@@ -440,6 +452,6 @@ class PayloadBuilder:
             "models": models,
             "model_averaged": self.model_averaged(views, probs, params=("t0",), memo=memo),
             "histograms": histograms,
-            "predictive": self._predictive(views, probs, leading),
+            "predictive": self._predictive(views, probs, null_probability, leading),
             "alert": alert,
         }
