@@ -9,8 +9,9 @@ panel first shows each frame, and when the alert banner becomes visible (the wat
 tests/test_dashboard_browser.py). Printed:
 
 * page latency, publication -> on the page: p50 / p95 / max over the exact posteriors, and over
-  the frames of the "now" panel (estimate or exact posterior of that frame or a later one; a
-  stale estimate is not shown as a posterior, so its frame waits for the next exact one);
+  the frames of the "now" panel (estimate or exact posterior of that frame or a later one);
+  stale estimates are counted apart: they are not shown as posteriors (the page keeps the
+  newest exact posterior, labelled), so they have no latency of their own;
 * alert-banner latency: alert published -> banner visible;
 * CPU of the dashboard server process per frame (ms of CPU per published frame, and % of one
   core over the series), of Chromium (all its processes), and of the fake detector per frame
@@ -53,20 +54,9 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------------------------- processes
-def _group_processes(pgid: int) -> dict[int, str]:
-    """pid -> command line of the live processes in process group ``pgid``."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[2]) == pgid:
-                found[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, ValueError):
-            continue
-    return found
+def _stage_pids(demo_pid: int, stage: str) -> list[int]:
+    """The processes of one stage of a `beamkin demo` (started as `... beamkin STAGE ...`)."""
+    return [pid for pid in _descendants(demo_pid) if f"beamkin {stage}" in _cmdline(pid)]
 
 
 def _descendants(root: int) -> list[int]:
@@ -132,6 +122,7 @@ def serve_baseline(endpoint: str, port: int, refresh_hz: float) -> None:
         banner = Div(text="alert", name="alert_banner", visible=False)
         fig = figure(height=250, sizing_mode="stretch_width")
         fig.line("time_s", "onset_probability", source=history)
+        fig.scatter("frame_index", "frame_index", source=now, visible=False)  # keeps `now` in the document
         seen = {"history": 0, "series": None, "posterior": -1}
 
         def refresh() -> None:
@@ -192,6 +183,7 @@ def watched_run(particles: int, refresh_hz: float, baseline: bool) -> dict:
         url = f"http://127.0.0.1:{baseline_port}/"
     published: dict[str, dict[int, float]] = {"posterior": {}, "now": {}}
     alert_at = None
+    stale = 0
     try:
         _wait_http(url, 120)
         with sync_playwright() as pw:
@@ -202,8 +194,8 @@ def watched_run(particles: int, refresh_hz: float, baseline: bool) -> dict:
                                    "Bokeh.documents[0].get_model_by_name('onset_history') !== null", timeout=60000)
             page.evaluate(JS_WATCH)
             chromium = [pid for pid in _descendants(os.getpid()) if "chrom" in _cmdline(pid)]
-            dashboard_pids = [pid for pid, cmd in _group_processes(demo.pid).items() if " dashboard" in cmd]
-            simulator_pids = [pid for pid, cmd in _group_processes(demo.pid).items() if " simulate" in cmd]
+            dashboard_pids = _stage_pids(demo.pid, "dashboard")
+            simulator_pids = _stage_pids(demo.pid, "simulate")
             if server is not None:
                 dashboard_pids = [server.pid]
             cpu_start = {"dashboard": None, "chromium": None, "simulator": None}
@@ -217,8 +209,7 @@ def watched_run(particles: int, refresh_hz: float, baseline: bool) -> dict:
                 now = time.time()
                 if message.type == "fraction":
                     if cpu_start["dashboard"] is None:
-                        simulator_pids = simulator_pids or [pid for pid, cmd in _group_processes(demo.pid).items()
-                                                            if " simulate" in cmd]
+                        simulator_pids = simulator_pids or _stage_pids(demo.pid, "simulate")
                         cpu_start = {"dashboard": cpu_seconds(dashboard_pids), "chromium": cpu_seconds(chromium),
                                      "simulator": cpu_seconds(simulator_pids)}
                         first_frame = time.monotonic()
@@ -227,7 +218,10 @@ def watched_run(particles: int, refresh_hz: float, baseline: bool) -> dict:
                     cpu_end = {"dashboard": cpu_seconds(dashboard_pids), "chromium": cpu_seconds(chromium),
                                "simulator": cpu_seconds(simulator_pids)}
                 elif message.type in ("posterior", "estimate"):
-                    published["now"].setdefault(message.frame_index, now)
+                    if message.fields.get("stale"):
+                        stale += 1  # not to be shown as a posterior: its frame waits for an exact one
+                    else:
+                        published["now"].setdefault(message.frame_index, now)
                     if message.type == "posterior":
                         published["posterior"][message.frame_index] = now
                 elif message.type == "alert" and alert_at is None:
@@ -256,15 +250,16 @@ def watched_run(particles: int, refresh_hz: float, baseline: bool) -> dict:
         "exact": np.array(exact), "now": np.array(now_latency),
         "exact_missed": len(published["posterior"]) - len(exact), "now_missed": len(published["now"]) - len(now_latency),
         "banner": None if seen["banner"] is None or alert_at is None else seen["banner"] / 1000.0 - alert_at,
-        "frames": frames, "span_s": span,
+        "frames": frames, "span_s": span, "stale": stale, "alert_published": alert_at is not None,
         "cpu": {k: cpu_end[k] - cpu_start[k] for k in cpu_start} if frames else {},
     }
 
 
 def beamkin_baseline_process(endpoint: str, port: int, refresh_hz: float):
     import subprocess
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "bench_dashboard_baseline.log", "w")
     return subprocess.Popen([sys.executable, __file__, "--serve-baseline", endpoint, str(port), str(refresh_hz)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _describe(name: str, values: np.ndarray) -> str:
@@ -295,9 +290,13 @@ def main() -> None:
     for name, run in runs.items():
         print(f"\n{name} page")
         print("  " + _describe("exact posterior -> page", run["exact"]) + f" ({run['exact_missed']} never shown)")
-        print("  " + _describe("'now' panel per frame", run["now"]) + f" ({run['now_missed']} never shown)")
+        print("  " + _describe("'now' panel per frame", run["now"])
+              + f" ({run['now_missed']} never shown; {run['stale']} stale estimates not counted)")
         banner = run["banner"]
-        print(f"  alert banner: {'not shown' if banner is None else f'{banner:.3f} s after the alert'}")
+        if run["alert_published"]:
+            print(f"  alert banner: {'not shown' if banner is None else f'{banner:.3f} s after the alert'}")
+        else:
+            print("  alert banner: no alert was published in this run")
         cpu, frames = run["cpu"], max(run["frames"], 1)
         if cpu:
             print(f"  dashboard server CPU {1e3 * cpu['dashboard'] / frames:.1f} ms per frame "

@@ -49,7 +49,6 @@ import numpy as np
 from bokeh.document import Document
 from bokeh.layouts import column, row
 from bokeh.models import (
-    BoxAnnotation,
     ColorBar,
     ColumnDataSource,
     Div,
@@ -72,6 +71,9 @@ FOLLOW_LATEST = "(follow latest series)"
 #: The context panels (latest pattern, heat map) are redrawn at most this often (seconds): they
 #: are the largest payloads and are not the posterior; the posterior panels follow max_refresh_hz.
 CONTEXT_MIN_INTERVAL_S = 1.0
+#: The trends over time (t0, k and model probabilities against time) likewise; the posterior of
+#: the newest frame (text, bars, alpha(t), onset probability, histograms) is never held back.
+TRENDS_MIN_INTERVAL_S = 1.0
 
 COLOR_DATA = "#1f1f1f"
 COLOR_FLAGGED = "#9e9e9e"
@@ -217,6 +219,19 @@ def _mass_range(quads: dict[str, np.ndarray], log_scale: bool, mass: float = 0.9
     return lo - pad, hi + pad
 
 
+def _follow(axis_range: Range1d, low: float, high: float, log_scale: bool) -> None:
+    """Move ``axis_range`` to [low, high] only when either end is off by more than 15 % of the
+    width (each change is a message and a repaint; small shifts are not worth one)."""
+    if not (math.isfinite(low) and math.isfinite(high) and high > low):
+        return
+    f = (lambda v: math.log10(v) if v and v > 0 else -math.inf) if log_scale else (lambda v: v)
+    width = f(high) - f(low)
+    start, end = axis_range.start, axis_range.end
+    if start is None or end is None or not (abs(f(start) - f(low)) <= 0.15 * width
+                                            and abs(f(end) - f(high)) <= 0.15 * width):
+        axis_range.update(start=low, end=high)
+
+
 def _frames_behind(posterior: dict[str, Any] | None) -> int | None:
     value = ((posterior or {}).get("diagnostics") or {}).get("frames_behind")
     return value if isinstance(value, int) and not isinstance(value, bool) else None
@@ -303,10 +318,11 @@ class DashboardSession:
                     marker=factor_mark("state", ["circle", "x"], ["ok", "flagged"]), legend_label="α ± σ (data)")
         self.span_ts = Span(location=0, dimension="height", line_color=COLOR_TS, line_width=2, line_dash="dotted",
                             visible=False)
-        self.span_t0 = Span(location=0, dimension="height", line_color=COLOR_LEADING, line_width=2, visible=False)
-        self.box_t0 = BoxAnnotation(left=0, right=0, fill_color=COLOR_LEADING, fill_alpha=0.12, visible=False)
-        for annotation in (self.box_t0, self.span_ts, self.span_t0):
-            fig.add_layout(annotation)
+        # t0 (all models): mean and 90 % interval, one source for this plot and the t0 posterior
+        self.src_t0_marks = ColumnDataSource({"mean": [], "q05": [], "q95": []}, name="t0_marks")
+        fig.vstrip("q05", "q95", source=self.src_t0_marks, fill_color=COLOR_LEADING, fill_alpha=0.12, line_alpha=0)
+        fig.vspan("mean", source=self.src_t0_marks, line_color=COLOR_LEADING, line_width=2)
+        fig.add_layout(self.span_ts)
         _legend(fig)
         fig.hover.tooltips = [("t", "@time_s{0.000} s"), ("α", "@alpha{0.000}"), ("frame", "@frame_index")]
         self.fig_alpha = fig
@@ -344,8 +360,9 @@ class DashboardSession:
         # t0 over time: model-averaged median and 90 % band (t0 means the same in every model)
         fig = _figure("Onset time t0 over time (all models: median, 90 % band)", "time since series start (s)",
                       "t0 (s)", x_range=self.time_range)
-        fig.varea("time_s", "t0_q05", "t0_q95", source=self.src_history, fill_color=COLOR_AVERAGED, fill_alpha=0.25)
-        fig.line("time_s", "t0_q50", source=self.src_history, color=COLOR_AVERAGED, line_width=2)
+        self.src_t0_history = ColumnDataSource(_empty(self.HISTORY_COLUMNS), name="t0_history")
+        fig.varea("time_s", "t0_q05", "t0_q95", source=self.src_t0_history, fill_color=COLOR_AVERAGED, fill_alpha=0.25)
+        fig.line("time_s", "t0_q50", source=self.src_t0_history, color=COLOR_AVERAGED, line_width=2)
         self.fig_t0_time = fig
 
         # k over time: one model's k (the model leading now), log axis, quantile band (never below 0)
@@ -398,11 +415,8 @@ class DashboardSession:
                  legend_label="all models")
         fig.quad(left="left", right="right", top="top", bottom="bottom", source=self.src_t0_lead, fill_alpha=0,
                  line_color=COLOR_LEADING, line_width=1.5, legend_label="leading model")
-        self.box_t0_hist = BoxAnnotation(left=0, right=0, fill_color=COLOR_AVERAGED, fill_alpha=0.12, visible=False)
-        self.span_t0_hist = Span(location=0, dimension="height", line_color=COLOR_AVERAGED, line_width=2,
-                                 line_dash="dashed", visible=False)
-        fig.add_layout(self.box_t0_hist)
-        fig.add_layout(self.span_t0_hist)
+        fig.vstrip("q05", "q95", source=self.src_t0_marks, fill_color=COLOR_AVERAGED, fill_alpha=0.12, line_alpha=0)
+        fig.vspan("mean", source=self.src_t0_marks, line_color=COLOR_AVERAGED, line_width=2, line_dash="dashed")
         _legend(fig, "top_right")
         self.fig_t0_hist = fig
 
@@ -452,6 +466,8 @@ class DashboardSession:
         self.n_fractions = 0
         self.n_history = 0
         self.n_k_history = 0
+        self.n_t0_history = 0
+        self.trends_sent_at = -math.inf
         self.n_model_history = 0
         self.pattern_version = -1
         self.reference_frames: tuple[Any, Any] = (None, None)
@@ -508,6 +524,8 @@ class DashboardSession:
         self._reset_counters()
         self.src_alpha.data = _empty(self.ALPHA_COLUMNS)
         self.src_history.data = _empty(self.HISTORY_COLUMNS)
+        self.src_t0_history.data = _empty(self.HISTORY_COLUMNS)
+        self.src_t0_marks.data = {"mean": [], "q05": [], "q95": []}
         self.src_pred.data = _empty(self.PREDICTIVE_COLUMNS)
         self.src_k_history.data = {"frame_index": [], "time_s": []}
         self.k_band.visible = self.k_line.visible = False
@@ -545,7 +563,11 @@ class DashboardSession:
         update["frame_rate_hz"] = series.frame_rate_hz()
         update["ess_min"] = series.history.last("ess_min")
         update["status"] = {k: dict(v) for k, v in series.status.items()}
-        if series.version == self.series_version and not context_due:
+        # the trends over time (t0, k, model probabilities) follow at most once a second
+        trends_due = ((now - self.trends_sent_at >= TRENDS_MIN_INTERVAL_S or series.ended is not None)
+                      and (series.history.total, series.k_history.total, series.model_history.total)
+                      != (self.n_t0_history, self.n_k_history, self.n_model_history))
+        if series.version == self.series_version and not context_due and not trends_due:
             return update
         self.series_version = series.version
         update["start"] = dict(series.start)
@@ -555,10 +577,14 @@ class DashboardSession:
             update["fractions"], self.n_fractions = series.fractions.rows_since(self.n_fractions)
         if series.history.total != self.n_history:
             update["history"], self.n_history = series.history.rows_since(self.n_history)
-        if series.k_history.total != self.n_k_history:
-            update["k_history"], self.n_k_history = series.k_history.rows_since(self.n_k_history)
-        if series.model_history.total != self.n_model_history:
-            update["model_history"], self.n_model_history = series.model_history.rows_since(self.n_model_history)
+        if trends_due:
+            self.trends_sent_at = now
+            if series.history.total != self.n_t0_history:
+                update["t0_history"], self.n_t0_history = series.history.rows_since(self.n_t0_history)
+            if series.k_history.total != self.n_k_history:
+                update["k_history"], self.n_k_history = series.k_history.rows_since(self.n_k_history)
+            if series.model_history.total != self.n_model_history:
+                update["model_history"], self.n_model_history = series.model_history.rows_since(self.n_model_history)
         if context_due and series.pattern_version != self.pattern_version:
             self.pattern_version = series.pattern_version
             update["pattern"] = series.latest_pattern
@@ -590,6 +616,9 @@ class DashboardSession:
         self._fit_time_range(start, float(np.nanmax(times)) if times is not None and len(times) else None)
         if "history" in update:
             self._stream_history(update["history"])
+        if "t0_history" in update:
+            self.src_t0_history.stream({name: update["t0_history"][name] for name in self.HISTORY_COLUMNS},
+                                       rollover=HISTORY_CAPACITY)
         if "model_history" in update:
             self._stream_model_history(update["model_history"])
         if "k_history" in update:
@@ -676,8 +705,12 @@ class DashboardSession:
         self.src_model_history.stream(rows, rollover=HISTORY_CAPACITY)
         names = [name for name in self.src_model_history.data if name != "time_s"]
         palette = Category20_20 if len(names) > 10 else Category10_10
-        with self.doc.models.freeze():  # one model-graph update for all new lines, not one per line
-            self._add_model_lines(names, palette)
+        if any(name not in self._model_lines for name in names):
+            with self.doc.models.freeze():  # one model-graph update for all new lines, not one per line
+                self._add_model_lines(names, palette)
+        for name in names:
+            if not self._model_lines[name].visible:
+                self._model_lines[name].visible = True
 
     def _add_model_lines(self, names: list[str], palette: Any) -> None:
         for i, name in enumerate(names):
@@ -688,7 +721,6 @@ class DashboardSession:
                                                    color=color, legend_label=name,
                                                    line_dash="dotdash" if name == NO_REACTION else "solid")
                 self._model_lines[name] = line
-            line.visible = True
 
     def _show_pattern(self, update: dict[str, Any]) -> None:
         unit = update.get("unit", "2th_deg")
@@ -785,7 +817,7 @@ class DashboardSession:
         if t0_hist.get("edges") and t0_hist.get("model_averaged") is not None:
             quads = _hist_quads(t0_hist["edges"], t0_hist["model_averaged"])
             self._patch_or_replace(self.src_t0_avg, "t0", t0_hist["edges"], quads)
-            self.fig_t0_hist.x_range.update(**dict(zip(("start", "end"), _mass_range(quads, log_scale=False))))
+            _follow(self.fig_t0_hist.x_range, *_mass_range(quads, log_scale=False), log_scale=False)
         if t0_hist.get("edges") and t0_hist.get("leading") is not None:
             self._patch_or_replace(self.src_t0_lead, "t0_lead", t0_hist["edges"],
                                    _hist_quads(t0_hist["edges"], t0_hist["leading"]))
@@ -793,13 +825,10 @@ class DashboardSession:
         if k_hist.get("edges") and k_hist.get("leading") is not None and min(k_hist["edges"]) > 0:
             quads = _hist_quads(k_hist["edges"], density_per_log10(k_hist["edges"], k_hist["leading"]))
             self._patch_or_replace(self.src_k_lead, "k_lead", k_hist["edges"], quads)
-            self.fig_k_hist.x_range.update(**dict(zip(("start", "end"), _mass_range(quads, log_scale=True))))
+            _follow(self.fig_k_hist.x_range, *_mass_range(quads, log_scale=True), log_scale=True)
         t0 = (posterior.get("model_averaged") or {}).get("t0") or {}
         if all(isinstance(t0.get(k), (int, float)) for k in ("mean", "q05", "q95")):
-            self.span_t0.location = self.span_t0_hist.location = t0["mean"]
-            self.box_t0.left, self.box_t0.right = t0["q05"], t0["q95"]
-            self.box_t0_hist.left, self.box_t0_hist.right = t0["q05"], t0["q95"]
-            self.span_t0.visible = self.box_t0.visible = self.span_t0_hist.visible = self.box_t0_hist.visible = True
+            self.src_t0_marks.data = {"mean": [t0["mean"]], "q05": [t0["q05"]], "q95": [t0["q95"]]}
 
         leading = posterior.get("leading_model")
         models = posterior.get("models") or {}

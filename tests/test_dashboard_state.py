@@ -115,7 +115,8 @@ def test_session_streams_increments_and_follows_series(pipeline_messages):
     assert "lag s" not in session.health.text and "posterior lag" not in session.health.text
     assert session.span_alert.visible and session.span_alert.location == alert["time_s"]
     assert session.span_ts.visible and session.span_ts.location == GAS_TIME_S
-    assert session.box_t0.left < session.span_t0.location < session.box_t0.right
+    marks = session.src_t0_marks.data
+    assert marks["q05"][0] < marks["mean"][0] < marks["q95"][0]
     assert set(session.src_model_history.data) - {NO_REACTION} == {"time_s", *DEMO_MODELS}
     assert "(ended (completed))" in session.header.text
 
