@@ -111,13 +111,13 @@ def test_stated_evidence_error_against_the_spread_over_seeds():
     1 / sqrt(2 * 39) = 11 %).  The stated error is the sum over resampling segments of each
     segment's importance-sampling variance (inference.population); it leaves out the error that
     resampling carries from one segment into the next, so it falls short of the spread: measured
-    0.80 (F1) and 0.64 (A2) of it here.  Asserted: never above the spread by more than 30 %, and
+    0.80 (F1) and 0.67 (A2) of it here (full moves for both: a light model states no error).  Asserted: never above the spread by more than 30 %, and
     at least half of it (the issue's target, within 30 % either way, is not met)."""
     t, y = paper_like(seed=5)
     evidences, stated = {m: [] for m in ("F1", "A2")}, {m: [] for m in ("F1", "A2")}
     for seed in range(40):
         sampler = OnlineInference(models=("F1", "A2"), priors=Priors.for_series(N_FRAMES * FRAME_S),
-                                  n_particles=256, seed=100 + seed, null_prior=0.0)
+                                  n_particles=256, seed=100 + seed, null_prior=0.0, light_probability=0.0)
         for j in range(N_FRAMES):
             sampler.assimilate(j, float(t[j]), EXPOSURE_S, float(y[j]), 0.02)
         for name, model in sampler.result()["models"].items():
