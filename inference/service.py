@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -30,19 +31,57 @@ log = logging.getLogger(__name__)
 
 STATUS_PERIOD_S = 1.0
 EARLY_FRAMES_KEPT = 1000  # fractions held for a series whose start has not arrived yet
+EARLY_SERIES_KEPT = 8  # series whose fractions are held before their start (the rest are dropped)
+FINISHED_SERIES_KEPT = 8  # finished series kept to publish their late fractions; older ones are closed
+CLOSED_SERIES_REMEMBERED = 10_000  # ids of closed series (their late messages are recognised)
 PATTERNS_REMEMBERED = 100_000  # (series, frame) keys kept to publish each pattern once
 
 
-def make_engine(inference_config: dict[str, Any], start: protocol.Message | None):
-    """The sampler for one series, with the t0 prior window taken from its start message."""
+def series_window(inference_config: dict[str, Any], start) -> tuple[float, float | None, list[str]]:
+    """The t0 prior window of a series from its start message: (end of the window in s, ts in s
+    or None, problems found).  Start fields that would make the priors impossible are not
+    raised: a frame time or count that is not positive and finite gives the window of a series
+    of unknown length (``max_series_s``); a gas time ts that is negative, not finite or not
+    before the window's end is ignored (t0 from the series start)."""
+    problems = []
+    max_series_s = float(inference_config["max_series_s"])
+    series_end_s = max_series_s
+    if start is not None and start.get("n_frames"):
+        n_frames, frame_time_s = start.get("n_frames"), start.get("frame_time_s")
+        try:
+            end = float(n_frames) * float(frame_time_s)
+        except (TypeError, ValueError, OverflowError):
+            end = math.nan
+        if math.isfinite(end) and end > 0.0:
+            series_end_s = end
+        else:
+            problems.append(f"n_frames = {n_frames!r} x frame_time_s = {frame_time_s!r} is not a series length: "
+                            f"t0 window up to max_series_s = {max_series_s} s")
+    gas_time_s = start.get("gas_time_s") if start is not None else None
+    if gas_time_s is not None:
+        try:
+            gas = float(gas_time_s)
+        except (TypeError, ValueError):
+            gas = math.nan
+        if not (math.isfinite(gas) and 0.0 <= gas < series_end_s):
+            problems.append(f"gas_time_s = {gas_time_s!r} is not within the series window [0, {series_end_s}) s: "
+                            "ignored, t0 window from the series start")
+            gas_time_s = None
+        else:
+            gas_time_s = gas
+    return series_end_s, gas_time_s, problems
+
+
+def make_engine(inference_config: dict[str, Any], start):
+    """The sampler for one series, with the t0 prior window taken from its start message
+    (``series_window``; its problems are logged as warnings)."""
     from inference.priors import Priors
     from inference.smc import OnlineInference
 
-    gas_time_s = start.get("gas_time_s") if start is not None else None
-    if start is not None and start.get("n_frames"):
-        series_end_s = start["n_frames"] * float(start["frame_time_s"])
-    else:
-        series_end_s = float(inference_config["max_series_s"])
+    series_end_s, gas_time_s, problems = series_window(inference_config, start)
+    series_id = start["series_id"] if start is not None else None
+    for problem in problems:
+        log.warning("start message: %s", problem, extra={"series_id": series_id})
     priors = Priors.from_mapping(inference_config.get("priors", {}),
                                  base=Priors.for_series(series_end_s, gas_time_s))
     return OnlineInference(
@@ -55,7 +94,7 @@ def make_engine(inference_config: dict[str, Any], start: protocol.Message | None
         histogram_bins=int(inference_config["histogram_bins"]),
         alert_threshold=float(inference_config["alert_threshold"]),
         alert_consecutive=int(inference_config["alert_consecutive"]),
-        gas_time_s=gas_time_s, series_id=start["series_id"] if start is not None else None,
+        gas_time_s=gas_time_s, series_id=series_id,
         null_prior=float(inference_config.get("null_prior", 0.5)),
         threads=int(inference_config.get("model_threads", 0)) or (os.cpu_count() or 1),
     )
@@ -69,6 +108,11 @@ class SeriesInference:
 
         self.series_id = start["series_id"]
         self.live = LiveInference(make_engine(config, start), ess_floor=float(config.get("ess_floor", 0.05)))
+        n_frames = start.get("n_frames")
+        #: frames the start announced (None: unknown); indices beyond are rejected at the door
+        self.n_frames_announced = n_frames if isinstance(n_frames, int) and n_frames > 0 else None
+        self.end_reason = "completed"  # the source's reason, from its end message
+        self.last_active = time.monotonic()
         self.received_unix_s: dict[int, float] = {}  # frame -> streamer receipt, until its posterior
         self.buffer = ReorderBuffer(int(config["reorder_window"]), float(config["missing_timeout_s"]))
         self.counters = collections.Counter()
@@ -95,7 +139,11 @@ class InferenceStage:
         self.pub = publisher
         self.stop = stop
         self.series: dict[str, SeriesInference] = {}
-        self.early: dict[str, list[protocol.Message]] = collections.defaultdict(list)
+        self.early: dict[str, list[protocol.Message]] = {}
+        #: series no longer held (finished long ago, rejected or aborted): their late messages are
+        #: published and counted, never assimilated (insertion-ordered, bounded)
+        self.closed: dict[str, str] = {}
+        self._warned: set[tuple[str, str]] = set()  # (series, kind): warned once per series
         # frames released by the reorder buffers, waiting for the sampler (received promptly,
         # processed one at a time, so the socket is drained between two sampler updates)
         self.work: collections.deque = collections.deque()
@@ -110,6 +158,27 @@ class InferenceStage:
     def publish(self, message: protocol.Message) -> None:
         sockets.publish(self.pub, message, self.stop)
 
+    def handle_safely(self, message: protocol.Message) -> None:
+        """``handle``, with any error logged (naming the message), counted and survived: one
+        message never stops the stage."""
+        try:
+            self.handle(message)
+        except Exception as exc:  # noqa: BLE001 - the stage lives on
+            self.counters["handler_errors"] += 1
+            log.error("%s message could not be handled: %s: %s", message.type, type(exc).__name__, exc,
+                      extra={"series_id": message.get("series_id"), "frame_index": message.get("frame_index")})
+
+    def _warn_once(self, series_id: str, kind: str, text: str, *args, frame_index: int | None = None) -> None:
+        """A WARNING the first time ``kind`` happens in a series, then only the counter."""
+        self.counters[kind] += 1
+        if (series_id, kind) in self._warned:
+            return
+        if len(self._warned) > CLOSED_SERIES_REMEMBERED:
+            self._warned.clear()
+        self._warned.add((series_id, kind))
+        log.warning(text + " (warned once per series; counted as %s)", *args, kind,
+                    extra={"series_id": series_id, "frame_index": frame_index})
+
     # -- message handling --------------------------------------------------------------
     def handle(self, message: protocol.Message) -> None:
         kind = message.type
@@ -120,13 +189,7 @@ class InferenceStage:
         elif kind == "fraction":
             self._fraction(message)
         elif kind == "end":
-            series = self.series.get(message["series_id"])
-            if series is None:
-                log.warning("end of a series that never started", extra={"series_id": message["series_id"]})
-                return
-            log.info("series ended by the source after %d frames (%s)", message["n_frames"], message["reason"],
-                     extra={"series_id": series.series_id})
-            self._released(series, series.buffer.end(message["n_frames"]))
+            self._end(message)
         elif kind == "status":
             self.publish(message)
         else:
@@ -135,11 +198,25 @@ class InferenceStage:
 
     def _start(self, start: protocol.Message) -> None:
         series_id = start["series_id"]
-        if series_id in self.series:
-            log.warning("duplicate start message ignored", extra={"series_id": series_id})
+        if series_id in self.series or series_id in self.closed:
+            self._warn_once(series_id, "duplicate_starts", "duplicate start message ignored")
             return
+        open_series = [s for s in self.series.values() if not s.finished]
+        cap = int(self.inference_config.get("max_open_series", 4))
+        if len(open_series) >= cap:  # the least recently active gives way
+            oldest = min(open_series, key=lambda s: s.last_active)
+            self._abort(oldest, f"aborted: more than max_open_series = {cap} series open, superseded by {series_id}")
         began = time.perf_counter()
-        series = self.series[series_id] = SeriesInference(start, self.inference_config)
+        try:
+            series = SeriesInference(start, self.inference_config)
+        except ValueError as exc:  # settings that give no sampler for this series: say so, keep the stage
+            self.counters["series_rejected"] += 1
+            self._close(series_id, "rejected")
+            log.error("series rejected: %s", exc, extra={"series_id": series_id})
+            self.publish(start)
+            self.publish(protocol.make("end", series_id=series_id, n_frames=0, reason=f"rejected: {exc}"))
+            return
+        self.series[series_id] = series
         log.info("series started: models %s, %d particles, t0 prior window from %s (%.2f s to set up)",
                  ",".join(self.inference_config["models"]), self.inference_config["particles"],
                  "ts" if start.get("gas_time_s") is not None else "series start",
@@ -161,25 +238,76 @@ class InferenceStage:
         self.publish(pattern)
 
     def _fraction(self, fraction: protocol.Message) -> None:
-        series = self.series.get(fraction["series_id"])
+        series_id, index = fraction["series_id"], fraction["frame_index"]
+        series = self.series.get(series_id)
         if series is None:
-            early = self.early[fraction["series_id"]]
+            if series_id in self.closed:  # kept in the published stream (and the recording), not assimilated
+                self.publish(fraction)
+                self._warn_once(series_id, "frames_after_close", "fraction of a %s series published, not used",
+                                self.closed[series_id], frame_index=index)
+                return
+            early = self.early.get(series_id)
+            if early is None and len(self.early) >= EARLY_SERIES_KEPT:
+                self._warn_once(series_id, "frames_without_start_dropped",
+                                "fraction for a series without start message dropped (%d series already wait "
+                                "for their start)", len(self.early), frame_index=index)
+                return
+            early = self.early.setdefault(series_id, [])
             if len(early) < EARLY_FRAMES_KEPT:
                 early.append(fraction)
             else:
-                self.counters["frames_without_start_dropped"] += 1
-                log.error("fraction for a series without start message dropped (buffer full)",
-                          extra={"series_id": fraction["series_id"], "frame_index": fraction["frame_index"]})
+                self._warn_once(series_id, "frames_without_start_dropped",
+                                "fraction for a series without start message dropped (buffer full)", frame_index=index)
             return
-        self._released(series, series.buffer.add(fraction["frame_index"], fraction))
+        series.last_active = time.monotonic()
+        limit = series.n_frames_announced
+        window = int(self.inference_config.get("frame_index_window", 1024))
+        if limit is None:
+            limit = series.buffer.next_index + len(series.buffer.held) + window
+        if index >= limit:
+            self.publish(fraction)
+            series.counters["frames_out_of_range"] += 1
+            self._warn_once(series_id, "frames_out_of_range",
+                            "frame index %d beyond the series (%s): published, not used", index,
+                            f"{series.n_frames_announced} frames announced" if series.n_frames_announced
+                            else f"more than {window} past the next frame expected", frame_index=index)
+            return
+        self._released(series, series.buffer.add(index, fraction))
+
+    def _end(self, end: protocol.Message) -> None:
+        series = self.series.get(end["series_id"])
+        if series is None:
+            self._warn_once(end["series_id"], "ends_without_series", "end of a series that is not open")
+            return
+        series.end_reason = end["reason"]
+        # frames the series can have held: at most those announced, else those that arrived
+        n_frames = end["n_frames"]
+        ceiling = series.n_frames_announced or (series.buffer.next_index + len(series.buffer.held)
+                                                + (max(series.buffer.held) + 1 - series.buffer.next_index
+                                                   if series.buffer.held else 0))
+        if n_frames > ceiling:
+            log.warning("end says %d frames, the series can have %d: %d taken", n_frames, ceiling, ceiling,
+                        extra={"series_id": series.series_id})
+            n_frames = ceiling
+        log.info("series ended by the source after %d frames (%s)", n_frames, end["reason"],
+                 extra={"series_id": series.series_id})
+        self._released(series, series.buffer.end(n_frames))
 
     def idle(self) -> None:
         """Nothing to assimilate: prepare the next estimate from the newest exact posterior,
-        let timeouts release gaps."""
+        let timeouts release gaps, end series that have been idle too long."""
+        idle_s = float(self.inference_config.get("series_idle_s", 600.0))
+        now = time.monotonic()
         for series in list(self.series.values()):
-            if not series.finished:
-                series.live.prepare()
-                self._released(series, series.buffer.poll())
+            if series.finished:
+                continue
+            if not series.live.caught_up:
+                series.last_active = now
+            elif idle_s > 0 and now - series.last_active > idle_s:
+                self._abort(series, f"aborted: no frame for {idle_s:.0f} s (series_idle_s)")
+                continue
+            series.live.prepare()
+            self._released(series, series.buffer.poll())
 
     def sampling(self) -> bool:
         """True while an exact sampler has frames to assimilate."""
@@ -298,15 +426,18 @@ class InferenceStage:
         self.publish(protocol.make("end", series_id=series.series_id, n_frames=series.buffer.end_index or 0,
                                    reason="aborted"))
         self.finished_series += 1
+        self._close_old_finished()
 
     def _finish(self, series: SeriesInference) -> None:
         series.finished = True
         result = series.live.result()
         result["series_id"] = series.series_id
         result["diagnostics"] = series.diagnostics()
+        result["end_reason"] = series.end_reason
         self.publish(protocol.make("result", series_id=series.series_id, result=result))
         n_frames = series.buffer.end_index or 0
-        self.publish(protocol.make("end", series_id=series.series_id, n_frames=n_frames, reason="completed"))
+        # the source's reason: a series it aborted is not republished as completed
+        self.publish(protocol.make("end", series_id=series.series_id, n_frames=n_frames, reason=series.end_reason))
         averaged = result["model_averaged"]
         leading = result["leading_model"]
         k = result["models"][leading]["params"]["k"]
@@ -322,6 +453,33 @@ class InferenceStage:
             Path(path).write_text(json.dumps(result, indent=2))
             log.info("result written to %s", path, extra={"series_id": series.series_id})
         self.finished_series += 1
+        self._close_old_finished()
+
+    def _abort(self, series: SeriesInference, reason: str) -> None:
+        """End an open series that cannot go on (``reason`` says why), keep the stage."""
+        series.finished = True
+        series.live.close()
+        self.counters["series_aborted"] += 1
+        log.error("series %s", reason, extra={"series_id": series.series_id})
+        self.publish(protocol.make("status", stage="inference", series_id=series.series_id,
+                                   counters={**series.diagnostics(), "error": reason}))
+        self.publish(protocol.make("end", series_id=series.series_id,
+                                   n_frames=series.buffer.end_index or series.buffer.next_index, reason=reason))
+        self.finished_series += 1
+        self._close_old_finished()
+
+    def _close(self, series_id: str, why: str) -> None:
+        self.closed[series_id] = why
+        while len(self.closed) > CLOSED_SERIES_REMEMBERED:
+            self.closed.pop(next(iter(self.closed)))
+
+    def _close_old_finished(self) -> None:
+        """Keep the newest FINISHED_SERIES_KEPT finished series (their late fractions are still
+        published as theirs); older ones are forgotten, their ids remembered as closed."""
+        finished = [s for s in self.series.values() if s.finished]
+        for series in finished[:max(0, len(finished) - FINISHED_SERIES_KEPT)]:
+            del self.series[series.series_id]
+            self._close(series.series_id, "finished")
 
     def status(self) -> None:
         for series in self.series.values():
@@ -366,15 +524,19 @@ def run_inference(config: dict[str, Any], stop: threading.Event) -> int:
                     stage.counters["malformed_messages"] += 1
                     log.warning("malformed message rejected: %s", exc)
                     continue
-                stage.handle(message)
-        if stage.work:
-            stage.process_one()
-        else:
-            stage.idle()
-        stage.poll_exact()
-        if time.monotonic() - last_status >= STATUS_PERIOD_S:
-            last_status = time.monotonic()
-            stage.status()
+                stage.handle_safely(message)
+        try:
+            if stage.work:
+                stage.process_one()
+            else:
+                stage.idle()
+            stage.poll_exact()
+            if time.monotonic() - last_status >= STATUS_PERIOD_S:
+                last_status = time.monotonic()
+                stage.status()
+        except Exception as exc:  # noqa: BLE001 - one bad event never stops the stage
+            stage.counters["handler_errors"] += 1
+            log.exception("inference loop error survived: %s", exc)
         if once and stage.finished_series >= 1:
             break
     if stage.alert_dispatcher is not None:
