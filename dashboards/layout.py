@@ -74,6 +74,8 @@ CONTEXT_MIN_INTERVAL_S = 1.0
 #: The trends over time (t0, k and model probabilities against time) likewise; the posterior of
 #: the newest frame (text, bars, alpha(t), onset probability, histograms) is never held back.
 TRENDS_MIN_INTERVAL_S = 1.0
+#: The pipeline-health text likewise (staleness and the end of a series are shown at once).
+HEALTH_MIN_INTERVAL_S = 1.0
 
 COLOR_DATA = "#1f1f1f"
 COLOR_FLAGGED = "#9e9e9e"
@@ -268,6 +270,8 @@ class DashboardSession:
 
     def __init__(self, doc: Document, state: DashboardState, alert_threshold: float = 0.99,
                  max_refresh_hz: float = 5.0) -> None:
+        self.health_key: tuple = ()
+        self.health_sent_at = -math.inf
         if not 0.0 < alert_threshold <= 1.0:
             raise ValueError(f"alert_threshold must be in (0, 1], got {alert_threshold}")
         if not max_refresh_hz > 0:
@@ -517,7 +521,13 @@ class DashboardSession:
             self.select.options = options
         if update is not None:
             self._apply(update)
-        self._show_health(update or {}, global_status)
+        # the health text changes with every frame (rates, counters): at most once a second, but
+        # at once when the series ends or an estimate turns stale or fresh
+        key = (self.series_id, self.ended is not None, self.shown[1] is not None)
+        now = time.monotonic()
+        if key != self.health_key or now - self.health_sent_at >= HEALTH_MIN_INTERVAL_S:
+            self.health_key, self.health_sent_at = key, now
+            self._show_health(update or {}, global_status)
 
     def _switch_series(self, series_id: str) -> None:
         self.series_id = series_id
@@ -689,7 +699,7 @@ class DashboardSession:
             self.k_history_model = model
             self.k_band.glyph.update(y1=f"k_q05_{model}", y2=f"k_q95_{model}")
             self.k_line.glyph.y = f"k_q50_{model}"
-            self.fig_k_time.title.text = f"Rate constant k of {model} (leading now) over time: median, 90 % band"
+            self.fig_k_time.title.text = f"k of {model} (leading now) over time: median, 90 % band"
         self.k_band.visible = self.k_line.visible = True
 
     def _stream_model_history(self, rows: dict[str, np.ndarray]) -> None:
