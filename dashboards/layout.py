@@ -54,6 +54,7 @@ from bokeh.models import (
     Div,
     FactorRange,
     Legend,
+    LegendItem,
     LinearColorMapper,
     Range1d,
     Select,
@@ -74,6 +75,8 @@ CONTEXT_MIN_INTERVAL_S = 1.0
 #: The trends over time (t0, k and model probabilities against time) likewise; the posterior of
 #: the newest frame (text, bars, alpha(t), onset probability, histograms) is never held back.
 TRENDS_MIN_INTERVAL_S = 1.0
+#: Lines ready for the model-probability history: every rate law of inference.models and "no reaction".
+MODEL_LINE_SLOTS = 18
 #: The pipeline-health text likewise (staleness and the end of a series are shown at once).
 HEALTH_MIN_INTERVAL_S = 1.0
 
@@ -441,12 +444,16 @@ class DashboardSession:
                               ("90 %", "@q05{0.0000} – @q95{0.0000} 1/s")]
         self.fig_k_models = fig
 
-        # model probability history: one line per hypothesis, added as they appear
+        # model probability history: one line per hypothesis. The lines exist from the start
+        # (hidden): creating renderers while a series runs costs a model-graph rebuild on the
+        # server and new views in the browser just when the first posteriors arrive.
         self.src_model_history = ColumnDataSource({"time_s": []}, name="model_history")
         fig = _figure("Model probabilities over time", "time since series start (s)", "posterior probability",
                       x_range=self.time_range, y_range=Range1d(-0.03, 1.05))
-        fig.add_layout(Legend(label_text_font_size="8pt", spacing=0, padding=2, click_policy="hide"), "right")
-        fig.line(x=[], y=[])  # placeholder renderer until the first posterior names the models
+        self.model_legend = Legend(items=[], label_text_font_size="8pt", spacing=0, padding=2, click_policy="hide")
+        fig.add_layout(self.model_legend, "right")
+        self._slot_lines = [fig.line("time_s", "time_s", source=self.src_model_history, line_width=2,
+                                     color=Category20_20[i % 20], visible=False) for i in range(MODEL_LINE_SLOTS)]
         self.fig_model_history = fig
         self._model_lines: dict[str, Any] = {}
 
@@ -545,6 +552,8 @@ class DashboardSession:
         self.src_heat.data = {"image": [], "x": [], "y": [], "dw": [], "dh": []}
         for line in self._model_lines.values():
             line.visible = False
+        self._model_lines = {}
+        self.model_legend.items = []
         self.src_model_history.data = {"time_s": []}
         self.banner.visible = False
         self.span_alert.visible = False
@@ -714,23 +723,20 @@ class DashboardSession:
             rows.setdefault(name, np.full(len(rows["time_s"]), np.nan))
         self.src_model_history.stream(rows, rollover=HISTORY_CAPACITY)
         names = [name for name in self.src_model_history.data if name != "time_s"]
+        new = [name for name in names if name not in self._model_lines]
+        if not new:
+            return
         palette = Category20_20 if len(names) > 10 else Category10_10
-        if any(name not in self._model_lines for name in names):
-            with self.doc.models.freeze():  # one model-graph update for all new lines, not one per line
-                self._add_model_lines(names, palette)
-        for name in names:
-            if not self._model_lines[name].visible:
-                self._model_lines[name].visible = True
-
-    def _add_model_lines(self, names: list[str], palette: Any) -> None:
+        free = [line for line in self._slot_lines if line not in self._model_lines.values()]
         for i, name in enumerate(names):
-            line = self._model_lines.get(name)
-            if line is None:
-                color = COLOR_NULL if name == NO_REACTION else palette[i % len(palette)]
-                line = self.fig_model_history.line("time_s", name, source=self.src_model_history, line_width=2,
-                                                   color=color, legend_label=name,
-                                                   line_dash="dotdash" if name == NO_REACTION else "solid")
-                self._model_lines[name] = line
+            if name in self._model_lines or not free:
+                continue  # (more hypotheses than slots: the extra ones are listed in the table only)
+            line = free.pop(0)
+            line.glyph.update(y=name, line_color=COLOR_NULL if name == NO_REACTION else palette[i % len(palette)],
+                              line_dash="dotdash" if name == NO_REACTION else "solid")
+            line.visible = True
+            self._model_lines[name] = line
+        self.model_legend.items = [LegendItem(label=name, renderers=[line]) for name, line in self._model_lines.items()]
 
     def _show_pattern(self, update: dict[str, Any]) -> None:
         unit = update.get("unit", "2th_deg")
