@@ -184,6 +184,7 @@ def watched_run(particles: int, refresh_hz: float, baseline: bool) -> dict:
     published: dict[str, dict[int, float]] = {"posterior": {}, "now": {}}
     alert_at = None
     stale = 0
+    skipped = 0
     try:
         _wait_http(url, 120)
         with sync_playwright() as pw:
@@ -193,6 +194,7 @@ def watched_run(particles: int, refresh_hz: float, baseline: bool) -> dict:
             page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0 && "
                                    "Bokeh.documents[0].get_model_by_name('onset_history') !== null", timeout=60000)
             page.evaluate(JS_WATCH)
+            watching_since = time.time()  # what was published before the page watched is not counted
             chromium = [pid for pid in _descendants(os.getpid()) if "chrom" in _cmdline(pid)]
             dashboard_pids = _stage_pids(demo.pid, "dashboard")
             simulator_pids = _stage_pids(demo.pid, "simulate")
@@ -207,6 +209,9 @@ def watched_run(particles: int, refresh_hz: float, baseline: bool) -> dict:
                     continue
                 message = protocol.decode(listener.recv_multipart())
                 now = time.time()
+                if now < watching_since:
+                    skipped += 1
+                    continue
                 if message.type == "fraction":
                     if cpu_start["dashboard"] is None:
                         simulator_pids = simulator_pids or _stage_pids(demo.pid, "simulate")
@@ -250,7 +255,7 @@ def watched_run(particles: int, refresh_hz: float, baseline: bool) -> dict:
         "exact": np.array(exact), "now": np.array(now_latency),
         "exact_missed": len(published["posterior"]) - len(exact), "now_missed": len(published["now"]) - len(now_latency),
         "banner": None if seen["banner"] is None or alert_at is None else seen["banner"] / 1000.0 - alert_at,
-        "frames": frames, "span_s": span, "stale": stale, "alert_published": alert_at is not None,
+        "frames": frames, "span_s": span, "stale": stale, "skipped": skipped, "alert_published": alert_at is not None,
         "cpu": {k: cpu_end[k] - cpu_start[k] for k in cpu_start} if frames else {},
     }
 
@@ -289,6 +294,8 @@ def main() -> None:
     figures = {}
     for name, run in runs.items():
         print(f"\n{name} page")
+        if run["skipped"]:
+            print(f"  ({run['skipped']} messages published before the page was watching are not counted)")
         print("  " + _describe("exact posterior -> page", run["exact"]) + f" ({run['exact_missed']} never shown)")
         print("  " + _describe("'now' panel per frame", run["now"])
               + f" ({run['now_missed']} never shown; {run['stale']} stale estimates not counted)")
