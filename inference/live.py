@@ -66,6 +66,7 @@ from .smc import FrameHistory, OnlineInference
 log = logging.getLogger(__name__)
 
 _STOP = object()
+_FLUSH = object()  # no more frames are coming: a scheduled step takes what it has
 #: a new exact snapshot behind by at most this many frames is taken up on a frame's arrival;
 #: one further behind only once ``prepare`` has summed its frames between arrivals
 MAX_FRAMES_ON_CRITICAL_PATH = 2
@@ -127,9 +128,15 @@ class LiveInference:
     worker is raised again by the next call of ``exact_payloads``, ``submit`` or ``result``.
     """
 
-    def __init__(self, engine: OnlineInference, ess_floor: float = ESS_FLOOR):
+    def __init__(self, engine: OnlineInference, ess_floor: float = ESS_FLOOR, schedule=None):
+        """``schedule``: frames per exact step to follow (a recorded run's ``schedule``, e.g. from a
+        replay), which reproduces that run's exact posterior; None: take the frames that arrived
+        while the sampler was busy."""
         if not 0.0 <= ess_floor < 1.0:
             raise ValueError(f"ess_floor must be in [0, 1), got {ess_floor}")
+        self._schedule = collections.deque(int(size) for size in (schedule or ()))
+        if any(size < 1 for size in self._schedule):
+            raise ValueError("a schedule lists positive numbers of frames per step")
         self.engine = engine
         engine.thread_niceness = WORKER_NICENESS
         self.ess_floor = float(ess_floor)
@@ -173,16 +180,34 @@ class LiveInference:
             item = self._inbox.get()
             if item is _STOP:
                 break
-            batch = [item]  # and every frame that arrived while the sampler was busy
-            while True:
-                try:
-                    item = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
-                    break
-                batch.append(item)
+            if item is _FLUSH:
+                continue
+            batch = [item]
+            if self._schedule:  # a recorded run's step: wait for exactly its frames (or the flush)
+                size = self._schedule.popleft()
+                while len(batch) < size:
+                    item = self._inbox.get()
+                    if item is _STOP:
+                        stopping = True
+                        break
+                    if item is _FLUSH:
+                        log.warning("the recorded schedule expected %d frames in this step, %d came: the rest "
+                                    "of the schedule is dropped", size, len(batch),
+                                    extra={"series_id": engine.series_id, "frame_index": batch[-1][0]})
+                        self._schedule.clear()
+                        break
+                    batch.append(item)
+            else:  # every frame that arrived while the sampler was busy
+                while True:
+                    try:
+                        item = self._inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _STOP:
+                        stopping = True
+                        break
+                    if item is not _FLUSH:
+                        batch.append(item)
             try:
                 began = time.perf_counter()
                 payload = engine.update_batch(batch)
@@ -434,6 +459,10 @@ class LiveInference:
         result["estimates"] = {"published": self.counters["estimates"], "stale": self.counters["estimates_stale"],
                                "ess_floor": self.ess_floor}
         return result
+
+    def flush(self) -> None:
+        """No more frames will come: a scheduled step waiting for more takes the frames it has."""
+        self._inbox.put(_FLUSH)
 
     def close(self) -> None:
         """Stop the worker thread (after the frames already queued) and the estimate threads."""

@@ -72,6 +72,23 @@ def series_window(inference_config: dict[str, Any], start) -> tuple[float, float
     return series_end_s, gas_time_s, problems
 
 
+#: the longest recorded schedule a start message may carry (steps)
+MAX_SCHEDULE_STEPS = 1_000_000
+
+
+def exact_schedule(start) -> list[int] | None:
+    """The recorded run's frames per exact step that a replayed start message carries
+    (``exact_schedule``, see streamer.replay), or None.  Raises ValueError when it is not a list
+    of positive integers."""
+    schedule = start.get("exact_schedule") if start is not None else None
+    if schedule is None:
+        return None
+    if (not isinstance(schedule, list) or len(schedule) > MAX_SCHEDULE_STEPS
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in schedule)):
+        raise ValueError("start field exact_schedule must be a list of positive frame counts")
+    return schedule
+
+
 def make_engine(inference_config: dict[str, Any], start):
     """The sampler for one series, with the t0 prior window taken from its start message
     (``series_window``; its problems are logged as warnings)."""
@@ -107,7 +124,8 @@ class SeriesInference:
         from inference.live import LiveInference
 
         self.series_id = start["series_id"]
-        self.live = LiveInference(make_engine(config, start), ess_floor=float(config.get("ess_floor", 0.05)))
+        self.live = LiveInference(make_engine(config, start), ess_floor=float(config.get("ess_floor", 0.05)),
+                                  schedule=exact_schedule(start))
         n_frames = start.get("n_frames")
         #: frames the start announced (None: unknown); indices beyond are rejected at the door
         self.n_frames_announced = n_frames if isinstance(n_frames, int) and n_frames > 0 else None
@@ -354,6 +372,7 @@ class InferenceStage:
         series, event = self.work.popleft()
         if event is None:
             series.finish_requested = True  # finished by poll_exact once the sampler has caught up
+            series.live.flush()
             return
         extra = {"series_id": series.series_id, "frame_index": event.index}
         if event.kind == "frame":

@@ -271,6 +271,9 @@ class ReducedReplay(RecordingReplay):
                 break  # the next series: the first one is complete
             if first is None and message.type == "start":
                 first = message.series_id
+                schedule = recorded_schedule(self.path, first)
+                if schedule is not None:  # the inference then takes the frames in the live run's steps
+                    message = Message("start", {**message.fields, "exact_schedule": schedule}, message.arrays)
             if message.series_id != first:
                 continue
             if message.type == "end":
@@ -286,6 +289,17 @@ class ReducedReplay(RecordingReplay):
                 break
         if end is not None:
             yield end
+
+
+def recorded_schedule(path: str | Path, series_id: str) -> list[int] | None:
+    """Frames per exact step of the recorded live run of ``series_id`` (its posteriors' ``batch``
+    lists, in order), or None when the recording has no posteriors with batches."""
+
+    batches = [m.get("batch") for _, m in read_messages(path, types=("posterior",), with_arrays=False)
+               if m.series_id == series_id]
+    if not batches or any(not isinstance(b, list) or not b for b in batches):
+        return None
+    return [len(b) for b in batches]
 
 
 def feed_reduced(path: str | Path, endpoint: str, stop_event: threading.Event,

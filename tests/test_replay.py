@@ -291,3 +291,58 @@ def test_replay_that_cannot_be_done_says_why(tmp_path, capsys):
     kinetics_recording(with_fractions, n_frames=3)
     assert cli.main(["replay", str(with_fractions), "--from", "frames"]) == 2
     assert "3 of 3 frames were recorded without their image" in capsys.readouterr().err
+
+
+def test_replay_takes_the_frames_in_the_recorded_runs_exact_steps(tmp_path):
+    """The recorded posteriors say which frames each exact step of the live run took (``batch``);
+    the replay hands that schedule to the inference, whose result then equals the live run's
+    engine fed the same batches, number for number."""
+    import json
+    import os
+    import signal
+
+    from beamkin import config as configuration
+    from beamkin.loopback import LoopbackPorts, beamkin_process
+    from inference.service import make_engine
+
+    path = tmp_path / "rec.h5"
+    schedule = [5, 1, 1, 10, 7]
+    messages = kinetics_recording(path)
+    fractions = [m for m in messages if m.type == "fraction"]
+    posteriors, first = [], 0
+    for size in schedule:  # what the live exact sampler published, one posterior per step
+        batch = [m["frame_index"] for m in fractions[first:first + size]]
+        last = fractions[first + size - 1]
+        posteriors.append(make("posterior", series_id="rec1", frame_index=last["frame_index"], time_s=last["time_s"],
+                               onset_probability=0.5, leading_model="F1", models={}, model_averaged={},
+                               batch=batch))
+        first += size
+    with Recorder(path) as recorder:
+        for i, message in enumerate(messages[:-1] + posteriors + messages[-1:]):
+            recorder.write(message, received_s=1_000_000.0 + 0.01 * i)
+
+    out = tmp_path / "replayed.json"
+    process = beamkin_process("replay", str(path), "--speed", "0", "--json", str(out),
+                              "--inference.particles", "256", *LoopbackPorts.free().options())
+    try:
+        output, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, output[-3000:]
+    replayed = json.loads(out.read_text())
+
+    table = configuration.defaults()["inference"]
+    table["particles"] = 256
+    live = make_engine(table, messages[0])
+    first = 0
+    for size in schedule:
+        live.assimilate_batch([(m["frame_index"], m["time_s"], m["exposure_s"], m["alpha"], m["sigma_alpha"])
+                               for m in fractions[first:first + size]])
+        first += size
+    want = json.loads(json.dumps(live.result()))
+    assert replayed["schedule"] == schedule
+    for name, model in want["models"].items():
+        assert replayed["models"][name]["log_evidence"] == pytest.approx(model["log_evidence"], abs=1e-9)
+        for param, summary in model["params"].items():
+            assert replayed["models"][name]["params"][param] == pytest.approx(summary, abs=1e-9), (name, param)
