@@ -7,10 +7,12 @@ quadrature of tests/test_inference_quadrature.py over several seeds.  beamkin ru
 the exact sampler alone (``OnlineInference``, the same algorithm as ``particles``' IBIS), and
 live (``LiveInference``: per-frame time is the immediate estimate, the exact sampler running
 behind in its thread; its evidence is the exact one).  Printed ratios: particles time /
-beamkin time (target >= 20 at the same N) and evidence sd ratio.
+beamkin time and evidence sd ratio, and the efficiency at equal N: (mean squared log-evidence
+error against quadrature) x (CPU seconds per series, all threads, ``time.process_time``);
+target: beamkin's at least 20x smaller than particles'.
 
 Needs ``pip install particles`` (benchmark-only dependency).
-Usage: python bench/bench_particles.py [--particles 4096] [--seeds 5]
+Usage: python bench/bench_particles.py [--particles 4096] [--seeds 10]
 """
 
 from __future__ import annotations
@@ -89,22 +91,27 @@ def run_beamkin_live(t, y, n, seed):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--particles", type=int, default=4096)
-    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=10)
     args = ap.parse_args()
     print(f"# bench_particles  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  {platform.machine()}  "
           f"cpus={os.cpu_count()}  load={os.getloadavg()[0]:.1f}")
     t, y = paper_series()
     ref = quadrature("F1", t, y)["log_evidence"]
-    rows = {}
+    rows, cpu = {}, {}
     for name, runner in (("beamkin", run_beamkin), ("live", run_beamkin_live), ("particles", run_particles)):
         errs, lats = [], []
+        cpu_began = time.process_time()
         for seed in range(args.seeds):
             logz, lat = runner(t, y, args.particles, seed)
             errs.append(logz - ref)
             lats.append(lat)
+        cpu_per_series = (time.process_time() - cpu_began) / args.seeds
         lat = np.concatenate(lats)
         errs = np.array(errs)
         rows[name] = (errs, lat)
+        cpu[name] = cpu_per_series
+        print(f"{name:9s} CPU {cpu_per_series:.2f} s per series, mean squared error {np.mean(errs ** 2):.4f} nat^2, "
+              f"efficiency (MSE x CPU) {np.mean(errs ** 2) * cpu_per_series:.5f}")
         print(f"{name:9s} N={args.particles}: evidence error mean {errs.mean():+.3f} sd {errs.std(ddof=1):.3f} nat; "
               f"per frame p50 {1e3 * np.median(lat):.2f} ms p99 {1e3 * np.percentile(lat, 99):.2f} ms, "
               f"series {1e3 * lat.sum() / args.seeds:.0f} ms")
@@ -112,6 +119,9 @@ def main() -> int:
     print(f"ratio particles/beamkin exact sampler: series time {l_p.sum() / l_b.sum():.1f}x, p50 "
           f"{np.median(l_p) / np.median(l_b):.1f}x, p99 {np.percentile(l_p, 99) / np.percentile(l_b, 99):.1f}x "
           f"(target >= 20x); evidence sd {e_p.std(ddof=1) / max(e_b.std(ddof=1), 1e-12):.1f}x")
+    efficiency = {name: float(np.mean(rows[name][0] ** 2)) * cpu[name] for name in rows}
+    print(f"efficiency ratio particles/beamkin (MSE x CPU s per series): exact sampler "
+          f"{efficiency['particles'] / efficiency['beamkin']:.1f}x (target >= 20x)")
     print(f"ratio particles/beamkin live estimate per frame: p50 {np.median(l_p) / np.median(l_l):.1f}x, p99 "
           f"{np.percentile(l_p, 99) / np.percentile(l_l, 99):.1f}x, mean {l_p.mean() / l_l.mean():.1f}x")
     return 0

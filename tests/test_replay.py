@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import pathlib
 import threading
 import time
 
@@ -179,6 +181,35 @@ def kinetics_recording(path, n_frames=24, raw_frames=False, with_fractions=True)
     return messages
 
 
+def replay_result(path, out, particles=256):
+    """Run `beamkin replay PATH --speed 0 --json OUT` (real processes on loopback); returns the
+    result and the command's output."""
+    import os
+    import signal
+
+    from beamkin.loopback import LoopbackPorts, beamkin_process
+
+    process = beamkin_process("replay", str(path), "--speed", "0", "--json", str(out),
+                              "--inference.particles", str(particles), *LoopbackPorts.free().options())
+    try:
+        output, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, output[-3000:]
+    return json.loads(pathlib.Path(out).read_text()), output
+
+
+def engine_for_recording(messages, particles=256):
+    """The engine the live service builds for the recording's start message (default settings)."""
+    from beamkin import config as configuration
+    from inference.service import make_engine
+
+    table = configuration.defaults()["inference"]
+    table["particles"] = particles
+    return make_engine(table, messages[0])
+
+
 def test_replay_plan_follows_what_the_recording_holds(tmp_path):
     from streamer.recording_check import RecordingInputError
     from streamer.replay import replay_plan
@@ -234,32 +265,12 @@ def test_reduced_replay_keeps_fractions_recorded_after_the_end(tmp_path):
 def test_replay_without_raw_frames_reproduces_the_live_posterior(tmp_path):
     """`beamkin replay` of a recording made without raw frames feeds its fractions to a real
     inference process; the result equals the live service's engine fed the same fractions."""
-    import json
-    import os
-    import signal
-
-    from beamkin import config as configuration
-    from beamkin.loopback import LoopbackPorts, beamkin_process
-    from inference.service import make_engine
-
     path = tmp_path / "rec.h5"
     messages = kinetics_recording(path)
-    out = tmp_path / "replayed.json"
-    process = beamkin_process("replay", str(path), "--speed", "0", "--json", str(out),
-                              "--inference.particles", "256", *LoopbackPorts.free().options())
-    try:
-        output, _ = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 0, output[-3000:]
+    replayed, output = replay_result(path, tmp_path / "replayed.json")
     assert "holds no raw frames; replaying its 24 phase fractions" in output
     assert "frame missing" not in output
-    replayed = json.loads(out.read_text())
-
-    table = configuration.defaults()["inference"]
-    table["particles"] = 256
-    live = make_engine(table, messages[0])
+    live = engine_for_recording(messages)
     live.warm_up()
     for m in messages:
         if m.type == "fraction":
@@ -297,14 +308,6 @@ def test_replay_takes_the_frames_in_the_recorded_runs_exact_steps(tmp_path):
     """The recorded posteriors say which frames each exact step of the live run took (``batch``);
     the replay hands that schedule to the inference, whose result then equals the live run's
     engine fed the same batches, number for number."""
-    import json
-    import os
-    import signal
-
-    from beamkin import config as configuration
-    from beamkin.loopback import LoopbackPorts, beamkin_process
-    from inference.service import make_engine
-
     path = tmp_path / "rec.h5"
     schedule = [5, 1, 1, 10, 7]
     messages = kinetics_recording(path)
@@ -321,20 +324,8 @@ def test_replay_takes_the_frames_in_the_recorded_runs_exact_steps(tmp_path):
         for i, message in enumerate(messages[:-1] + posteriors + messages[-1:]):
             recorder.write(message, received_s=1_000_000.0 + 0.01 * i)
 
-    out = tmp_path / "replayed.json"
-    process = beamkin_process("replay", str(path), "--speed", "0", "--json", str(out),
-                              "--inference.particles", "256", *LoopbackPorts.free().options())
-    try:
-        output, _ = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 0, output[-3000:]
-    replayed = json.loads(out.read_text())
-
-    table = configuration.defaults()["inference"]
-    table["particles"] = 256
-    live = make_engine(table, messages[0])
+    replayed, _ = replay_result(path, tmp_path / "replayed.json")
+    live = engine_for_recording(messages)
     first = 0
     for size in schedule:
         live.assimilate_batch([(m["frame_index"], m["time_s"], m["exposure_s"], m["alpha"], m["sigma_alpha"])
