@@ -189,7 +189,7 @@ def _supervised(config: dict[str, Any], with_simulator: bool, once: bool,
 
     ``feed``: instead of streamer and reducer, a function run in a thread once the inference is
     ready, pushing reduced messages to it until done or until its stop event is set."""
-    from beamkin.supervise import StageFailed, Supervisor
+    from beamkin.supervise import EXIT_SERIES_INCOMPLETE, StageFailed, Supervisor
 
     check_outputs(config)
     if not with_simulator and feed is None:
@@ -209,22 +209,30 @@ def _supervised(config: dict[str, Any], with_simulator: bool, once: bool,
     supervisor = Supervisor(config)
     dash = config["dashboard"]
     feed_stop = threading.Event()
+    # the streamer's work may end (a --once series, a replay); every other stage runs until the run ends
+    streamer_may_finish = once or config["streamer"]["source"].startswith("replay:")
     try:
-        supervisor.start("inference", "infer")
-        supervisor.start("dashboard", "dashboard")
+        supervisor.start("inference", "infer", restart=True)
+        supervisor.start("dashboard", "dashboard", restart=True)
         if config["recorder"]["path"]:
-            supervisor.start("recorder", "record")
+            supervisor.start("recorder", "record", restart=True)
         if feed is None:
-            supervisor.start("reducer", "reduce")
-            supervisor.start("streamer", "stream")
+            supervisor.start("reducer", "reduce", restart=True)
+            supervisor.start("streamer", "stream", restart=True, may_finish=streamer_may_finish)
         supervisor.wait_ready()
         print(f"beamkin dashboard: http://{dash['address']}:{dash['port']}/", flush=True)
-        if with_simulator:
-            supervisor.start("simulator", "simulate")
+        if with_simulator:  # the detector's stand-in: it finishes after its series, is not restarted
+            supervisor.start("simulator", "simulate", may_finish=True)
         if feed is not None:
             threading.Thread(target=feed, args=(feed_stop,), name="feed", daemon=True).start()
         if once:
-            supervisor.wait_for_exit("inference")
+            code = supervisor.wait_for_exit("inference", final_codes=(0, EXIT_SERIES_INCOMPLETE))
+            if code == EXIT_SERIES_INCOMPLETE:
+                log.error("the series ended incomplete (frames lost; the inference log says how many); "
+                          "stopping the pipeline")
+                print("beamkin: the series ended incomplete: frames were lost (see the inference's log and "
+                      "the end reason in the result)", file=sys.stderr)
+                return EXIT_SERIES_INCOMPLETE
             log.info("series finished; stopping the pipeline")
         else:
             supervisor.watch_forever()
