@@ -16,9 +16,10 @@ far the exact sampler lags.  Once the worker has assimilated frame j, the exact 
 of frame j follows (``exact_payloads``): it, never the estimate, is what the final result,
 the recording's ``posterior`` messages and ``beamkin analyze`` agree on to rounding.
 
-The exact sampler keeps pace: the frames that arrived while it was busy enter together, in
-one adaptively tempered IBIS step (``OnlineInference.update_batch``), so its lag stays bounded
-whatever the frame rate; the exact posterior is published for the last frame of each batch
+The frames that arrived while the exact sampler was busy enter together, in one adaptively
+tempered IBIS step (``OnlineInference.update_batch``), whose tempering follows the information
+rather than the frame count (its moves still cost in proportion to the history, so it can lag
+on long fast series); the exact posterior is published for the last frame of each batch
 (``batch``: the frames it took in), and the batch sizes are the run's ``schedule``.
 
 An estimate never passes for a posterior it is not: when the frames it adds are informative,
