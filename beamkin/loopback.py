@@ -80,3 +80,17 @@ def results_listener(context: zmq.Context, ports: LoopbackPorts) -> zmq.Socket:
     listener.setsockopt(zmq.RCVHWM, 0)
     listener.connect(f"tcp://127.0.0.1:{ports.results}")
     return listener
+
+
+def stage_pid(name: str, value: str, command: str) -> int | None:
+    """PID of the live `python -m beamkin COMMAND` process whose environment has name=value (a
+    stage of a run started with that marker), or None."""
+    for pid in processes_with_environment(name, value):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                argv = handle.read().split(b"\0")
+        except OSError:
+            continue
+        if b"beamkin" in argv and command.encode() in argv and argv.index(command.encode()) == argv.index(b"beamkin") + 1:
+            return pid
+    return None
