@@ -155,9 +155,12 @@ def _run_record(config, args, stop):
     rec = config["recorder"]
     if not rec["path"]:
         raise configuration.ConfigError("beamkin record needs --recorder.path FILE")
+    from beamkin.supervise import RESTART_ENV
+    opened: list = []
     signal_ready()
-    run_recorder([config["endpoints"]["record"], config["endpoints"]["results"]], rec["path"], rec["raw_frames"], stop)
-    _add_nexus_views(rec["path"])
+    run_recorder([config["endpoints"]["record"], config["endpoints"]["results"]], rec["path"], rec["raw_frames"], stop,
+                 restarted=bool(os.environ.get(RESTART_ENV)), opened=opened)
+    _add_nexus_views(str(opened[0]) if opened else rec["path"])
     return 0
 
 

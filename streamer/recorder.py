@@ -27,13 +27,24 @@ hold) are percent-encoded in ``/log/series_id`` and in group names, and the grou
 ``/series/<id>`` keeps the original id exactly in its attribute ``series_id_json`` (JSON text);
 the original is also in the message's ``/log/header``. A message that still cannot be written is
 logged with its series and frame, counted (``write_errors``) and skipped; the recorder goes on.
+
+Segments: a recorder restarted by the supervisor (``BEAMKIN_RESTART`` in its environment, see
+beamkin/supervise.py) never opens an existing file for writing: it resumes in a new segment next
+to the path, ``run.h5`` -> ``run.part2.h5``, ``run.part3.h5``, ... (the first free number), and
+logs so. Every segment carries ``recording_id`` (the same in all segments of one recording),
+``segment`` (1, 2, ...) and ``first_segment`` (the file name of segment 1) as root attributes;
+:func:`recording_segments` lists a recording's segments in order. Messages published while no
+recorder was subscribed (between the kill and the restarted recorder's subscription), and those
+queued for the killed process, are in no segment.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
+import uuid
 import time
 from collections import Counter
 from pathlib import Path
@@ -79,15 +90,20 @@ def group_name(series_id: str | None) -> str:
 class Recorder:
     """Writes beamkin messages to an HDF5 recording (see module doc). Not thread-safe."""
 
-    def __init__(self, path: str | Path, raw_frames: bool = False) -> None:
+    def __init__(self, path: str | Path, raw_frames: bool = False, *, recording_id: str | None = None,
+                 segment: int = 1, first_segment: str | None = None) -> None:
         self.path = Path(path)
         self.raw_frames = bool(raw_frames)
         self.counters: Counter = Counter()
-        self._file = h5py.File(self.path, "w")
+        # a later segment never overwrites a file ("x"); the first one replaces what is there ("w")
+        self._file = h5py.File(self.path, "w" if segment == 1 else "x")
         self._file.attrs["format"] = FORMAT_NAME
         self._file.attrs["format_version"] = FORMAT_VERSION
         self._file.attrs["raw_frames"] = self.raw_frames
         self._file.attrs["created_unix_s"] = time.time()
+        self._file.attrs["recording_id"] = recording_id or uuid.uuid4().hex
+        self._file.attrs["segment"] = int(segment)
+        self._file.attrs["first_segment"] = first_segment or self.path.name
         group = self._file.create_group("log")
         self._log = {}
         for name, dtype in zip(LOG_FIELDS, (np.float64, _STR, _STR, np.int64, _STR, _STR)):
@@ -184,14 +200,77 @@ class Recorder:
         self.close()
 
 
+def segment_path(path: str | Path, segment: int) -> Path:
+    """File of segment ``segment`` of the recording at ``path``: the path itself for 1, else
+    ``STEM.partN.SUFFIX`` next to it (run.h5 -> run.part2.h5)."""
+    path = Path(path)
+    return path if segment == 1 else path.with_name(f"{path.stem}.part{segment}{path.suffix}")
+
+
+def _attrs(path: Path) -> dict[str, Any] | None:
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT_NAME:
+                return None
+            return {key: f.attrs[key] for key in ("recording_id", "segment") if key in f.attrs}
+    except (OSError, ValueError):
+        return None
+
+
+def recording_segments(path: str | Path) -> list[Path]:
+    """The segments of the recording whose first segment is ``path``, in order: ``path``, then
+    each ``STEM.partN.SUFFIX`` next to it with the same ``recording_id``."""
+    path = Path(path)
+    first = _attrs(path)
+    if first is None:
+        return [path] if path.exists() else []
+    pattern = re.compile(re.escape(path.stem) + r"\.part(\d+)" + re.escape(path.suffix) + "$")
+    parts = []
+    for candidate in path.parent.iterdir():
+        match = pattern.match(candidate.name)
+        if match is None:
+            continue
+        attrs = _attrs(candidate)
+        if attrs is not None and first.get("recording_id") is not None and attrs.get("recording_id") == first["recording_id"]:
+            parts.append((int(match.group(1)), candidate))
+    return [path] + [candidate for _, candidate in sorted(parts)]
+
+
+def open_segment(path: str | Path, raw_frames: bool, restarted: bool) -> Recorder:
+    """The Recorder for a recorder stage: at the path on a first start; after a restart, the next
+    free segment of the recording at the path (which is left as it is), said in the log."""
+    path = Path(path)
+    if not restarted or not path.exists():
+        return Recorder(path, raw_frames)
+    first = _attrs(path)
+    if first is None:
+        log.warning("recording %s cannot be read after the restart (its recorder was killed while writing?); "
+                    "it is kept as it is", path)
+    recording_id = str(first.get("recording_id")) if first and first.get("recording_id") is not None else None
+    segment = 2
+    while segment_path(path, segment).exists():
+        segment += 1
+    target = segment_path(path, segment)
+    recorder = Recorder(target, raw_frames, recording_id=recording_id, segment=segment, first_segment=path.name)
+    log.warning("recorder restarted: resuming the recording in a new segment %s (segment %d); %s and the "
+                "segments before are kept as they are; messages published while no recorder was subscribed "
+                "are in no segment", target, segment, path.name)
+    return recorder
+
+
 def run_recorder(endpoints: Iterable[str], path: str | Path, raw_frames: bool, stop_event: threading.Event,
-                 *, poll_ms: int = 100, drain_ms: int = 200) -> Counter:
+                 *, poll_ms: int = 100, drain_ms: int = 200, restarted: bool = False,
+                 opened: list | None = None) -> Counter:
     """SUBscribe to every message on the PUB ``endpoints`` and record them until ``stop_event`` is set
-    (then until no message has arrived for ``drain_ms``).
+    (then until no message has arrived for ``drain_ms``). ``restarted``: write a new segment
+    (:func:`open_segment`); ``opened``, if given, gets the path of the file written appended.
 
     Returns the recorder's counters (messages per type, malformed, repeated).
     """
-    recorder = Recorder(path, raw_frames)  # the file exists, with its log, before anything is subscribed
+    recorder = open_segment(path, raw_frames, restarted)  # the file exists before anything is subscribed
+    path = recorder.path
+    if opened is not None:
+        opened.append(path)
     context = zmq.Context.instance()
     socket = context.socket(zmq.SUB)
     socket.setsockopt(zmq.LINGER, 0)

@@ -24,6 +24,7 @@ import zmq
 
 from beamkin import protocol
 from beamkin.loopback import LoopbackPorts, beamkin_process, results_listener, stage_pid
+from streamer.recorder import read_messages, recording_segments
 
 N_FRAMES = 24
 TRUE_T0_S = 4.0
@@ -79,6 +80,17 @@ class Run:
         return [m for m in self.messages if m.type == kind]
 
 
+def read_when_unlocked(path, limit_s: float = 30.0) -> list[protocol.Message]:
+    """The messages of a recording, once the killed writer's file lock is gone."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            return [m for _, m in read_messages(path, with_arrays=False)]
+        except BlockingIOError:
+            assert time.monotonic() < deadline, f"{path} still locked"
+            time.sleep(0.05)
+
+
 def fraction_reached(index: int):
     return lambda messages: any(m.type == "fraction" and m["frame_index"] >= index for m in messages)
 
@@ -120,3 +132,32 @@ def test_killed_reducer_is_restarted_and_its_frames_redispatched(run_factory):
     t0, k = f1["params"]["t0"], f1["params"]["k"]
     assert abs(t0["mean"] - TRUE_T0_S) < 3 * t0["sd"], t0
     assert abs(k["mean"] - TRUE_K_PER_S) < 3 * k["sd"], k
+
+
+def test_killed_recorder_resumes_in_a_new_segment_and_keeps_what_it_wrote(run_factory, tmp_path):
+    recording = tmp_path / "run.h5"
+    run = run_factory("--record", str(recording))
+    run.receive(fraction_reached(6))
+    pid = run.kill_stage("record")
+    first_at_kill = read_when_unlocked(recording)  # what was flushed by then
+    code = run.finish()
+    assert code == 0, run.output[-5000:]
+    assert f"stage recorder (pid {pid}) was killed by signal 9 (SIGKILL); restarting it" in run.output
+    assert "resuming the recording in a new segment" in run.output and "run.part2.h5" in run.output
+    segments = recording_segments(recording)
+    assert segments == [recording, tmp_path / "run.part2.h5"]
+    # nothing written before the kill is lost: the first segment holds what it held then
+    first = [m for _, m in read_messages(segments[0], with_arrays=False)]
+    assert [(m.type, m.frame_index) for m in first] == [(m.type, m.frame_index) for m in first_at_kill]
+    assert any(m.type == "start" for m in first)
+    second = [m for _, m in read_messages(segments[1], with_arrays=False)]
+    # the segments hold the series in order, each published fraction at most once: the first a
+    # prefix of the series, the second the rest from where the restarted recorder subscribed
+    # (those published in between are in neither: README.md says so)
+    recorded = [m["frame_index"] for m in first + second if m.type == "fraction"]
+    published = sorted(m["frame_index"] for m in run.of_type("fraction"))
+    assert published == list(range(N_FRAMES))
+    assert recorded == sorted(set(recorded)) and recorded[-1] == N_FRAMES - 1, recorded
+    assert {m.type for m in second} >= {"fraction", "posterior", "result", "end"}
+    assert [m["reason"] for m in second if m.type == "end"] == ["completed"]
+    print(f"recorder kill: {N_FRAMES - len(recorded)} of {N_FRAMES} fractions published while no recorder listened")
