@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SeriesGeometry", "resolve_geometry", "GEOMETRY_OPTIONS"]
 
+#: largest image side accepted, pixels (an EIGER2 16M is 4362 x 4148)
+MAX_IMAGE_SIDE = 1 << 16
+
 #: [reducer] keys that override the stream's geometry (0 / [] / "" = keep the stream's)
 GEOMETRY_OPTIONS = ("distance_m", "beam_center_px", "wavelength_A", "pixel_size_m", "poni_file")
 
@@ -148,9 +151,11 @@ def _stream_layer(metadata: Mapping[str, Any]) -> SeriesGeometry:
     raw_shape = det.get("shape")
     if not isinstance(raw_shape, (list, tuple)) or len(raw_shape) != 2:
         raise ReductionError(f"detector.shape must be [ny, nx], got {str(raw_shape)[:60]}")
-    shape = tuple(int(_number(v, "detector.shape", "the stream")) for v in raw_shape)
-    if min(shape) <= 0:
-        raise ReductionError(f"detector.shape must be [ny, nx] with positive sizes, got {shape}")
+    sizes = [_number(v, "detector.shape", "the stream") for v in raw_shape]
+    if not all(math.isfinite(v) and v == int(v) and 0 < v <= MAX_IMAGE_SIDE for v in sizes):
+        raise ReductionError(f"detector.shape must be [ny, nx] with positive sizes up to {MAX_IMAGE_SIDE}, "
+                             f"got {str(raw_shape)[:60]}")
+    shape = (int(sizes[0]), int(sizes[1]))
     geo = metadata.get("geometry")
     geo = geo if isinstance(geo, Mapping) else {}
     result = SeriesGeometry(shape=shape)
@@ -168,8 +173,9 @@ def _stream_layer(metadata: Mapping[str, Any]) -> SeriesGeometry:
                            extra={"series_id": metadata.get("series_id")})
         result.pixel_size_m = known
         result.sources["pixel_size_m"] = f"pyFAI detector {result.detector.pyfai_name}"
-    distance_from = ((metadata.get("user_data") or {}).get("stream_v2") or {}).get("distance_from") \
-        if isinstance(metadata.get("user_data"), Mapping) else None
+    user_data = metadata.get("user_data")
+    stream_v2 = user_data.get("stream_v2") if isinstance(user_data, Mapping) else None
+    distance_from = stream_v2.get("distance_from") if isinstance(stream_v2, Mapping) else None
     if geo.get("distance_m") is not None:
         result.distance_m = _number(geo["distance_m"], "geometry.distance_m", "the stream")
         result.sources["distance_m"] = f"the stream ({distance_from})" if distance_from else "the stream"

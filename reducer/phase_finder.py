@@ -59,6 +59,9 @@ __all__ = [
     "add_phases_command",
 ]
 
+MAX_GROUP_LINES = 6     # overlapping lines fitted together at most (a longer run is split at its widest gaps)
+MAX_LINES = 400         # lines kept per reference (the most prominent)
+MAX_FIT_EVALUATIONS = 60  # least-squares iterations per group (clean lines converge in about 10)
 TAIL_FWHM = 6.0          # lines of either phase within this many FWHM of a window are modelled in it
 MIN_LINE_FRACTION = 0.002  # ... if at least this fraction of the strongest such line
 
@@ -360,7 +363,8 @@ def _fit_group(x, net, sigma, half, peaks: list[tuple[float, float, float]]):
             out = out + area * pseudo_voigt_bin_average(xs, hs, c, w, eta)
         return out
 
-    result = least_squares(lambda p: (model(p) - ys) / ss, np.array(p0), bounds=(lower, upper), x_scale="jac")
+    result = least_squares(lambda p: (model(p) - ys) / ss, np.array(p0), bounds=(lower, upper), x_scale="jac",
+                           max_nfev=MAX_FIT_EVALUATIONS)
     p = result.x
     dof = max(sel.shape[0] - p.shape[0], 1)
     chi2_red = float(np.sum(result.fun**2) / dof)
@@ -388,6 +392,9 @@ def find_lines(ref: ReferencePattern, min_snr: float = 5.0, background_width_deg
     peaks, props = find_peaks(net, prominence=min_snr * s, width=1.0)
     if peaks.size == 0:
         return [], background
+    if peaks.size > MAX_LINES:
+        keep = np.sort(np.argsort(-props["prominences"])[:MAX_LINES])
+        peaks = peaks[keep]
     widths = peak_widths(net, peaks, rel_height=0.5)[0] * step
     half = 0.5 * np.abs(np.gradient(x))
     found = sorted((float(x[i]), max(float(w), 1.5 * step), float(net[i])) for i, w in zip(peaks, widths))
@@ -400,10 +407,21 @@ def find_lines(ref: ReferencePattern, min_snr: float = 5.0, background_width_deg
             groups.append(current)
             current = [peak]
     groups.append(current)
+    groups = [part for group in groups for part in _split_group(group)]
     lines = []
     for group in groups:
         lines += [l for l in _fit_group(x, net, s, half, group) if l.area > 0]
     return lines, background
+
+
+def _split_group(group: list) -> list[list]:
+    """A run of overlapping lines cut at its widest gaps into parts of at most MAX_GROUP_LINES
+    (the fit's cost grows with the cube of the number of lines)."""
+    if len(group) <= MAX_GROUP_LINES:
+        return [group]
+    gaps = np.diff([p[0] for p in group])
+    cut = int(np.argmax(gaps[1:-1])) + 2 if len(group) > 3 else len(group) // 2
+    return _split_group(group[:cut]) + _split_group(group[cut:])
 
 
 @dataclasses.dataclass
@@ -426,15 +444,14 @@ def _windows_from_lines(phase_a: MeasuredPhase, phase_b: MeasuredPhase, windows)
 
     specs = []
     for w in windows:
-        lines = []
-        for phase in (phase_a, phase_b):
-            for line, rel in zip(phase.lines, phase.intensity):
-                if w.lo_deg - TAIL_FWHM * line.fwhm_deg < line.center_deg < w.hi_deg + TAIL_FWHM * line.fwhm_deg:
-                    lines.append(Line(phase.name, round(line.center_deg, 5), round(line.fwhm_deg, 5),
-                                      round(float(rel), 4), round(min(max(line.eta, 0.0), 1.0), 3)))
-        top = max(l.relative_intensity for l in lines)
-        specs.append(WindowSpec(w.phase, w.lo_deg, w.hi_deg,
-                                tuple(l for l in lines if l.relative_intensity >= MIN_LINE_FRACTION * top)))
+        near = [(phase.name, line, float(rel)) for phase in (phase_a, phase_b)
+                for line, rel in zip(phase.lines, phase.intensity)
+                if w.lo_deg - TAIL_FWHM * line.fwhm_deg < line.center_deg < w.hi_deg + TAIL_FWHM * line.fwhm_deg]
+        top = max(rel for _, _, rel in near)
+        lines = tuple(Line(name, round(line.center_deg, 5), float(f"{line.fwhm_deg:.5g}"), float(f"{rel:.5g}"),
+                           round(min(max(line.eta, 0.0), 1.0), 3))
+                      for name, line, rel in near if rel >= MIN_LINE_FRACTION * top and rel > 0)
+        specs.append(WindowSpec(w.phase, w.lo_deg, w.hi_deg, lines))
     return specs
 
 
@@ -465,7 +482,10 @@ def build_phase_table(ref_a: ReferencePattern, ref_b: ReferencePattern,
         raise PhaseFinderError(f"no line of phase {', '.join(missing)} in [{search_range_deg[0]:.4g}, "
                                f"{search_range_deg[1]:.4g}] deg is free of the other "
                                "phase's lines: widen --range or measure longer references")
-    specs = _windows_from_lines(phase_a, phase_b, windows)
+    try:
+        specs = _windows_from_lines(phase_a, phase_b, windows)
+    except ReductionError as exc:
+        raise PhaseFinderError(f"the lines found do not make usable windows: {exc}") from exc
     extra = {}
     if reference_files is not None:
         extra = {"reference_pattern_a": reference_files[0], "reference_pattern_b": reference_files[1]}

@@ -213,3 +213,60 @@ def test_frames_of_an_eiger_master_file(tmp_path, detector):
     assert strongest.center_deg == pytest.approx(4.86775, abs=0.003)       # (011) of empty CPL-1 at 0.8 A
     with pytest.raises(PhaseFinderError, match="no frame in that range"):
         load_reference(f"{master}:7-9", {"npt": 3000})
+
+
+def test_any_reference_file_gives_a_pattern_or_a_clear_error(tmp_path):
+    """Any bytes in a profile file, any numbers in it: a reference and a table, or
+    PhaseFinderError saying why (never another exception)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from reducer.phase_finder import ReferencePattern, build_phase_table
+
+    path = tmp_path / "fuzz.xy"
+    numbers = st.floats(allow_nan=True, allow_infinity=True) | st.integers(-10, 10**6).map(float)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                     HealthCheck.function_scoped_fixture])
+    @given(st.binary(max_size=400) | st.lists(st.tuples(numbers, numbers), max_size=80).map(
+        lambda rows: "\n".join(f"{a!r} {b!r}" for a, b in rows).encode()))
+    def check(content):
+        path.write_bytes(content)
+        try:
+            ref = load_reference(str(path))
+        except PhaseFinderError:
+            return
+        assert isinstance(ref, ReferencePattern) and np.all(np.isfinite(ref.sigma)) and np.all(ref.sigma > 0)
+        try:
+            build_phase_table(ref, ref)
+        except PhaseFinderError:
+            pass
+
+    check()
+
+
+def test_any_numbers_give_a_table_or_a_clear_error():
+    """Patterns of any counts (zeros, spikes, steps): build_phase_table returns a table or raises
+    PhaseFinderError."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from reducer.phase_finder import ReferencePattern, build_phase_table
+
+    counts = st.lists(st.floats(0.0, 1e7) | st.sampled_from([0.0, 1.0, 1e7]), min_size=60, max_size=120)
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(counts, counts)
+    def check(a, b):
+        refs = []
+        for name, y in (("a", a), ("b", b)):
+            y = np.asarray(y)
+            x = np.linspace(3.0, 13.0, y.shape[0])
+            refs.append(ReferencePattern(name, x, y, np.sqrt(np.maximum(y, 1.0))))
+        try:
+            table = build_phase_table(*refs)
+        except PhaseFinderError:
+            return
+        assert {w.phase for w in table.config.windows} == {"A", "B"}
+
+    check()

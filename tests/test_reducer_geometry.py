@@ -143,3 +143,46 @@ def test_geometry_logged_once_per_series_and_toml_keys_key_the_integrator(caplog
     moved = SeriesReduction(protocol.make("start", source="test", **default_metadata(series_id="s3")),
                             dict(reducer_config, distance_m=0.65), integrators)
     assert not moved.reused_integrator and moved.integrator.ai.dist == 0.65
+
+
+def _start_fields():
+    """Start-message parts: each known key absent, or a scalar / short list of the kinds a
+    decoder can produce (huge and non-finite numbers, text, nesting)."""
+    from hypothesis import strategies as st
+
+    scalars = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=6)
+               | st.sampled_from([0, -1, 1, 2.5, 1e-300, 1e300, float("inf"), float("nan"), -0.237, 981, 1043]))
+    values = scalars | st.lists(scalars, max_size=3) | st.dictionaries(st.text(max_size=4), scalars, max_size=2)
+    detector = st.dictionaries(st.sampled_from(["shape", "name", "pixel_size_m"]), values, max_size=3)
+    geometry = st.dictionaries(st.sampled_from(["distance_m", "beam_center_px", "wavelength_A", "rot1_rad",
+                                                "rot2_rad", "rot3_rad"]), values, max_size=4)
+    user_data = st.one_of(values, st.fixed_dictionaries({"stream_v2": values}))
+    return st.fixed_dictionaries({}, optional={"detector": detector | values, "geometry": geometry | values,
+                                               "user_data": user_data})
+
+
+def test_any_start_message_gives_a_geometry_or_a_reduction_error():
+    """Whatever a start message holds, resolve_geometry returns a geometry or raises
+    ReductionError naming the problem (never another exception)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    base = default_metadata()
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(_start_fields(), st.booleans())
+    def check(override, merge):
+        metadata = copy.deepcopy(base)
+        for key, value in override.items():
+            if merge and isinstance(value, dict) and isinstance(metadata.get(key), dict):
+                metadata[key].update(value)
+            else:
+                metadata[key] = value
+        try:
+            geometry = resolve_geometry(metadata)
+        except ReductionError:
+            return
+        geometry.validate()
+        assert geometry.distance_m > 0 and geometry.wavelength_A > 0
+
+    check()
