@@ -124,6 +124,8 @@ MESSAGE_FIELDS: dict[str, tuple[FieldSpec, ...]] = {
         _f("time_s", *_NUMBER),
         _f("exposure_s", *_NUMBER),
         _f("received_unix_s", *_NUMBER, required=False),  # when the streamer got it (latency)
+        # with image_compressed: {"algorithm": "bslz4"|"lz4", "elem_size", "dtype", "shape"} (beamkin.frames)
+        _f("compression", dict, required=False),
     ),
     "end": (
         _f("series_id", str),
@@ -188,8 +190,9 @@ MESSAGE_FIELDS: dict[str, tuple[FieldSpec, ...]] = {
 #: Arrays each message type must carry; alternatives separated as tuples of names.
 REQUIRED_ARRAYS: dict[str, tuple[tuple[str, ...], ...]] = {
     "pattern": (("radial", "intensity", "sigma"),),
-    # a frame carries either a 2D image or a 1D profile
-    "frame": (("image",), ("two_theta_deg", "counts")),
+    # a frame carries a 2D image, the detector's compressed image (uint8 bytes, described by
+    # the "compression" field, decompressed by the reducer worker) or a 1D profile
+    "frame": (("image",), ("image_compressed",), ("two_theta_deg", "counts")),
 }
 
 MESSAGE_TYPES = frozenset(MESSAGE_FIELDS)

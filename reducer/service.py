@@ -26,6 +26,7 @@ import numpy as np
 import zmq
 
 from beamkin import protocol, sockets
+from beamkin.frames import frame_image
 from beamkin.supervise import StageFailed, Supervisor, signal_ready
 
 log = logging.getLogger(__name__)
@@ -101,9 +102,9 @@ class SeriesReduction:
 
         ids = dict(series_id=frame["series_id"], frame_index=frame["frame_index"], time_s=frame["time_s"])
         if self.kind == "image":
-            if "image" not in frame.arrays:
+            if "image" not in frame.arrays and "image_compressed" not in frame.arrays:
                 raise ReductionError("an image series received a frame without an image")
-            pattern = self.integrator.integrate(frame.arrays["image"])
+            pattern = self.integrator.integrate(frame_image(frame))  # decompressed here when forwarded compressed
         else:
             pattern = Pattern.from_profile(
                 frame.arrays["two_theta_deg"], frame.arrays["counts"], frame.arrays.get("sigma"),

@@ -10,11 +10,18 @@ Stream V1 ``bs*-lz4<`` encodings)::
 
 Decompression goes through ``dectris.compression.decompress``; the declared size is checked
 against a limit first so a hostile 12-byte header cannot make us allocate terabytes.
+
+Frames forwarded compressed (issue 12): the streamer does not decompress images (25 ms per 16M
+frame); it checks the 12-byte header only (:func:`check_header`) and keeps the payload as a
+:class:`CompressedArray`, which travels to the reducer workers unchanged (docs/protocol.md,
+"Compressed frames"); a worker turns it into an array with :meth:`CompressedArray.to_array`
+(via :func:`beamkin.frames.frame_image`).
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass, replace
 
 import bitshuffle
 import lz4.block
@@ -71,8 +78,10 @@ def declared_size(data: bytes | memoryview) -> int:
     return total
 
 
-def decompress(data: bytes | memoryview, algorithm: str, elem_size: int, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """Decompress an HDF5-framed "bslz4" or "lz4" buffer; raises StreamDecodeError."""
+def check_header(data: bytes | memoryview, algorithm: str, elem_size: int, *, max_bytes: int = DEFAULT_MAX_BYTES) -> int:
+    """Check what can be checked without decompressing (algorithm, element size, the declared
+    size against ``max_bytes`` and against the LZ4 ratio bound); returns the declared uncompressed
+    size in bytes. Raises StreamDecodeError."""
     if algorithm not in SUPPORTED_ALGORITHMS:
         raise StreamDecodeError(f"unsupported compression algorithm {algorithm!r}", "unsupported_compression")
     if algorithm == "bslz4" and elem_size not in (1, 2, 4, 8):
@@ -82,6 +91,12 @@ def decompress(data: bytes | memoryview, algorithm: str, elem_size: int, *, max_
         raise StreamDecodeError(f"compressed buffer declares {total} bytes, more than the limit {max_bytes}")
     if total > max_lz4_output(len(data)):
         raise StreamDecodeError(f"{len(data)} compressed bytes cannot hold the declared {total} bytes (LZ4 ratio <= 255)")
+    return total
+
+
+def decompress(data: bytes | memoryview, algorithm: str, elem_size: int, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """Decompress an HDF5-framed "bslz4" or "lz4" buffer; raises StreamDecodeError."""
+    total = check_header(data, algorithm, elem_size, max_bytes=max_bytes)
     try:
         out = _dectris_decompress(bytes(data), algorithm, elem_size=elem_size if algorithm == "bslz4" else 1)
     except (RuntimeError, ValueError) as exc:
@@ -89,3 +104,76 @@ def decompress(data: bytes | memoryview, algorithm: str, elem_size: int, *, max_
     if len(out) != total:
         raise StreamDecodeError(f"{algorithm} buffer declared {total} bytes but decompressed to {len(out)}")
     return out
+
+
+@dataclass(frozen=True)
+class CompressedArray:
+    """An array still compressed as the detector sent it (CBOR tag 56500, not yet decompressed).
+
+    ``data``: the HDF5-framed payload (bytes, unchanged); ``algorithm``: "bslz4" or "lz4";
+    ``elem_size``: the tag's element size in bytes (bitshuffle's element); ``nbytes``: the
+    uncompressed size in bytes its header declares (checked by :func:`check_header`).
+    ``dtype`` and ``shape`` are those of the typed array (RFC 8746) and multi-dimensional array
+    (tag 40) around it, None until known. ``max_bytes``: the limit to decompress under.
+    """
+
+    algorithm: str
+    elem_size: int
+    data: bytes
+    nbytes: int
+    dtype: np.dtype | None = None
+    shape: tuple[int, ...] | None = None
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+    @classmethod
+    def checked(cls, data: bytes, algorithm: str, elem_size: int, *, max_bytes: int = DEFAULT_MAX_BYTES) -> "CompressedArray":
+        """The payload after :func:`check_header` (raises StreamDecodeError)."""
+        total = check_header(data, algorithm, elem_size, max_bytes=max_bytes)
+        return cls(algorithm, elem_size, bytes(data), total, max_bytes=max_bytes)
+
+    def with_dtype(self, dtype: np.dtype) -> "CompressedArray":
+        """This payload as a typed array of ``dtype`` (1D); raises StreamDecodeError when the
+        declared size is not a whole number of elements."""
+        if self.nbytes % dtype.itemsize:
+            raise StreamDecodeError(f"compressed typed array declares {self.nbytes} bytes, not a multiple of its "
+                                    f"element size {dtype.itemsize}", "shape_mismatch")
+        return replace(self, dtype=dtype, shape=(self.nbytes // dtype.itemsize,))
+
+    def with_shape(self, shape: tuple[int, ...]) -> "CompressedArray":
+        """This typed array reshaped (row-major) to ``shape``; raises StreamDecodeError when the
+        element count differs."""
+        count = 1
+        for n in shape:
+            count *= n
+        if self.dtype is None or count != self.size:
+            have = "an unknown number of" if self.dtype is None else str(self.size)
+            raise StreamDecodeError(f"multi-dimensional array declares dimensions {list(shape)} ({count} elements) "
+                                    f"but its compressed data holds {have} elements", "shape_mismatch")
+        return replace(self, shape=tuple(shape))
+
+    @property
+    def size(self) -> int:
+        """Number of elements (0 when the dtype is unknown)."""
+        return 0 if self.dtype is None else self.nbytes // self.dtype.itemsize
+
+    def to_bytes(self) -> bytes:
+        """The decompressed bytes (checked against the declared size); raises StreamDecodeError."""
+        return decompress(self.data, self.algorithm, self.elem_size, max_bytes=self.max_bytes)
+
+    def to_array(self) -> np.ndarray:
+        """The decompressed array of ``dtype`` and ``shape`` in native byte order; raises
+        StreamDecodeError (corrupt payload, dtype unknown)."""
+        if self.dtype is None or self.shape is None:
+            raise StreamDecodeError("compressed payload has no typed array (dtype unknown)")
+        array = np.frombuffer(self.to_bytes(), dtype=self.dtype).reshape(self.shape)
+        if self.dtype.byteorder == ">" and self.dtype.itemsize > 1:
+            array = array.astype(self.dtype.newbyteorder("="))
+        return array
+
+
+def materialise(value):
+    """``value`` with a :class:`CompressedArray` decompressed (an array when its dtype is known,
+    else bytes); anything else unchanged. Raises StreamDecodeError."""
+    if isinstance(value, CompressedArray):
+        return value.to_bytes() if value.dtype is None else value.to_array()
+    return value

@@ -264,8 +264,10 @@ class SeriesAssembler:
         arrays: Mapping[str, np.ndarray],
         time_s: float | None = None,
         exposure_s: float | None = None,
+        fields: Mapping[str, Any] | None = None,
     ) -> list[Message]:
-        """A frame of the series the source calls ``series_id`` (None: the open series).
+        """A frame of the series the source calls ``series_id`` (None: the open series);
+        ``fields``: further header fields (``compression`` of an ``image_compressed`` frame).
         Returns [] when it is dropped."""
         if self._belongs_to_rejected(series_id):
             self.counters["rejected_series_frames"] += 1
@@ -292,11 +294,14 @@ class SeriesAssembler:
             self.count_dropped("duplicate_frame", "dropping duplicate frame %s", frame_index,
                         series_id=self.series_id, frame_index=frame_index)
             return []
-        if "image" in arrays:
+        fields = dict(fields or {})
+        shape = arrays["image"].shape if "image" in arrays else (
+            tuple(fields["compression"]["shape"]) if "image_compressed" in arrays and "compression" in fields else None)
+        if shape is not None:
             expected = tuple(self.start_fields["detector"]["shape"])
-            if arrays["image"].shape != expected:
+            if shape != expected:
                 self.count_dropped("shape_mismatch", "dropping frame %s: image shape %s, detector shape %s",
-                            frame_index, arrays["image"].shape, expected,
+                            frame_index, shape, expected,
                             series_id=self.series_id, frame_index=frame_index)
                 return []
         if time_s is None:
@@ -305,7 +310,7 @@ class SeriesAssembler:
             exposure_s = float(self.start_fields["exposure_s"])
         try:
             message = make("frame", arrays=arrays, series_id=self.series_id, frame_index=int(frame_index),
-                           time_s=float(time_s), exposure_s=float(exposure_s))
+                           time_s=float(time_s), exposure_s=float(exposure_s), **fields)
         except ProtocolError as exc:
             self.count_dropped("malformed", "dropping invalid frame %s: %s", frame_index, exc,
                         series_id=self.series_id, frame_index=frame_index)

@@ -12,6 +12,11 @@ self-describe tag 55799) whose first key is ``type``. What this module understan
   typed array or a plain array; ``[dims, data]`` with ``prod(dims) == len(data)``.
 * Tag 56500 (DECTRIS compression): ``[algorithm, elem_size, bytes]`` with "bslz4" or "lz4" in
   HDF5 framing, equivalent to the decompressed byte string wherever a byte string may appear.
+  With ``decompress="workers"`` (the streamer's default, ``[streamer] decompress``) an image is
+  not decompressed here: its payload is checked (header, declared size against the typed array
+  and dimensions) and forwarded unchanged as the frame's ``image_compressed`` array with its
+  ``compression`` field (docs/protocol.md); the reducer worker decompresses it. Start and end
+  messages are always decompressed here. With ``decompress="streamer"`` everything is.
 * Tag 55799 (self-described CBOR) around the message.
 * Rational times ``[numerator, denominator]`` -> seconds; image time is mid-exposure
   ``(start_time + stop_time) / 2`` relative to ``series_date``.
@@ -73,6 +78,8 @@ TAG_DECTRIS_COMPRESSION = 56500
 TAG_DATETIME = 0
 #: Largest image side accepted (pixels); the largest detectors have about 4 400.
 MAX_IMAGE_SIDE = 1 << 20
+#: Where compressed images are decompressed ([streamer] decompress)
+DECOMPRESS_WHERE = ("workers", "streamer")
 
 
 def _typed_array_dtypes() -> dict[int, np.dtype]:
@@ -141,8 +148,9 @@ class UnusableArray:
 class _TagDecoder:
     """cbor2 tag hook (both the cbor2 5 ``(decoder, tag)`` and 6 ``(tag, immutable)`` call forms)."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, defer_compression: bool = False) -> None:
         self.max_bytes = max_bytes
+        self.defer_compression = defer_compression
         self.unknown_tags: Counter | None = None  # created on the first unknown tag
 
     def __call__(self, first: Any, second: Any) -> Any:
@@ -181,6 +189,8 @@ class _TagDecoder:
 
     @staticmethod
     def _byte_string(number: int, value: Any, itemsize: int) -> bytes:
+        if isinstance(value, compression.CompressedArray):
+            value = value.to_bytes()
         if not isinstance(value, (bytes, bytearray)):
             raise StreamDecodeError(f"typed array tag {number} holds {type(value).__name__}, not a byte string")
         if len(value) % itemsize:
@@ -192,6 +202,8 @@ class _TagDecoder:
 
     def _typed_array(self, number: int, value: Any) -> np.ndarray:
         dtype = TYPED_ARRAY_DTYPES[number]
+        if isinstance(value, compression.CompressedArray):
+            return value.with_dtype(dtype)
         array = np.frombuffer(self._byte_string(number, value, dtype.itemsize), dtype=dtype)
         if dtype.byteorder == ">" and dtype.itemsize > 1:
             array = array.astype(dtype.newbyteorder("="))
@@ -202,12 +214,16 @@ class _TagDecoder:
         if not isinstance(value, (list, tuple)) or len(value) != 2:
             raise StreamDecodeError(f"tag {number} (multi-dimensional array) is not [dimensions, data]")
         dims, data = value
+        if isinstance(data, compression.CompressedArray) and (number == TAG_MULTI_DIM_COLUMN_MAJOR or data.dtype is None):
+            data = compression.materialise(data)  # column-major (rare): the streamer decompresses it
         if (
             not isinstance(dims, (list, tuple))
             or not dims
             or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 40 for n in dims)
         ):
             raise StreamDecodeError(f"tag {number} dimensions {dims!r:.60} are not non-negative integers")
+        if isinstance(data, compression.CompressedArray):
+            return data.with_shape(tuple(dims))
         if isinstance(data, np.ndarray):
             flat = data
         elif isinstance(data, (list, tuple)):
@@ -232,7 +248,7 @@ class _TagDecoder:
         order = "F" if number == TAG_MULTI_DIM_COLUMN_MAJOR else "C"
         return flat.reshape(tuple(dims), order=order)
 
-    def _decompress(self, value: Any) -> bytes:
+    def _decompress(self, value: Any) -> bytes | compression.CompressedArray:
         if not isinstance(value, (list, tuple)) or len(value) != 3:
             raise StreamDecodeError("tag 56500 (compression) is not [algorithm, elem_size, data]")
         algorithm, elem_size, data = value
@@ -242,15 +258,37 @@ class _TagDecoder:
             raise StreamDecodeError(f"tag 56500 element size is {type(elem_size).__name__}, not an integer")
         if not isinstance(data, (bytes, bytearray)):
             raise StreamDecodeError(f"tag 56500 data is {type(data).__name__}, not a byte string")
+        if self.defer_compression:
+            return compression.CompressedArray.checked(data, algorithm, elem_size, max_bytes=self.max_bytes)
         return compression.decompress(data, algorithm, elem_size, max_bytes=self.max_bytes)
 
 
-def decode_message(data: bytes | memoryview, *, max_bytes: int = compression.DEFAULT_MAX_BYTES) -> tuple[dict, Counter]:
+def materialise_tree(value: Any, depth: int = 0) -> Any:
+    """``value`` (a decoded map, list or leaf) with every :class:`~streamer.compression.CompressedArray`
+    decompressed; a corrupt one becomes an :class:`UnusableArray`. Maps and lists are copied."""
+    if isinstance(value, compression.CompressedArray):
+        try:
+            return compression.materialise(value)
+        except StreamDecodeError as exc:
+            return UnusableArray(str(exc), exc.counter)
+    if depth > 32:
+        return value
+    if isinstance(value, Mapping):
+        return {key: materialise_tree(item, depth + 1) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [materialise_tree(item, depth + 1) for item in value]
+    return value
+
+
+def decode_message(data: bytes | memoryview, *, max_bytes: int = compression.DEFAULT_MAX_BYTES,
+                   defer_compression: bool = False) -> tuple[dict, Counter]:
     """Decode one Stream V2 message into (map with arrays as numpy, unknown tag numbers -> count).
 
+    ``defer_compression``: tag 56500 payloads are checked but left compressed
+    (:class:`~streamer.compression.CompressedArray`, with the dtype and shape of the arrays around them).
     Raises StreamDecodeError (only) when the bytes are not a CBOR map with a text ``type``.
     """
-    hook = _TagDecoder(max_bytes)
+    hook = _TagDecoder(max_bytes, defer_compression)
     try:
         value = cbor2.loads(data, tag_hook=hook)
     except StreamDecodeError:
@@ -392,7 +430,9 @@ class StreamV2Decoder:
 
     ``channel``: the channel (threshold) to reduce, a name or an index into the start message's
     ``channels``; None takes the first. ``frame_index_window``: see
-    :class:`streamer.series.SeriesAssembler`.
+    :class:`streamer.series.SeriesAssembler`. ``decompress``: where compressed images are
+    decompressed, "streamer" (here, the frame carries ``image``) or "workers" (forwarded as they
+    came, the frame carries ``image_compressed`` and ``compression``; see the module doc).
     """
 
     def __init__(
@@ -403,7 +443,11 @@ class StreamV2Decoder:
         max_bytes: int = compression.DEFAULT_MAX_BYTES,
         counters: Counter | None = None,
         frame_index_window: int = DEFAULT_FRAME_INDEX_WINDOW,
+        decompress: str = "streamer",
     ) -> None:
+        if decompress not in DECOMPRESS_WHERE:
+            raise ValueError(f"decompress must be one of {DECOMPRESS_WHERE}, got {decompress!r}")
+        self.decompress = decompress
         self.counters: Counter = counters if counters is not None else Counter()
         self.series = SeriesAssembler(source, self.counters, frame_index_window=frame_index_window)
         self.channel_option = None if channel == "" else channel
@@ -421,11 +465,13 @@ class StreamV2Decoder:
 
     def _feed(self, data: bytes | memoryview) -> list[Message]:
         try:
-            raw, unknown = decode_message(data, max_bytes=self.max_bytes)
+            raw, unknown = decode_message(data, max_bytes=self.max_bytes, defer_compression=self.decompress == "workers")
         except StreamDecodeError as exc:
             self.series.count_dropped(exc.counter, "dropping undecodable Stream V2 message (%s): %s", exc.counter, exc,
                                       series_id=self.series.series_id)
             return []
+        if self.decompress == "workers" and raw["type"] != "image":
+            raw = materialise_tree(raw)  # only images travel compressed
         if unknown:  # kept as they are (the message goes on); counted, logged once per series
             self.series.count_dropped("unknown_tag", "Stream V2 %s message carries unknown CBOR tags %s",
                                       _short(raw["type"]), dict(unknown), series_id=self.series.series_id,
@@ -613,12 +659,22 @@ class StreamV2Decoder:
             raise StreamDecodeError(f"image {image_id} has no data for channel {_short(channel)}", "missing_channel")
         if isinstance(image, UnusableArray):
             raise StreamDecodeError(f"image {image_id} channel {_short(channel)}: {image.reason}", image.counter)
+        if isinstance(image, compression.CompressedArray):
+            if image.dtype is not None:
+                return self._compressed_frame(raw, key, image_id, channel, image)
+            image = compression.materialise(image)  # a bare byte string: refused below, as when decompressed here
         if not isinstance(image, np.ndarray) or image.ndim not in (1, 2) or image.dtype.kind not in "biuf":
             raise StreamDecodeError(f"image {image_id} channel {_short(channel)} is {_short(image)}, not a 1D or 2D "
                                     "numeric array", "shape_mismatch")
         if image.ndim == 1:
             image = image.reshape(1, -1)  # a strip detector's line
         image = np.ascontiguousarray(image)
+        time_s, exposure_s = self._image_times(raw)
+        return self.series.frame(key, image_id, {"image": image}, time_s, exposure_s)
+
+    @staticmethod
+    def _image_times(raw: Mapping) -> tuple[float | None, float | None]:
+        """(mid-exposure time, exposure) in seconds of an image message, None where not sent."""
         time_s = exposure_s = None
         if "start_time" in raw and "stop_time" in raw:
             start = rational_seconds(raw["start_time"], "start_time")
@@ -627,7 +683,23 @@ class StreamV2Decoder:
             exposure_s = stop - start
         if "real_time" in raw:
             exposure_s = rational_seconds(raw["real_time"], "real_time")
-        return self.series.frame(key, image_id, {"image": image}, time_s, exposure_s)
+        return time_s, exposure_s
+
+    def _compressed_frame(self, raw: Mapping, key: str | None, image_id: int, channel: Any,
+                          image: compression.CompressedArray) -> list[Message]:
+        """A frame forwarding the detector's compressed payload unchanged (``image_compressed``,
+        uint8) with what decompressing it needs (``compression``: algorithm, elem_size, dtype,
+        shape). Only the header was checked here; the worker decompresses it."""
+        if image.shape is None or len(image.shape) not in (1, 2):
+            raise StreamDecodeError(f"image {image_id} channel {_short(channel)} is a compressed array of "
+                                    f"dimensions {list(image.shape or [])}, not 1D or 2D", "shape_mismatch")
+        shape = (1, image.shape[0]) if len(image.shape) == 1 else image.shape  # a strip detector's line
+        time_s, exposure_s = self._image_times(raw)
+        descriptor = {"algorithm": image.algorithm, "elem_size": image.elem_size, "dtype": image.dtype.str,
+                      "shape": list(shape)}
+        payload = np.frombuffer(image.data, dtype=np.uint8)
+        return self.series.frame(key, image_id, {"image_compressed": payload}, time_s, exposure_s,
+                                 fields={"compression": descriptor})
 
     def _end(self, raw: Mapping) -> list[Message]:
         return self.series.end(self.series_key(raw))
@@ -637,6 +709,7 @@ class StreamV2Source:
     """``dectris2:tcp://HOST:PORT``: CONNECTs a PULL socket to a Stream V2 detector endpoint.
 
     Options: ``channel`` (name or index), ``max_bytes`` (largest decompressed array accepted),
+    ``decompress`` ("workers", the default: images forwarded compressed; "streamer": decompressed here),
     ``poll_ms`` (how often the stop event is checked, default 100 ms).
     """
 
@@ -647,7 +720,8 @@ class StreamV2Source:
         self.poll_ms = int(options.get("poll_ms", 100))
         self.decoder = StreamV2Decoder(self.spec, options.get("channel"),
                                        max_bytes=int(options.get("max_bytes", compression.DEFAULT_MAX_BYTES)),
-                                       frame_index_window=int(options.get("frame_index_window", DEFAULT_FRAME_INDEX_WINDOW)))
+                                       frame_index_window=int(options.get("frame_index_window", DEFAULT_FRAME_INDEX_WINDOW)),
+                                       decompress=str(options.get("decompress", "workers")))
 
     @property
     def counters(self) -> Counter:

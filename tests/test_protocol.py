@@ -103,7 +103,7 @@ def _header(msg_type="frame", **extra):
         (_parts({**_header(), "version": 99}), "version 99"),
         (_parts({**_header(), "type": "bogus"}, topic=b"bogus"), "unknown message type 'bogus'"),
         (_parts(_header(), topic=b"end"), "does not match"),
-        (_parts({**_header(arrays=[])}), "expected image or two_theta_deg+counts"),
+        (_parts({**_header(arrays=[])}), "expected image or image_compressed or two_theta_deg+counts"),
         (_parts(_header(arrays=[{"name": "image", "dtype": "<u4", "shape": [2, 2]}]), b"\0" * 15), "needs 16 bytes, got 15"),
         (_parts(_header(arrays=[{"name": "image", "dtype": "|O", "shape": [1]}]), b"\0" * 8), "unsupported dtype"),
         (_parts(_header(arrays=[{"name": "image", "dtype": "<u4", "shape": [1]}])), "declares 1 array(s) but carries 0"),
