@@ -28,8 +28,9 @@ demo: $(STAMP)
 test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
+# particles (bench_particles.py) resolves to an older NumPy unless the installed one is pinned
 bench: $(STAMP)
-	$(BIN)/pip install -e '.[test,bench]'
+	$(BIN)/pip install -e '.[test,bench]' "numpy==$$($(BIN)/python -c 'import numpy; print(numpy.__version__)')"
 	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done
 
 clean:
