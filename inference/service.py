@@ -24,7 +24,7 @@ from typing import Any
 import zmq
 
 from beamkin import protocol, sockets
-from beamkin.supervise import signal_ready
+from beamkin.supervise import EXIT_SERIES_INCOMPLETE, RESTART_ENV, signal_ready
 from inference.reorder import ReorderBuffer
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,12 @@ class InferenceStage:
         self.patterns_seen: dict[tuple[str, int], None] = {}  # insertion-ordered, bounded
         self.counters = collections.Counter()
         self.finished_series = 0
+        #: started again by the supervisor (BEAMKIN_RESTART): a series it has fractions but no start
+        #: of was begun by its predecessor and is ended as incomplete (_incomplete)
+        self.restarted = bool(os.environ.get(RESTART_ENV))
+        self.last_series_incomplete = False
+        self.early_seen: dict[str, set[int]] = {}  # frame indices received per series waiting for its start
+        self.early_last: dict[str, float] = {}  # when its last fraction came
         self.alert_dispatcher = None
         if config.get("alerts"):
             from dashboards.alerts import AlertDispatcher
@@ -240,6 +246,8 @@ class InferenceStage:
                  "ts" if start.get("gas_time_s") is not None else "series start",
                  time.perf_counter() - began, extra={"series_id": series_id})
         self.publish(start)
+        self.early_seen.pop(series_id, None)
+        self.early_last.pop(series_id, None)
         for fraction in self.early.pop(series_id, []):
             self._released(series, series.buffer.add(fraction["frame_index"], fraction))
 
@@ -271,6 +279,10 @@ class InferenceStage:
                                 "for their start)", len(self.early), frame_index=index)
                 return
             early = self.early.setdefault(series_id, [])
+            seen = self.early_seen.setdefault(series_id, set())
+            self.early_last[series_id] = time.monotonic()
+            if len(seen) < EARLY_FRAMES_KEPT * 4 and isinstance(index, int):
+                seen.add(index)
             if len(early) < EARLY_FRAMES_KEPT:
                 early.append(fraction)
             else:
@@ -295,6 +307,9 @@ class InferenceStage:
     def _end(self, end: protocol.Message) -> None:
         series = self.series.get(end["series_id"])
         if series is None:
+            if end["series_id"] not in self.closed and (end["series_id"] in self.early or self.restarted):
+                self._incomplete(end["series_id"], int(end["n_frames"]))
+                return
             self._warn_once(end["series_id"], "ends_without_series", "end of a series that is not open")
             return
         series.end_reason = end["reason"]
@@ -315,6 +330,7 @@ class InferenceStage:
         """Nothing to assimilate: prepare the next estimate from the newest exact posterior,
         let timeouts release gaps, end series that have been idle too long."""
         idle_s = float(self.inference_config.get("series_idle_s", 600.0))
+        self._give_up_orphans()
         now = time.monotonic()
         for series in list(self.series.values()):
             if series.finished:
@@ -449,6 +465,7 @@ class InferenceStage:
 
     def _finish(self, series: SeriesInference) -> None:
         series.finished = True
+        self.last_series_incomplete = False
         result = series.live.result()
         result["series_id"] = series.series_id
         result["diagnostics"] = series.diagnostics()
@@ -486,6 +503,56 @@ class InferenceStage:
                                    n_frames=series.buffer.end_index or series.buffer.next_index, reason=reason))
         self.finished_series += 1
         self._close_old_finished()
+
+    def _incomplete(self, series_id: str, n_frames: int | None) -> None:
+        """End a series whose start this process never got (it was restarted during the series,
+        or the start was lost): no posterior can be built from part of a series without its
+        start, so the series ends ``incomplete``, saying how many of its frames were lost.
+        ``n_frames``: from the series' end; None when it did not come (the series was given up
+        after ``start_wait_s`` without a fraction): then the frames lost are counted up to
+        the highest frame received, a lower bound."""
+        parked = self.early.pop(series_id, [])
+        seen = self.early_seen.pop(series_id, set())
+        self.early_last.pop(series_id, None)
+        indices = seen | {m["frame_index"] for m in parked}
+        known = n_frames is not None
+        if not known:
+            n_frames = max(indices) + 1 if indices else 0
+        received = sorted(i for i in indices if 0 <= i < n_frames)
+        lost = n_frames - len(received)
+        reason = "incomplete: inference restarted" if self.restarted else "incomplete: start not received"
+        self.counters["series_incomplete"] += 1
+        self.counters["frames_lost"] += lost
+        log.error("series %s: its start and %s%d of its %s frames never reached this inference; ended without a "
+                  "posterior (%d frames received, from frame %s)", reason, "" if known else "at least ", lost,
+                  n_frames if known else f"at least {n_frames}", len(received), received[0] if received else "-",
+                  extra={"series_id": series_id})
+        for fraction in parked:  # kept in the published stream (and the recording), not assimilated
+            self.publish(fraction)
+        counters = {"frames_lost": lost, "frames_received": len(received), "n_frames": n_frames,
+                    "n_frames_known": known, "error": reason}
+        self.publish(protocol.make("status", stage="inference", series_id=series_id, counters=counters))
+        self.publish(protocol.make("end", series_id=series_id, n_frames=n_frames, reason=reason))
+        path = self.inference_config.get("json")
+        if path:
+            missing = sorted(set(range(n_frames)) - set(received)) if n_frames <= 1_000_000 else None
+            Path(path).write_text(json.dumps({"series_id": series_id, "end_reason": reason, "incomplete": True,
+                                              "n_frames": n_frames, "n_frames_known": known,
+                                              "frames_received": len(received), "frames_lost": lost,
+                                              "frames_lost_indices": missing}, indent=2))
+            log.info("incomplete result written to %s", path, extra={"series_id": series_id})
+        self._close(series_id, reason)
+        self.finished_series += 1
+        self.last_series_incomplete = True
+
+    def _give_up_orphans(self) -> None:
+        """Series with fractions but no start, none for ``start_wait_s``: the start will not come
+        (the inference was restarted, or it was lost): end them incomplete."""
+        timeout_s = float(self.inference_config.get("start_wait_s", 15.0))
+        now = time.monotonic()
+        for series_id, last in list(self.early_last.items()):
+            if now - last > timeout_s:
+                self._incomplete(series_id, None)
 
     def _close(self, series_id: str, why: str) -> None:
         self.closed[series_id] = why
@@ -563,4 +630,6 @@ def run_inference(config: dict[str, Any], stop: threading.Event) -> int:
     pull.close(linger=0)
     pub.close(linger=2000)
     context.term()
+    if once and stage.last_series_incomplete:
+        return EXIT_SERIES_INCOMPLETE  # the run's one series ended incomplete (the log says how)
     return 0
