@@ -161,3 +161,32 @@ def test_killed_recorder_resumes_in_a_new_segment_and_keeps_what_it_wrote(run_fa
     assert {m.type for m in second} >= {"fraction", "posterior", "result", "end"}
     assert [m["reason"] for m in second if m.type == "end"] == ["completed"]
     print(f"recorder kill: {N_FRAMES - len(recorded)} of {N_FRAMES} fractions published while no recorder listened")
+
+
+def test_killed_inference_ends_its_series_incomplete_with_the_frames_lost(run_factory):
+    # a restarted inference gives up on a series it has no start of after start_wait_s without a
+    # fraction, or at its end
+    run = run_factory("--inference.start_wait_s", "3.0")
+    run.receive(fraction_reached(5))
+    pid = run.kill_stage("infer")
+    code = run.finish()
+    assert code == 4, run.output[-5000:]  # EXIT_SERIES_INCOMPLETE: run --once says the series is incomplete
+    assert f"stage inference (pid {pid}) was killed by signal 9 (SIGKILL); restarting it" in run.output
+    assert "the series ended incomplete" in run.output
+    ends = run.of_type("end")
+    assert [m["reason"] for m in ends][-1] == "incomplete: inference restarted", [m.fields for m in ends]
+    result = json.loads(run.result_path.read_text())
+    assert result["incomplete"] and result["end_reason"] == "incomplete: inference restarted"
+    assert result["n_frames"] == N_FRAMES
+    # the fractions the first inference published, and those the restarted one received, are
+    # every frame but the ones counted lost (in flight to, or in, the killed process)
+    before = {m["frame_index"] for m in run.of_type("fraction")}
+    assert result["frames_lost"] == len(result["frames_lost_indices"]) >= 1
+    assert result["frames_lost"] + result["frames_received"] == N_FRAMES
+    assert re.search(rf"its start and (at least )?{result['frames_lost']} of its (at least )?{N_FRAMES} frames never "
+                     "reached this inference", run.output), run.output[-5000:]
+    lost = set(result["frames_lost_indices"])
+    assert min(lost) == 0  # the restarted process never got the start or the first frames
+    status = [m for m in run.of_type("status") if m.get("counters", {}).get("error") == result["end_reason"]]
+    assert status and status[-1]["counters"]["frames_lost"] == result["frames_lost"]
+    print(f"inference kill: {result['frames_lost']} of {N_FRAMES} frames lost; {len(before)} fractions published")
