@@ -12,7 +12,13 @@ The file is an append-only message log plus stacked arrays::
     /series/<id>/<type>/<array>        (rows, *shape) the arrays of that series' messages of that type,
                                        one row per message; a change of shape or dtype starts <array>.1, ...
 
-Raw detector images (``frame`` messages' ``image``) are kept only with ``raw_frames=True``;
+Raw detector images (``frame`` messages' ``image``, or ``image_compressed``: the detector's
+bslz4 / lz4 payload forwarded compressed) are kept only with ``raw_frames=True``. A compressed
+payload is stored as it came, without decompressing it: written as the HDF5 chunk of its row
+(``write_direct_chunk``) of the ``image`` dataset, whose filter (bitshuffle+LZ4 or LZ4, attribute
+``filter``) is the payload's own framing, so readers get the image as for any other row. A
+corrupt payload stays corrupt: :func:`read_messages` then gives that frame its stored bytes as
+``image_compressed`` again (with the header's ``compression``), for a worker to flag it as live;
 everything else (patterns, fractions, posteriors, alerts, start masks, 1D profiles) is always
 kept. Arrays of 1024 elements or more are compressed with bitshuffle+LZ4 (hdf5plugin.Bitshuffle),
 one chunk per message. After each
@@ -140,8 +146,11 @@ class Recorder:
             self._series_group(message.series_id)
         refs: dict[str, Any] = {}
         for name, array in message.arrays.items():
-            if message.type == "frame" and name == "image" and not self.raw_frames:
-                refs[name] = None
+            if message.type == "frame" and name in ("image", "image_compressed") and not self.raw_frames:
+                refs["image"] = None
+                continue
+            if message.type == "frame" and name == "image_compressed":
+                refs["image"] = self._append_compressed_image(message, array)
                 continue
             refs[name] = self._append_array(message, name, np.asarray(array))
         row = self._n
@@ -159,7 +168,9 @@ class Recorder:
         self.counters[message.type] += 1
         self._file.flush()
 
-    def _append_array(self, message: Message, name: str, array: np.ndarray) -> list:
+    def _dataset_for(self, message: Message, name: str, shape: tuple, dtype: np.dtype, codec: str | None) -> h5py.Dataset:
+        """The dataset of the series' ``name`` arrays of this shape and dtype (and filter
+        ``codec`` when given: a compressed payload is written only where that filter decodes it)."""
         base = f"series/{group_name(message.series_id)}/{message.type}"
         group = self._file.require_group(base)
         stored = hdf5_text(name.replace("%", "%25").replace("/", "%2F")) or "_"
@@ -168,24 +179,63 @@ class Recorder:
             key = stored if suffix == 0 else f"{stored}.{suffix}"
             dataset = group.get(key)
             if dataset is None:
-                dataset = self._create_array_dataset(group, key, message, name, array)
-                break
-            if dataset.shape[1:] == array.shape and dataset.dtype == array.dtype:
-                break
+                return self._create_array_dataset(group, key, shape, dtype, codec)
+            if (dataset.shape[1:] == shape and dataset.dtype == dtype
+                    and (codec is None or dataset.attrs.get("filter") == codec)):
+                return dataset
             suffix += 1
+
+    def _append_array(self, message: Message, name: str, array: np.ndarray) -> list:
+        dataset = self._dataset_for(message, name, array.shape, array.dtype, None)
         row = dataset.shape[0]
         dataset.resize((row + 1, *array.shape))
         dataset[row] = array
         return [dataset.name, row]
 
-    def _create_array_dataset(self, group: h5py.Group, key: str, message: Message, name: str, array: np.ndarray) -> h5py.Dataset:
-        options: dict[str, Any] = {}
-        if array.size >= COMPRESS_MIN_ELEMENTS and array.dtype.kind in "biuf":
-            options = dict(hdf5plugin.Bitshuffle(nelems=0, cname="lz4"))
-        return group.create_dataset(
-            key, shape=(0, *array.shape), maxshape=(None, *array.shape), dtype=array.dtype,
-            chunks=(1, *array.shape) if array.size else None, **options,
+    def _append_compressed_image(self, message: Message, payload: np.ndarray) -> list | None:
+        """Store a forwarded compressed image (``image_compressed`` + ``compression``) as a row of
+        the ``image`` dataset without decompressing it: its bytes are that row's HDF5 chunk. A
+        payload the HDF5 filter could not read as it is (bslz4 element size other than the dtype's,
+        big-endian dtype) is decompressed first; a corrupt one of those is not recorded (None)."""
+        from beamkin.frames import FrameDecodeError, compression_descriptor, frame_image
+
+        try:
+            algorithm, elem_size, dtype, shape = compression_descriptor(message)
+        except FrameDecodeError as exc:
+            self.counters["frames_not_decodable"] += 1
+            log.warning("not recording the image: %s", exc,
+                        extra={"series_id": message.series_id, "frame_index": message.frame_index})
+            return None
+        if dtype.byteorder == ">" or (algorithm == "bslz4" and elem_size != dtype.itemsize):
+            try:
+                return self._append_array(message, "image", np.asarray(frame_image(message)))
+            except FrameDecodeError as exc:
+                self.counters["frames_not_decodable"] += 1
+                log.warning("not recording the image: %s", exc,
+                            extra={"series_id": message.series_id, "frame_index": message.frame_index})
+                return None
+        dataset = self._dataset_for(message, "image", shape, dtype, algorithm)
+        row = dataset.shape[0]
+        dataset.resize((row + 1, *shape))
+        dataset.id.write_direct_chunk((row, 0, 0), np.ascontiguousarray(payload).tobytes())
+        self.counters["compressed_images_stored"] += 1
+        return [dataset.name, row]
+
+    def _create_array_dataset(self, group: h5py.Group, key: str, shape: tuple, dtype: np.dtype,
+                              codec: str | None = None) -> h5py.Dataset:
+        """A dataset of rows of ``shape`` x ``dtype``, one chunk per row; filter bitshuffle+LZ4
+        ("bslz4") for 1024 elements or more, or the ``codec`` ("bslz4", "lz4") asked for."""
+        size = int(np.prod(shape))
+        if codec is None:
+            codec = "bslz4" if size >= COMPRESS_MIN_ELEMENTS and dtype.kind in "biuf" else "none"
+        options: dict[str, Any] = {"bslz4": dict(hdf5plugin.Bitshuffle(nelems=0, cname="lz4")),
+                                   "lz4": dict(hdf5plugin.LZ4(nbytes=0)), "none": {}}[codec]
+        dataset = group.create_dataset(
+            key, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
+            chunks=(1, *shape) if size else None, **options,
         )
+        dataset.attrs["filter"] = codec
+        return dataset
 
     def close(self) -> None:
         """Flush and close the file."""
@@ -317,6 +367,18 @@ def _write_surviving(recorder: Recorder, message: Message) -> None:
                       extra={"series_id": message.series_id, "frame_index": message.frame_index})
 
 
+def _stored_payload(dataset: h5py.Dataset, row: int, fields: dict) -> np.ndarray | None:
+    """The bytes of a frame image row written as a compressed payload (``compression`` in the
+    frame's header) that the HDF5 filter cannot decode, as ``image_compressed`` (uint8), or None."""
+    if not isinstance(fields.get("compression"), dict) or dataset.attrs.get("filter") not in ("bslz4", "lz4"):
+        return None
+    try:
+        _mask, chunk = dataset.id.read_direct_chunk((row,) + (0,) * (dataset.ndim - 1))
+    except (OSError, ValueError, RuntimeError):
+        return None
+    return np.frombuffer(chunk, dtype=np.uint8)
+
+
 def is_recording(path: str | Path) -> bool:
     """True if ``path`` is an HDF5 file written by :class:`Recorder`."""
     try:
@@ -367,5 +429,12 @@ def read_messages(path: str | Path, types: Iterable[str] | None = None, *, with_
                     dataset = f.get(dataset_path)
                     if dataset is None or row >= dataset.shape[0]:
                         continue
-                    arrays[name] = dataset[row]
+                    try:
+                        arrays[name] = dataset[row]
+                    except OSError as exc:  # a corrupt compressed payload stored as it came
+                        stored = _stored_payload(dataset, row, fields)
+                        if stored is None:
+                            log.warning("cannot read %s row %d of %s: %s", dataset_path, row, path, exc)
+                            continue
+                        arrays["image_compressed"] = stored
             yield float(received[i]), Message(message_type, fields, arrays)
