@@ -139,6 +139,9 @@ class SeriesInference:
         self.finish_queued = False
         self.finish_requested = False  # every frame released; finish once the exact sampler is done
         self.finished = False
+        #: begun from a start the streamer re-sent (the series was running before this process):
+        #: the frames before are lost, the result is incomplete
+        self.resumed = bool(start.get("resent"))
 
     def diagnostics(self) -> dict[str, Any]:
         return {
@@ -222,9 +225,16 @@ class InferenceStage:
 
     def _start(self, start: protocol.Message) -> None:
         series_id = start["series_id"]
+        if start.get("resent") and (series_id in self.series or series_id in self.closed):
+            self.counters["starts_resent"] += 1  # the streamer's periodic reminder of an open series
+            return
         if series_id in self.series or series_id in self.closed:
             self._warn_once(series_id, "duplicate_starts", "duplicate start message ignored")
             return
+        if start.get("resent"):
+            log.warning("series already running when this inference started%s: analysing the frames still to come; "
+                        "the frames before are lost and its result will say incomplete",
+                        " (restarted)" if self.restarted else "", extra={"series_id": series_id})
         open_series = [s for s in self.series.values() if not s.finished]
         cap = int(self.inference_config.get("max_open_series", 4))
         if len(open_series) >= cap:  # the least recently active gives way
@@ -465,11 +475,20 @@ class InferenceStage:
 
     def _finish(self, series: SeriesInference) -> None:
         series.finished = True
-        self.last_series_incomplete = False
+        self.last_series_incomplete = series.resumed
+        if series.resumed:  # begun mid-series: a posterior of the frames after the restart only
+            series.end_reason = ("incomplete: inference restarted" if self.restarted
+                                 else "incomplete: started mid-series")
+            log.error("series %s: %d of its frames were lost (assimilated by the process before, or never "
+                      "received); the posterior holds the frames after the restart only", series.end_reason,
+                      len(series.missing), extra={"series_id": series.series_id})
         result = series.live.result()
         result["series_id"] = series.series_id
         result["diagnostics"] = series.diagnostics()
         result["end_reason"] = series.end_reason
+        if series.resumed:
+            result["incomplete"] = True
+            result["frames_lost"] = len(series.missing)
         self.publish(protocol.make("result", series_id=series.series_id, result=result))
         n_frames = series.buffer.end_index or 0
         # the source's reason: a series it aborted is not republished as completed
