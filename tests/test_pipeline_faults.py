@@ -190,3 +190,27 @@ def test_killed_inference_ends_its_series_incomplete_with_the_frames_lost(run_fa
     status = [m for m in run.of_type("status") if m.get("counters", {}).get("error") == result["end_reason"]]
     assert status and status[-1]["counters"]["frames_lost"] == result["frames_lost"]
     print(f"inference kill: {result['frames_lost']} of {N_FRAMES} frames lost; {len(before)} fractions published")
+
+
+def test_inference_killed_while_the_series_is_open_analyses_the_rest_and_says_incomplete(run_factory):
+    # at real-time pace the series is still open at the streamer when the inference is killed: the
+    # streamer's periodic re-sent start lets the restarted inference analyse the frames to come
+    run = run_factory("--speed", "1")
+    run.receive(fraction_reached(4))
+    pid = run.kill_stage("infer")
+    code = run.finish()
+    assert code == 4, run.output[-5000:]
+    assert f"stage inference (pid {pid}) was killed by signal 9 (SIGKILL); restarting it" in run.output
+    assert "series already running when this inference started (restarted)" in run.output
+    result = json.loads(run.result_path.read_text())
+    assert result["end_reason"] == "incomplete: inference restarted" and result["incomplete"]
+    assert [m["reason"] for m in run.of_type("end")][-1] == "incomplete: inference restarted"
+    # a posterior of the frames after the restart; those before it are counted lost
+    lost = result["diagnostics"]["missing_indices"]
+    assert result["frames_lost"] == result["diagnostics"]["frames_missing"] == len(lost) >= 5
+    assert lost == list(range(len(lost)))
+    assert result["diagnostics"]["frames_assimilated"] == N_FRAMES - len(lost)
+    assert f"{len(lost)} of its frames were lost" in run.output
+    print(f"inference kill (open series): {len(lost)} of {N_FRAMES} frames lost, "
+          f"{N_FRAMES - len(lost)} analysed by the restarted inference; "
+          f"t0 = {result['model_averaged']['t0']['mean']:.3f} +- {result['model_averaged']['t0']['sd']:.3f}")
