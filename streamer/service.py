@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import queue
 import threading
 import time
@@ -184,8 +185,21 @@ class FrameDispatcher:
                 worker.series_started.discard(series_id)
 
 
-def _read_source(source, stop: threading.Event, inbox: queue.Queue, failure: list) -> None:
-    """Source thread: put normalised messages on the bounded inbox (blocks = backpressure).
+def _wake(fd: int | None) -> None:
+    """Tell the main loop (polling the read end of the pipe ``fd`` writes to) that the inbox has
+    something; a full pipe already says so."""
+    if fd is None:
+        return
+    try:
+        os.write(fd, b"\0")
+    except (BlockingIOError, OSError):
+        pass
+
+
+def _read_source(source, stop: threading.Event, inbox: queue.Queue, failure: list, wake_fd: int | None = None) -> None:
+    """Source thread: put normalised messages on the bounded inbox (blocks = backpressure), and
+    wake the main loop through the pipe ``wake_fd`` after each (so a frame waits for no poll
+    timeout: at 20 ms per poll that capped forwarding at about 50 frames/s).
 
     An exception escaping the source (a bug: sources handle bad input themselves) is logged and
     recorded in ``failure``, so the stage exits non-zero instead of looking finished.
@@ -195,6 +209,7 @@ def _read_source(source, stop: threading.Event, inbox: queue.Queue, failure: lis
             while not stop.is_set():
                 try:
                     inbox.put(message, timeout=0.2)
+                    _wake(wake_fd)
                     break
                 except queue.Full:
                     continue
@@ -205,6 +220,7 @@ def _read_source(source, stop: threading.Event, inbox: queue.Queue, failure: lis
         log.exception("source %s failed", getattr(source, "spec", source))
     finally:
         inbox.put(None)
+        _wake(wake_fd)
 
 
 def frame_bytes(start: protocol.Message) -> int:
@@ -260,7 +276,14 @@ def run_streamer(config: dict[str, Any], stop: threading.Event) -> int:
     dispatcher = FrameDispatcher(router, options["worker_timeout_s"])
     inbox: queue.Queue = queue.Queue(maxsize=max(1, int(options["max_pending_frames"])))
     failure: list[str] = []
-    reader = threading.Thread(target=_read_source, args=(source, stop, inbox, failure), name="source", daemon=True)
+    wake_read, wake_write = os.pipe()  # the source thread wakes the loop below when the inbox has a message
+    os.set_blocking(wake_read, False)
+    os.set_blocking(wake_write, False)
+    poller = zmq.Poller()
+    poller.register(router, zmq.POLLIN)
+    poller.register(wake_read, zmq.POLLIN)
+    reader = threading.Thread(target=_read_source, args=(source, stop, inbox, failure, wake_write), name="source",
+                              daemon=True)
     reader.start()
     log.info("streamer reading %s; workers connect to %s", options["source"], endpoints["frames"])
     signal_ready()
@@ -307,9 +330,16 @@ def run_streamer(config: dict[str, Any], stop: threading.Event) -> int:
     exit_code = 0
     last_status = time.monotonic()
     while not stop.is_set():
-        if router.poll(20):
+        events = dict(poller.poll(20))
+        if router in events:
             while router.poll(0):
                 dispatcher.handle_worker_message()
+        if wake_read in events:
+            try:
+                while os.read(wake_read, 4096):
+                    pass
+            except BlockingIOError:
+                pass
         while not source_done and len(dispatcher.pending) < options["max_pending_frames"]:
             try:
                 message = inbox.get_nowait()
@@ -351,6 +381,9 @@ def run_streamer(config: dict[str, Any], stop: threading.Event) -> int:
     log.info("streamer stopping: %s", dict(dispatcher.counters))
     stop.set()
     reader.join(timeout=2)
+    os.close(wake_read)  # the write end stays open while a stuck source thread may still write to it
+    if not reader.is_alive():
+        os.close(wake_write)
     raw.close(0)
     for socket in (router, record, to_inference):
         socket.close(linger=1000)
