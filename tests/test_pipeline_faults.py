@@ -43,6 +43,9 @@ class Run:
         self.marker = uuid.uuid4().hex
         self.context = zmq.Context()
         self.listener = results_listener(self.context, self.ports)
+        self.raw_ends = self.context.socket(zmq.SUB)  # the streamer's `end` of a series, as it sends it
+        self.raw_ends.setsockopt(zmq.SUBSCRIBE, b"end")
+        self.raw_ends.connect(f"tcp://127.0.0.1:{self.ports.raw}")
         self.messages: list[protocol.Message] = []
         self.result_path = tmp_path / "result.json"
         self.process = beamkin_process("demo", "--once", "--json", str(self.result_path), *SMALL,
@@ -56,6 +59,10 @@ class Run:
             assert time.monotonic() < deadline, "the demo did not get there"
             if self.listener.poll(100):
                 self.messages.append(protocol.decode(self.listener.recv_multipart()))
+
+    def streamer_ended(self) -> bool:
+        """Whether the streamer has sent the series' end (to the inference, and on its raw PUB)."""
+        return bool(self.raw_ends.poll(0))
 
     def kill_stage(self, command: str) -> int:
         pid = stage_pid("BEAMKIN_TEST_RUN", self.marker, command)
@@ -74,6 +81,7 @@ class Run:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
         self.listener.close(0)
+        self.raw_ends.close(0)
         self.context.term()
 
     def of_type(self, kind: str) -> list[protocol.Message]:
@@ -168,6 +176,10 @@ def test_killed_inference_ends_its_series_incomplete_with_the_frames_lost(run_fa
     # fraction, or at its end
     run = run_factory("--inference.start_wait_s", "3.0")
     run.receive(fraction_reached(5))
+    deadline = time.monotonic() + 60
+    while not run.streamer_ended():  # the series has ended at the streamer: no start is re-sent
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     pid = run.kill_stage("infer")
     code = run.finish()
     assert code == 4, run.output[-5000:]  # EXIT_SERIES_INCOMPLETE: run --once says the series is incomplete
@@ -197,6 +209,7 @@ def test_inference_killed_while_the_series_is_open_analyses_the_rest_and_says_in
     # streamer's periodic re-sent start lets the restarted inference analyse the frames to come
     run = run_factory("--speed", "1")
     run.receive(fraction_reached(4))
+    assert not run.streamer_ended(), "the series ended before the kill: nothing to resume"
     pid = run.kill_stage("infer")
     code = run.finish()
     assert code == 4, run.output[-5000:]
