@@ -37,6 +37,8 @@ from test_inference_quadrature import LOGK, LOGS, T_WINDOW, paper_series, quadra
 
 
 def run_particles(t, y, n, seed):
+    if not hasattr(np, "float"):  # particles 0.3alpha calls np.float, an alias NumPy 1.24 removed
+        np.float = float
     import particles
     from particles import distributions as dists
     from particles import smc_samplers as ssp
