@@ -1,36 +1,17 @@
 """Online Bayesian inference of the kinetic models by IBIS (Chopin 2002).
 
-One sequential Monte Carlo sampler per kinetic model; every sampler assimilates every
-frame, one at a time or several together (a *batch*: the frames that arrived while the
-sampler was busy, see inference.live):
-
-1. incremental log likelihood l_i = sum over the batch's frames of log p(y_new | theta_i);
-2. adaptive tempering: when the full frame would drop the effective sample size (ESS)
-   below ``temper_threshold * N`` (default: ``ess_threshold``), the frame enters as
-   p(y_new | theta)^delta in steps whose exponent increment delta is chosen by bisection
-   so that the ESS stays >= ``ess_threshold * N``; each step adds
-   log sum_i W_i exp(delta l_i) to the model's log evidence (W: normalised weights);
-3. whenever a step stops short of exponent 1, and after the frame when the ESS is
-   below the threshold, the particles are resampled (systematic) and rejuvenated by
-   Metropolis-Hastings moves that leave the current (tempered) posterior invariant:
-   a mixture of a random walk with the particle covariance (scaled 2.38/sqrt(d),
-   adapted) and an independent Gaussian fitted to the particles, repeated until 95 % of
-   the particles have moved (at least 3 sweeps) and the mean squared Mahalanobis jump
-   from the start of the move reaches 2 d (that of independent posterior draws), at
-   most 30 sweeps.  Models whose probability is below ``light_probability`` (default
-   1e-6) before the frame get a single sweep per rejuvenation: their evidence stays
-   unbiased but noisier, which cannot matter for model probabilities below 1e-6.
-
-Particles live in the sampling coordinates of ``priors.py``: (t0 [s], log k, log s, A,
-n).  The priors are uniform in these coordinates, so the MH ratio is the likelihood
-ratio (times the proposal ratio for independent proposals) inside the prior box.
+One sequential Monte Carlo sampler per kinetic model (``inference.population.ModelSampler``;
+the algorithm, with its tempering, resample-move and evidence error, is described there and in
+docs/design.md); every sampler assimilates every frame, one at a time or several together
+(a *batch*: the frames that arrived while the sampler was busy, see inference.live).  Models
+whose probability is below ``light_probability`` (default 1e-6) before a step get a single
+sweep per rejuvenation; their evidence then comes out low by an unknown amount and carries no
+stated error.
 
 Because the tempering exponent is chosen from the ESS, a batch of b frames costs about as
 many tempering steps as the information it carries, not b times a frame's.  The same seed
 and the same batch schedule (``OnlineInference.schedule``: frames per step) give the same
 result; ``beamkin analyze --schedule`` replays a live run's schedule.
-
-Monte Carlo error of the log evidence: see inference.population.
 
 Model probabilities: Bayes' rule over the kinetic models and the null model "no reaction"
 (inference.null_model), prior probability ``null_prior`` for the null and the rest shared
