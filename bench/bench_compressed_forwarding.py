@@ -14,7 +14,10 @@ processes speaking the worker protocol (``ready`` with credit, ``done`` per fram
   (no pyFAI integration: that cost is the reducer's, bench/bench_reduce_stage.py).
 
 Rates are (frames - 1) / (time of the last `done` - time of the first), over ``FRAMES`` frames
-after ``WARM_UP`` frames. Modes alternate over ``ROUNDS`` rounds; medians are printed.
+after ``WARM_UP`` frames. Modes alternate over ``ROUNDS`` rounds; printed are the medians of the
+rates and of the per-round ratios. On a shared machine the wall-clock rate depends on what else
+runs, so the streamer's CPU time per frame (user + system, from /proc over the same frames) is
+printed too: 1 / that is the rate one streamer core sustains.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def detector_messages(n_frames: int, series: str) -> tuple[bytes, list[bytes], b
 def worker(frames_endpoint: str, name: str, decompress: bool, stop, results) -> None:
     """A DEALER worker (child process): ``ready`` with credit 2, then per frame (decompressed with
     frame_image when ``decompress``) ``done``, until ``stop`` is set. Puts (receive time, array
-    names) of every frame on ``results``."""
+    names, worker CPU s for the frame) of every frame on ``results``."""
     from beamkin.frames import frame_image
 
     context = zmq.Context()
@@ -84,6 +87,7 @@ def worker(frames_endpoint: str, name: str, decompress: bool, stop, results) -> 
             last_ready = time.monotonic()
         if not dealer.poll(100):
             continue
+        cpu_began = time.process_time()
         _, message = protocol.recv(dealer)
         if message.type != "frame":
             continue
@@ -92,13 +96,21 @@ def worker(frames_endpoint: str, name: str, decompress: bool, stop, results) -> 
             assert image.shape == SHAPE
         protocol.send(dealer, protocol.make("done", worker=name, series_id=message["series_id"],
                                             frame_index=message["frame_index"]))
-        results.put((time.perf_counter(), ",".join(sorted(message.arrays))))
+        results.put((time.perf_counter(), ",".join(sorted(message.arrays)), time.process_time() - cpu_began))
     dealer.close(linger=1000)
     context.term()
 
 
-def run_once(mode: str, n_workers: int, decompress_in_worker: bool, messages) -> float:
-    """Frames/s through one `beamkin stream --streamer.decompress MODE` with ``n_workers`` workers."""
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU time (s) a process has used so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_once(mode: str, n_workers: int, decompress_in_worker: bool, messages) -> tuple[float, float]:
+    """(frames/s, streamer CPU s per frame) through one `beamkin stream --streamer.decompress MODE`
+    with ``n_workers`` workers."""
     start, images, end, _ = messages
     ports = {name: free_port() for name in ("detector", "frames", "raw", "reduced", "record")}
     context = zmq.Context.instance()
@@ -125,7 +137,11 @@ def run_once(mode: str, n_workers: int, decompress_in_worker: bool, messages) ->
         for image in images:
             detector.send(image, copy=False)
         detector.send(end)
-        collected = [results.get(timeout=600) for _ in images]
+        collected, cpu = [], []
+        for _ in images:
+            collected.append(results.get(timeout=600))
+            if len(collected) in (WARM_UP + 1, len(images)):
+                cpu.append(process_cpu_s(stream.pid))
     finally:
         stop.set()
         for process in workers:
@@ -141,11 +157,12 @@ def run_once(mode: str, n_workers: int, decompress_in_worker: bool, messages) ->
         while inference.poll(0):
             inference.recv_multipart()
         inference.close(linger=0)
-    kinds = {kind for _, kind in collected}
+    kinds = {kind for _, kind, _ in collected}
     expected = "image_compressed" if mode == "workers" else "image"
     assert kinds == {expected}, f"mode {mode}: frames carried {kinds}"
-    times = sorted(t for t, _ in collected)[WARM_UP:]
-    return (len(times) - 1) / (times[-1] - times[0])
+    times = sorted(t for t, _, _ in collected)[WARM_UP:]
+    worker_cpu_s = statistics.median(c for _, _, c in collected[WARM_UP:])
+    return (len(times) - 1) / (times[-1] - times[0]), (cpu[1] - cpu[0]) / (len(times) - 1), worker_cpu_s
 
 
 def main() -> None:
@@ -166,22 +183,34 @@ def main() -> None:
     print(f"EIGER2 16M frame {SHAPE[0]}x{SHAPE[1]} uint32: {raw_bytes / 1e6:.0f} MB raw, {payload_bytes / 1e6:.1f} MB bslz4; "
           f"bslz4 decompression {decompress_ms:.1f} ms/frame in one process; {os.cpu_count()} CPUs, "
           f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    rates = {"streamer": [], "workers": []}
+    rates, cpu = {"streamer": [], "workers": []}, {"streamer": [], "workers": []}
     for round_number in range(ROUNDS):
         order = ("streamer", "workers") if round_number % 2 == 0 else ("workers", "streamer")
         for mode in order:
-            rates[mode].append(run_once(mode, 1, False, messages))
-        print(f"round {round_number + 1}: " + ", ".join(f"decompress in {m} {rates[m][-1]:.1f} frames/s" for m in order),
+            rate, cpu_s, _ = run_once(mode, 1, False, messages)
+            rates[mode].append(rate)
+            cpu[mode].append(cpu_s)
+        print(f"round {round_number + 1}: " + ", ".join(f"decompress in {m} {rates[m][-1]:.1f} frames/s "
+                                                        f"({1e3 * cpu[m][-1]:.1f} ms streamer CPU/frame)" for m in order),
               flush=True)
     in_streamer, in_workers = statistics.median(rates["streamer"]), statistics.median(rates["workers"])
+    ratio = statistics.median(w / s for w, s in zip(rates["workers"], rates["streamer"]))
+    cpu_streamer, cpu_workers = statistics.median(cpu["streamer"]), statistics.median(cpu["workers"])
     print(f"streamer rate (ack-only worker, median of {ROUNDS}): decompress in streamer {in_streamer:.1f} frames/s, "
-          f"forwarded compressed {in_workers:.1f} frames/s, ratio {in_workers / in_streamer:.1f}x (target >= 10x)")
-    end_to_end = {}
+          f"forwarded compressed {in_workers:.1f} frames/s, ratio {ratio:.1f}x (median of per-round ratios; target >= 10x)")
+    print(f"streamer CPU per frame: decompress in streamer {1e3 * cpu_streamer:.1f} ms ({1 / cpu_streamer:.1f} frames/s "
+          f"per core), forwarded compressed {1e3 * cpu_workers:.1f} ms ({1 / cpu_workers:.1f} frames/s per core), "
+          f"ratio {cpu_streamer / cpu_workers:.1f}x")
+    end_to_end, worker_cpu = {}, []
     for n_workers in (1, 2):
-        end_to_end[n_workers] = statistics.median(run_once("workers", n_workers, True, messages) for _ in range(ROUNDS))
+        runs = [run_once("workers", n_workers, True, messages) for _ in range(ROUNDS)]
+        end_to_end[n_workers] = statistics.median(rate for rate, _, _ in runs)
+        worker_cpu += [cpu_s for _, _, cpu_s in runs]
     print(f"end to end, forwarded compressed, decompressed in the workers (frame_image, no integration): "
           f"1 worker {end_to_end[1]:.1f} frames/s, 2 workers {end_to_end[2]:.1f} frames/s "
-          f"(x{end_to_end[2] / end_to_end[1]:.2f}); load average now {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+          f"(x{end_to_end[2] / end_to_end[1]:.2f}); worker CPU per frame (receive + frame_image + done) "
+          f"{1e3 * statistics.median(worker_cpu):.1f} ms, so {1 / statistics.median(worker_cpu):.1f} frames/s per worker core; "
+          f"load average now {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":
