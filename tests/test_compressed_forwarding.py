@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from beamkin import config as configuration
 from beamkin import protocol
@@ -185,3 +187,49 @@ def test_recorded_compressed_frames_replay_as_the_same_images(tmp_path):
     assert "image" not in replayed[-1].arrays
     with pytest.raises(FrameDecodeError, match=f"frame {N_FRAMES - 1}"):
         frame_image(replayed[-1])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), algorithm=st.sampled_from(["bslz4", "lz4"]))
+def test_any_damaged_payload_gives_the_image_or_a_frame_decode_error(data, algorithm):
+    """Total: whatever bytes of a forwarded payload are changed (header included), frame_image
+    gives an image of the announced shape and dtype or raises FrameDecodeError, nothing else."""
+    frame = FORWARDED[algorithm]
+    payload = bytearray(frame.arrays["image_compressed"].tobytes())
+    for _ in range(data.draw(st.integers(1, 8))):
+        position = data.draw(st.integers(0, len(payload) - 1))
+        payload[position] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        payload = payload[: data.draw(st.integers(0, len(payload)))]
+    damaged = protocol.Message("frame", dict(frame.fields), {"image_compressed": np.frombuffer(bytes(payload), np.uint8)})
+    try:
+        image = frame_image(damaged)
+    except FrameDecodeError as exc:
+        assert "series 'compressed-forwarding' frame 0" in str(exc)
+    else:
+        assert image.shape == SHAPE and image.dtype == np.uint16
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_the_forwarding_decoder_survives_any_damaged_image_message(data):
+    """Damaged CBOR image messages in "workers" mode: the decoder drops or forwards them, never
+    fails on one (handler_errors stays 0), and what it forwards is decodable or flagged."""
+    raw_messages, _ = SERIES_BSLZ4
+    decoder = StreamV2Decoder("dectris2:test", decompress="workers")
+    decoder.feed(raw_messages[0])
+    message = bytearray(raw_messages[1])
+    for _ in range(data.draw(st.integers(1, 6))):
+        message[data.draw(st.integers(0, len(message) - 1))] = data.draw(st.integers(0, 255))
+    for out in decoder.feed(bytes(message)):
+        wire = protocol.decode([bytes(part) for part in protocol.encode(out)])
+        try:
+            assert frame_image(wire).shape == SHAPE
+        except FrameDecodeError:
+            pass
+    assert decoder.counters["handler_errors"] == 0
+
+
+SERIES_BSLZ4 = stream_v2_series("bslz4", np.uint16)
+FORWARDED = {algorithm: through_the_streamer(stream_v2_series(algorithm, np.uint16)[0][:2], "workers")[1]
+             for algorithm in ("bslz4", "lz4")}
