@@ -7,7 +7,8 @@ by printing ``BEAMKIN-READY`` on its stdout; its stderr (the log) is passed thro
 lines are kept to say why a stage died.
 
 Restarts (issue 11, docs/design.md): a stage started with ``restart=True`` that exits unasked
-(killed, a non-zero exit, or an exit 0 of a stage that should run until the run ends) is started
+(killed, a non-zero exit other than EXIT_SERIES_REJECTED, or an exit 0 of a stage that should run
+until the run ends) is started
 again after ``restart_backoff_s * 2**(n-1)`` seconds (at most ``restart_backoff_max_s``) for its
 n-th consecutive failure, each restart logged (WARNING) with the stage, its exit status or signal
 and the attempt; the restarted process gets ``BEAMKIN_RESTART=n`` in its environment (the
@@ -240,7 +241,8 @@ class Supervisor:
                 log.info("stage %s finished (exit code %d)", stage.name, code)
                 continue
             time.sleep(0.2)  # let the stderr pump catch the last lines
-            if not stage.restart or stage.failures >= self.policy.max_restarts:
+            # a stage that rejected its input (EXIT_SERIES_REJECTED) would reject it again: not restarted
+            if not stage.restart or code == EXIT_SERIES_REJECTED or stage.failures >= self.policy.max_restarts:
                 raise StageFailed(stage.name, code, list(stage.tail), stage.failures)
             stage.failures += 1
             delay = self.policy.delay_s(stage.failures)

@@ -132,3 +132,16 @@ def test_wait_for_exit_returns_a_final_code_and_restarts_on_any_other(tmp_path):
     finally:
         supervisor.stop_all(grace_s=2)
     assert notes.read_text().split() == ["0", "1"] and stage.restarts == 1
+
+
+def test_a_stage_that_rejected_its_input_is_not_restarted():
+    supervisor = supervisor_with(max_restarts=5)
+    try:
+        stage = supervisor.launch("streamer", [sys.executable, "-c", "import sys; print('ERROR bad start', file=sys.stderr); sys.exit(3)"],
+                                  restart=True)
+        with pytest.raises(StageFailed) as failure:
+            supervise_until(supervisor, lambda: False)
+    finally:
+        supervisor.stop_all(grace_s=2)
+    assert stage.restarts == 0
+    assert "stage 'streamer' rejected the series (exit code 3): ERROR bad start" in str(failure.value)
