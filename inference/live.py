@@ -307,7 +307,8 @@ class LiveInference:
             log.debug("estimate stale", extra={"series_id": self.engine.series_id, "frame_index": int(frame_index),
                                                "stale_models": sorted(stale), "onset_probability_bound": bound})
             alert = self._observe(j, frame_index, time_s, bound,
-                                  lambda: self._bound_alert(snapshot, int(frame_index), float(time_s), bound),
+                                  lambda: self._bound_alert(snapshot, int(frame_index), float(time_s), readout_s,
+                                                            bound),
                                   "estimate-bound")
         else:
             alert = self._observe(j, frame_index, time_s, onset,
@@ -354,11 +355,29 @@ class LiveInference:
         log_den = top + math.log(sum(math.exp(t - top) for t in terms))
         return min(1.0, max(0.0, 1.0 - math.exp(log_null + math.log(rest) - log_den)))
 
-    def _bound_alert(self, snapshot: _Snapshot, frame_index: int, time_s: float, bound: float) -> dict:
-        """The alert raised on a stale estimate's onset bound: t0 and the leading model come from
-        the newest exact posterior (``posterior_frame_index``), not from the collapsed weights."""
-        probs = snapshot.probabilities
-        alert = self.builder.alert(snapshot.views, probs, frame_index, time_s, bound, self.engine.gas_time_s)
+    def _bound_alert(self, snapshot: _Snapshot, frame_index: int, time_s: float, readout_s: float,
+                     bound: float) -> dict:
+        """The alert raised on a stale estimate's onset bound.  Its t0 and leading model come from
+        the newest exact posterior (``posterior_frame_index``), not from the collapsed weights,
+        conditioned on what the bound establishes: a reaction whose onset lies before the end of
+        this frame's exposure, p(model, t0 | older frames, reaction, t0 <= readout_s) (each
+        model's particles with t0 <= readout_s, its evidence times their posterior mass).  The
+        alert's ``onset_probability`` and ``reaction_probability`` are the bound."""
+        conditioned = {}
+        for name, view in snapshot.views.items():
+            keep = view.theta[:, 0] <= readout_s
+            mass = float(np.dot(view.weights, keep))
+            if mass <= 0.0:
+                conditioned[name] = dataclasses.replace(view, log_evidence=-math.inf)
+                continue
+            logw = np.where(keep, view.logw - math.log(mass), -math.inf)
+            conditioned[name] = dataclasses.replace(view, logw=logw, log_evidence=view.log_evidence + math.log(mass))
+        if all(v.log_evidence == -math.inf for v in conditioned.values()):
+            conditioned = snapshot.views  # no particle has its onset before now: say what the posterior says
+        probs = PayloadBuilder.given_reaction(conditioned)
+        alert = self.builder.alert(conditioned, probs, frame_index, time_s, bound, self.engine.gas_time_s)
+        alert["reaction_probability"] = bound
+        alert["t0_condition"] = f"t0 <= {readout_s:.4f} s"
         alert["posterior_frame_index"] = (self.history.frame_indices[snapshot.n_frames - 1]
                                           if snapshot.n_frames else None)
         return alert
