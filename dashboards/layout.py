@@ -261,6 +261,21 @@ def _describe(posterior: dict[str, Any] | None, stale: dict[str, Any] | None) ->
     return f"exact posterior of frame {posterior.get('frame_index')}"
 
 
+def _stream_per_model_columns(source: ColumnDataSource, rows: dict[str, np.ndarray]) -> None:
+    """Stream history ``rows`` (a ``time_s`` column and one column per model quantity) into
+    ``source``; columns of models seen for the first time are added (NaN before), and models
+    absent from ``rows`` get NaN."""
+    if not set(rows) <= set(source.data):  # new model columns: rebuild the source with them
+        data = {name: list(values) for name, values in source.data.items()}
+        n = len(data.get("time_s", []))
+        for name in rows:
+            data.setdefault(name, [math.nan] * n)
+        source.data = data
+    for name in source.data:
+        rows.setdefault(name, np.full(len(rows["time_s"]), np.nan))
+    source.stream(rows, rollover=HISTORY_CAPACITY)
+
+
 class DashboardSession:
     """Bokeh models of one browser session and their refresh from a :class:`DashboardState`."""
 
@@ -689,16 +704,7 @@ class DashboardSession:
         self.src_history.stream({name: rows[name] for name in self.HISTORY_COLUMNS}, rollover=HISTORY_CAPACITY)
 
     def _stream_k_history(self, rows: dict[str, np.ndarray]) -> None:
-        current = set(self.src_k_history.data)
-        if not set(rows) <= current:  # new model columns: rebuild the source with them
-            data = {name: list(values) for name, values in self.src_k_history.data.items()}
-            n = len(data.get("time_s", []))
-            for name in rows:
-                data.setdefault(name, [math.nan] * n)
-            self.src_k_history.data = data
-        for name in self.src_k_history.data:
-            rows.setdefault(name, np.full(len(rows["time_s"]), np.nan))
-        self.src_k_history.stream(rows, rollover=HISTORY_CAPACITY)
+        _stream_per_model_columns(self.src_k_history, rows)
 
     def _show_k_history_of(self, model: str | None) -> None:
         """Point the k history band and line at ``model``'s columns (one rate law at a time)."""
@@ -712,16 +718,7 @@ class DashboardSession:
         self.k_band.visible = self.k_line.visible = True
 
     def _stream_model_history(self, rows: dict[str, np.ndarray]) -> None:
-        current = set(self.src_model_history.data)
-        if not set(rows) <= current:  # new model columns: rebuild the source with them
-            data = {name: list(values) for name, values in self.src_model_history.data.items()}
-            n = len(data.get("time_s", []))
-            for name in rows:
-                data.setdefault(name, [math.nan] * n)
-            self.src_model_history.data = data
-        for name in self.src_model_history.data:
-            rows.setdefault(name, np.full(len(rows["time_s"]), np.nan))
-        self.src_model_history.stream(rows, rollover=HISTORY_CAPACITY)
+        _stream_per_model_columns(self.src_model_history, rows)
         names = [name for name in self.src_model_history.data if name != "time_s"]
         new = [name for name in names if name not in self._model_lines]
         if not new:
