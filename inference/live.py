@@ -466,7 +466,11 @@ class LiveInference:
         if not math.isfinite(inc):  # no particle explains the new frames: the model is ruled out
             return dataclasses.replace(view, log_evidence=-math.inf,
                                        diagnostics={**view.diagnostics, "reweight_failed": True})
-        return dataclasses.replace(view, logw=logw, log_evidence=view.log_evidence + inc)
+        # the reweighting's own importance-sampling variance adds to the exact posterior's (delta
+        # method over the particles: sum_i (W'_i - W_i)^2)
+        added = float(np.sum((np.exp(logw) - view.weights) ** 2))
+        return dataclasses.replace(view, logw=logw, log_evidence=view.log_evidence + inc,
+                                   log_evidence_var=view.log_evidence_var + added)
 
     def result(self) -> dict:
         """The exact final result (call when ``caught_up``) with the alert raised live."""
