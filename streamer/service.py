@@ -244,13 +244,37 @@ _UNKNOWN_WHEN_EMPTY = ("n_frames", "frame_time_s", "exposure_s", "wavelength_A",
 
 
 def source_options(streamer_config: dict[str, Any]) -> dict[str, Any]:
-    """The [streamer] table as source options: unknown values (0, [], negative) become None."""
+    """The [streamer] table as source options: unknown values (0, [], negative; for gas_time_s
+    only negative) become None."""
     options = dict(streamer_config)
     for key in _UNKNOWN_WHEN_EMPTY:
-        value = options.get(key)
-        if value is not None and (value == [] or (isinstance(value, (int, float)) and value <= 0)):
+        if _unknown(key, options.get(key)):
             options[key] = None
     return options
+
+
+def _unknown(key: str, value: Any) -> bool:
+    """An empty list, a non-positive number, or for gas_time_s a negative one (ts = 0 is a time:
+    the valve opened as the series began)."""
+    if value == []:
+        return True
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value < 0 if key == "gas_time_s" else value <= 0
+    return False
+
+
+def apply_gas_time(start: protocol.Message, gas_time_s: float | None) -> None:
+    """The gas-introduction time ts given to the streamer (``[streamer] gas_time_s``, s from the
+    series start; None = not given) wins over what the source said (a detector's user data, a
+    file header): the operator who sets it knows when the valve opened.  Logged when it changes
+    the start message."""
+    if gas_time_s is None:
+        return
+    said = start.get("gas_time_s")
+    if said != gas_time_s:
+        log.info("gas time ts = %g s from [streamer] gas_time_s (the source said %s)", gas_time_s,
+                 "nothing" if said is None else f"{said} s", extra={"series_id": start.get("series_id")})
+    start.fields["gas_time_s"] = float(gas_time_s)
 
 
 def run_streamer(config: dict[str, Any], stop: threading.Event) -> int:
@@ -310,6 +334,7 @@ def run_streamer(config: dict[str, Any], stop: threading.Event) -> int:
             message.fields["received_unix_s"] = time.time()
         elif message.type == "start":
             state["rejected"] = None
+            apply_gas_time(message, source_options(options)["gas_time_s"])
             raw.size_for(frame_bytes(message))
         sockets.publish(record, message, stop)
         if not raw.publish(message):
