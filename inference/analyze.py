@@ -436,7 +436,6 @@ def _check_output(path: str | None) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the analysis; returns the process exit status (2 for bad input or settings)."""
-    from beamkin import logs
     from beamkin.config import ConfigError
 
     try:

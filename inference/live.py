@@ -61,7 +61,7 @@ import numpy as np
 from . import likelihood as lk
 from .alert import OnsetAlert
 from .null_model import NullModel
-from .payload import NullEvidence, ParticleView, PayloadBuilder, model_probabilities
+from .payload import NullEvidence, ParticleView, PayloadBuilder
 from .smc import FrameHistory, OnlineInference
 
 log = logging.getLogger(__name__)

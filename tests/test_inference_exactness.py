@@ -12,7 +12,6 @@ import math
 import time
 
 import numpy as np
-import pytest
 
 from inference.live import STALE_RELEVANCE, LiveInference
 from inference.models import alpha_numpy
