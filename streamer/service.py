@@ -35,7 +35,7 @@ from typing import Any
 
 import zmq
 
-from beamkin import protocol, sockets
+from beamkin import metrics, protocol, sockets
 from beamkin.supervise import EXIT_SERIES_REJECTED, signal_ready
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class FrameDispatcher:
         self.starts: dict[str, protocol.Message] = {}
         self.ended: set[str] = set()  # ended series whose start is kept until their frames are done
         self.counters = collections.Counter()
+        self.metrics = metrics.StageMetrics("streamer")
 
     # -- worker side -------------------------------------------------------------------
     def handle_worker_message(self) -> None:
@@ -125,8 +126,11 @@ class FrameDispatcher:
         worker = self.workers.pop(identity)
         self.counters["workers_lost"] += 1
         frames = sorted(worker.in_flight.values(), key=lambda m: m["frame_index"], reverse=True)
-        for message in frames:
+        for message in frames:  # the worker's copy may still arrive: the inference reports it as a conflict
+            message.fields.setdefault("reassigned", []).append(
+                {"worker": identity.decode("utf-8", "replace"), "reason": f"worker {why}"})
             self.pending.appendleft(message)
+        self.metrics.reassigned(why.split(" ", 1)[0], len(frames))
         log.error("reducer worker %s %s: declared lost, %d frame(s) handed to other workers",
                   worker.name, why, len(frames))
 
@@ -153,6 +157,9 @@ class FrameDispatcher:
                 continue
             worker.in_flight[(series_id, frame["frame_index"])] = frame
             self.counters["frames_dispatched"] += 1
+            self.metrics.frame_out()
+            if frame.get("received_unix_s") is not None:  # receipt -> handed to a worker
+                self.metrics.latency(time.time() - frame["received_unix_s"])
             worker.last_dispatch = self.counters["frames_dispatched"]
 
     @property
@@ -342,6 +349,7 @@ def run_streamer(config: dict[str, Any], stop: threading.Event) -> int:
         if message.type == "frame":
             dispatcher.pending.append(message)
             dispatcher.counters["frames_received"] += 1
+            dispatcher.metrics.frame_in()
         elif message.type in ("start", "end"):
             if message.type == "start":
                 dispatcher.series_started(message)
@@ -382,6 +390,9 @@ def run_streamer(config: dict[str, Any], stop: threading.Event) -> int:
         dispatcher.dispatch()
         dispatcher.expire_silent_workers()
         dispatcher.release_finished()
+        dispatcher.metrics.queue_depth("pending", len(dispatcher.pending))
+        dispatcher.metrics.queue_depth("in_flight", dispatcher.in_flight)
+        metrics.reducer_workers(len(dispatcher.workers))
         now = time.monotonic()
         if now - last_status >= STATUS_PERIOD_S:
             last_status = now
