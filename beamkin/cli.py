@@ -27,10 +27,14 @@ STAGES = {
     "simulate": ("synthetic gas-dosing experiment acting as a DECTRIS EIGER (Stream V2)", ("simulator",)),
     "stream": ("receive detector frames and fan them out to reducer workers", ("endpoints", "streamer")),
     "reduce": ("pyFAI integration and phase fractions (N worker processes)", ("endpoints", "reducer")),
-    "infer": ("sequential Monte Carlo inference of onset, rate and kinetic model", ("endpoints", "inference", "alerts")),
+    "infer": ("sequential Monte Carlo inference of onset, rate and kinetic model", ("endpoints", "inference")),
     "dashboard": ("live Bokeh dashboard", ("endpoints", "dashboard", "inference")),
     "record": ("record every message of each series to HDF5", ("endpoints", "recorder")),
+    "alerts": ("deliver the inference's onset alerts to webhooks, commands and ZeroMQ", ("endpoints", "alerts")),
 }
+
+#: [alerts] keys that need the alert-sink stage (the inference itself logs every alert)
+ALERT_SINK_KEYS = ("zmq", "webhook", "command")
 
 
 def stop_event_on_signals() -> threading.Event:
@@ -73,7 +77,7 @@ def _stage_main(name: str, run: Callable[[dict[str, Any], argparse.Namespace, th
 
 
 def _run_simulate(config, args, stop):
-    from streamer.simulator import run_simulator
+    from simulator.experiment import run_simulator
     return run_simulator(config["simulator"], stop)
 
 
@@ -149,8 +153,14 @@ def _signal_ready_when_listening(address: str, port: int, stop: threading.Event)
             stop.wait(0.1)
 
 
+def _run_alerts(config, args, stop):
+    from sinks.alerts import run_alert_sinks
+    from beamkin.supervise import signal_ready
+    return run_alert_sinks(config["endpoints"]["results"], config["alerts"], stop, ready=signal_ready)
+
+
 def _run_record(config, args, stop):
-    from streamer.recorder import run_recorder
+    from sinks.recorder import run_recorder
     from beamkin.supervise import signal_ready
     rec = config["recorder"]
     if not rec["path"]:
@@ -170,11 +180,11 @@ NEXUS_VIEWS_AT_CLOSE_MAX_MESSAGES = 5000
 
 
 def _add_nexus_views(path: str) -> None:
-    """NeXus NXdata views in a closed recording (streamer.nexus_views); a failure is logged, the
+    """NeXus NXdata views in a closed recording (sinks.nexus_views); a failure is logged, the
     recording itself is complete either way. Large recordings are left to ``export --nexus``, so
     that a stop deadline never interrupts a write into the file."""
-    from streamer.nexus_views import add_nxdata_views
-    from streamer.recorder import count_messages
+    from sinks.nexus_views import add_nxdata_views
+    from beamkin.recording import count_messages
     try:
         n = count_messages(path)
         if n > NEXUS_VIEWS_AT_CLOSE_MAX_MESSAGES:
@@ -202,7 +212,7 @@ def _supervised(config: dict[str, Any], with_simulator: bool, once: bool,
         config["streamer"]["once"] = True
         config["inference"]["once"] = True
     if with_simulator:
-        from streamer.simulator import source_for
+        from simulator.experiment import source_for
         if config["simulator"]["mode"] == "profile":
             if not config["simulator"]["profile_folder"]:
                 config["simulator"]["profile_folder"] = tempfile.mkdtemp(prefix="beamkin-profiles-")
@@ -219,6 +229,8 @@ def _supervised(config: dict[str, Any], with_simulator: bool, once: bool,
         supervisor.start("dashboard", "dashboard", restart=True)
         if config["recorder"]["path"]:
             supervisor.start("recorder", "record", restart=True)
+        if any(config["alerts"].get(key) for key in ALERT_SINK_KEYS):
+            supervisor.start("alerts", "alerts", restart=True)
         if feed is None:
             supervisor.start("reducer", "reduce", restart=True)
             supervisor.start("streamer", "stream", restart=True, may_finish=streamer_may_finish)
@@ -292,7 +304,8 @@ def build_parser(analyze_arguments: bool = True) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     runners = {"simulate": _run_simulate, "stream": _run_stream, "reduce": _run_reduce,
-               "infer": _run_infer, "dashboard": _run_dashboard, "record": _run_record}
+               "infer": _run_infer, "dashboard": _run_dashboard, "record": _run_record,
+               "alerts": _run_alerts}
     for name, (help_text, sections) in STAGES.items():
         sub = commands.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         configuration.add_arguments(sub, sections + ("logging",))
@@ -335,7 +348,7 @@ def _replay(args: argparse.Namespace) -> int:
     through the reducers, or, recorded without them, its phase fractions and patterns straight
     into the inference. A replay that cannot be done is one line saying why, exit status 2."""
     from streamer.eiger_h5 import is_eiger_master
-    from streamer.recording_check import RecordingInputError
+    from beamkin.recording import RecordingInputError
     from streamer.replay import FROM_FRACTIONS, feed_reduced, replay_plan
 
     config = _supervisor_config(args, "replay")
@@ -381,11 +394,11 @@ def _show_config(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from streamer.export import export_csv
+    from sinks.export import export_csv
     from beamkin.outputs import OutputPathError
-    from streamer.recording_check import RecordingInputError
+    from beamkin.recording import RecordingInputError
 
-    from streamer.nexus_views import add_nxdata_views
+    from sinks.nexus_views import add_nxdata_views
 
     _offline_config(args, "export")
     if not args.csv and not args.nexus:

@@ -17,8 +17,8 @@ import math
 import numpy as np
 
 from beamkin.protocol import Message
-from streamer.compression import DEFAULT_MAX_BYTES, SUPPORTED_ALGORITHMS, CompressedArray
-from streamer.errors import StreamDecodeError
+from beamkin.compression import DEFAULT_MAX_BYTES, SUPPORTED_ALGORITHMS, CompressedArray
+from beamkin.errors import StreamDecodeError
 
 
 class FrameDecodeError(ValueError):

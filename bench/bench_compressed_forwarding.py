@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from beamkin import protocol  # noqa: E402
 from beamkin.loopback import beamkin_process  # noqa: E402
-from streamer.fake_eiger import encode_message, encode_multi_dim, rational  # noqa: E402
+from simulator.fake_eiger import encode_message, encode_multi_dim, rational  # noqa: E402
 
 SHAPE = (4362, 4148)  # EIGER2 X 16M
 FRAMES = int(os.environ.get("BENCH_FRAMES", 40))
@@ -167,7 +167,7 @@ def run_once(mode: str, n_workers: int, decompress_in_worker: bool, messages) ->
 
 def main() -> None:
     from beamkin.frames import frame_image
-    from streamer.compression import decompress
+    from beamkin.compression import decompress
 
     messages = detector_messages(FRAMES + WARM_UP, "bench-forwarding")
     payload_bytes = messages[3]

@@ -71,8 +71,8 @@ def in_process_work(frames: int, particles: int) -> list[float]:
     from inference.service import make_engine
     from reducer.fractions import PhaseFractionEstimator
     from reducer.integrate import Integrator
-    from streamer.simulator import exposure_averaged_alpha
-    from streamer.synthetic import SyntheticPowderDetector, default_metadata
+    from simulator.experiment import exposure_averaged_alpha
+    from simulator.synthetic import SyntheticPowderDetector, default_metadata
 
     cfg = configuration.defaults()
     sim = cfg["simulator"]

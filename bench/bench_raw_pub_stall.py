@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from beamkin import protocol  # noqa: E402
-from streamer.fake_eiger import StreamV2Sender  # noqa: E402
+from simulator.fake_eiger import StreamV2Sender  # noqa: E402
 
 SHAPE = (1043, 981)  # Pilatus 1M
 

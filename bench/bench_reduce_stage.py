@@ -45,9 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from beamkin import config as configuration  # noqa: E402
 from beamkin import protocol  # noqa: E402
 from beamkin.loopback import LoopbackPorts, beamkin_process, processes_with_environment  # noqa: E402
-from reducer.integrate import DEFAULT_METHOD, azimuthal_integrator_from_metadata  # noqa: E402
+from beamkin.geometry import azimuthal_integrator_from_metadata  # noqa: E402
+from reducer.integrate import DEFAULT_METHOD  # noqa: E402
 from streamer.service import FrameDispatcher  # noqa: E402
-from streamer.synthetic import SyntheticPowderDetector, default_metadata  # noqa: E402
+from simulator.synthetic import SyntheticPowderDetector, default_metadata  # noqa: E402
 
 WARM_UP_FRAMES = 6
 

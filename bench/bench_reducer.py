@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reducer.fractions import PhaseFractionEstimator  # noqa: E402
 from reducer.integrate import Integrator  # noqa: E402
-from streamer.synthetic import SyntheticPowderDetector, default_metadata  # noqa: E402
+from simulator.synthetic import SyntheticPowderDetector, default_metadata  # noqa: E402
 
 
 def bare_integrator(md):

@@ -29,7 +29,7 @@ from dectris.compression import decompress
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from beamkin.protocol import encode  # noqa: E402
-from streamer.fake_eiger import encode_message, encode_multi_dim, rational  # noqa: E402
+from simulator.fake_eiger import encode_message, encode_multi_dim, rational  # noqa: E402
 from streamer.stream_v2 import StreamV2Decoder  # noqa: E402
 
 SIZES = {"16M": (4362, 4148), "1M": (1062, 1028)}

@@ -73,7 +73,7 @@ class SeriesReport:
 def collect_series(messages: Iterable[Message]) -> list[SeriesReport]:
     """Group messages by series; the ``result`` of a series overrides its last ``posterior``.
 
-    Items may also be ``(received_s, Message)`` pairs, as ``streamer.recorder.read_messages``
+    Items may also be ``(received_s, Message)`` pairs, as ``sinks.recorder.read_messages``
     yields them.
     """
     series: dict[str, SeriesReport] = {}
@@ -119,9 +119,7 @@ def collect_series(messages: Iterable[Message]) -> list[SeriesReport]:
 def load_report_input(path: str | Path, data_csv: str | Path | None = None) -> Iterable[Message]:
     """The messages of a recording (an HDF5 file) or of an analyze/demo ``--json`` result (any
     other file); ReportInputError, one line naming the file, for anything else."""
-    from streamer.recording_check import HDF5_SIGNATURE, RecordingInputError, check_recording
-    from streamer.recorder import read_messages
-
+    from beamkin.recording import HDF5_SIGNATURE, RecordingInputError, check_recording, read_messages
     path = Path(path)
     if not path.exists():
         raise ReportInputError(f"{path} does not exist")

@@ -21,7 +21,6 @@ import asyncio
 import logging
 import socket
 import threading
-from typing import Any
 
 import zmq
 from bokeh.application import Application
@@ -48,20 +47,17 @@ RECEIVE_HWM = 20000
 class MessageReceiver(threading.Thread):
     """Background thread: SUBscribe to ``endpoint`` and fold every message into ``state``.
 
-    Malformed messages are logged and counted (``malformed``), never fatal. If an
-    ``alert_dispatcher`` (see :mod:`dashboards.alerts`) is given, every ``alert`` message is
-    passed to it (it sends once per series).
+    Malformed messages are logged and counted (``malformed``), never fatal. Alerts are shown
+    as the banner; delivering them elsewhere is the alert sinks' work (sinks.alerts).
     """
 
-    def __init__(self, endpoint: str, state: DashboardState, context: zmq.Context | None = None,
-                 alert_dispatcher: Any = None) -> None:
+    def __init__(self, endpoint: str, state: DashboardState, context: zmq.Context | None = None) -> None:
         super().__init__(name="dashboard-receiver", daemon=True)
         if not isinstance(endpoint, str) or "://" not in endpoint:
             raise ValueError(f"subscribe endpoint must look like tcp://host:port, got {endpoint!r}")
         self.endpoint = endpoint
         self.state = state
         self.context = context or zmq.Context.instance()
-        self.alert_dispatcher = alert_dispatcher
         self.stop_requested = threading.Event()
         self.malformed = 0
 
@@ -88,8 +84,6 @@ class MessageReceiver(threading.Thread):
                         log.warning("dashboard dropped malformed message: %s", exc)
                         continue
                     self.state.apply(message)
-                    if message.type == "alert" and self.alert_dispatcher is not None:
-                        self.alert_dispatcher.dispatch(dict(message.fields))
         finally:
             sub.close(linger=0)
 
@@ -115,15 +109,13 @@ def _free_port(address: str) -> int:
 
 def serve_dashboard(subscribe_endpoint: str, address: str = "127.0.0.1", port: int = 5006,
                     max_refresh_hz: float = 5.0, alert_threshold: float = 0.99,
-                    stop_event: threading.Event | None = None, alert_sinks: dict | None = None,
+                    stop_event: threading.Event | None = None,
                     allow_websocket_origin: list[str] | None = None) -> None:
     """Serve the live dashboard at http://address:port/ until ``stop_event`` is set (or Ctrl-C).
 
     ``subscribe_endpoint``: the inference stage's PUB endpoint (connected, not bound).
     ``max_refresh_hz``: how often each browser session pulls updates (1/s).
     ``alert_threshold``: onset-probability line drawn on the onset plot.
-    ``alert_sinks``: optional ``[alerts]`` configuration; when given, alert messages are also
-    sent to those sinks (:class:`dashboards.alerts.AlertDispatcher`).
     ``allow_websocket_origin``: host:port values browsers may connect from; defaults to the
     served address plus localhost/127.0.0.1 (and this host's names when serving on all
     interfaces) on ``port``. ``port=0`` picks a free port.
@@ -141,12 +133,8 @@ def serve_dashboard(subscribe_endpoint: str, address: str = "127.0.0.1", port: i
         hosts |= {socket.gethostname(), socket.getfqdn()}
     origins = allow_websocket_origin or sorted(f"{host}:{port}" for host in hosts if host)
 
-    dispatcher = None
-    if alert_sinks:
-        from .alerts import AlertDispatcher
-        dispatcher = AlertDispatcher(alert_sinks)
     state = DashboardState()
-    receiver = MessageReceiver(subscribe_endpoint, state, alert_dispatcher=dispatcher)
+    receiver = MessageReceiver(subscribe_endpoint, state)
     receiver.start()
 
     loop = asyncio.new_event_loop()
@@ -173,6 +161,4 @@ def serve_dashboard(subscribe_endpoint: str, address: str = "127.0.0.1", port: i
         io_loop.close(all_fds=True)
         asyncio.set_event_loop(None)
         receiver.stop()
-        if dispatcher is not None:
-            dispatcher.close(timeout=5.0)
         log.info("dashboard stopped")

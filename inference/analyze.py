@@ -214,16 +214,13 @@ def implausible_alpha(series: Series) -> str | None:
 
 
 def load_recording_series(path: str | pathlib.Path) -> Series:
-    """The phase fractions of the first series of a beamkin recording (HDF5, streamer.recorder).
+    """The phase fractions of the first series of a beamkin recording (HDF5, sinks.recorder).
 
     Frames the reducer flagged are left out, as the live sampler left them out; the series
     window (n_frames x frame time) and ts come from the recorded start message, so the offline
     priors are those of the live run.
     """
-    from streamer.recorder import read_messages
-
-    from streamer.recording_check import RecordingInputError, check_recording
-
+    from beamkin.recording import read_messages, RecordingInputError, check_recording
     path = str(path)
     try:
         check_recording(path)  # missing, folder, not HDF5, another HDF5 file, empty: one line saying which

@@ -75,8 +75,6 @@ def run_inference(config: dict[str, Any], stop: threading.Event) -> int:
             log.exception("inference loop error survived: %s", exc)
         if once and stage.finished_series >= 1:
             break
-    if stage.alert_dispatcher is not None:
-        stage.alert_dispatcher.close(5.0)
     pull.close(linger=0)
     pub.close(linger=2000)
     context.term()

@@ -57,10 +57,6 @@ class InferenceStage:
         self.last_series_incomplete = False
         self.early_seen: dict[str, set[int]] = {}  # frame indices received per series waiting for its start
         self.early_last: dict[str, float] = {}  # when its last fraction came
-        self.alert_dispatcher = None
-        if config.get("alerts"):
-            from dashboards.alerts import AlertDispatcher
-            self.alert_dispatcher = AlertDispatcher(config["alerts"])
 
     def publish(self, message: protocol.Message) -> None:
         sockets.publish(self.pub, message, self.stop)
@@ -336,9 +332,7 @@ class InferenceStage:
             alert["leading_probability"], alert["onset_probability"],
             extra={"series_id": series.series_id, "frame_index": alert["frame_index"]},
         )
-        self.publish(protocol.make("alert", series_id=series.series_id, **alert))
-        if self.alert_dispatcher is not None:
-            self.alert_dispatcher.dispatch({"series_id": series.series_id, **alert})
+        self.publish(protocol.make("alert", series_id=series.series_id, **alert))  # sinks.alerts delivers it
 
     def _fail(self, series: SeriesInference, exc: BaseException) -> None:
         """The exact sampler of a series failed: say so, end the series, keep the stage up."""

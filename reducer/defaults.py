@@ -1,9 +1,9 @@
-"""Built-in reducer defaults for CPL-1 / Ar, matching streamer.synthetic's default experiment.
+"""Built-in reducer defaults for CPL-1 / Ar, matching simulator.synthetic's default experiment.
 
 The same values are written out in docs/examples/cpl1_ar.toml (``[reducer]`` section);
 ``python -m reducer.defaults`` prints that TOML, and tests check file and code agree.
 
-Peak windows: reducer.phases.choose_peak_windows over 3 - 13 degrees 2theta (the part of the
+Peak windows: beamkin.phases.choose_peak_windows over 3 - 13 degrees 2theta (the part of the
 default Pilatus 1M geometry where the low-angle CPL-1 lines sit) at 0.8 angstrom: three windows
 per phase, strongest isolated lines first. rho = R_B / R_A = 1: the synthetic phases are each
 normalised to a strongest line of 100 and the simulator renders both with the same scale.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 
 from reducer.fractions import FractionConfig, windows_from_phases
-from reducer.phases import DEFAULT_WAVELENGTH_A, choose_peak_windows, cpl1_phases
+from beamkin.phases import DEFAULT_WAVELENGTH_A, choose_peak_windows, cpl1_phases
 
 __all__ = ["cpl1_ar_fraction_config", "cpl1_ar_reducer_table", "to_toml"]
 

@@ -41,7 +41,7 @@ alpha is not clipped to [0, 1]: clipping would bias it near the ends.
 Whole-pattern method
 --------------------
 Non-negative least squares of the pattern over a 2theta range against reference patterns of both
-phases (per unit phase fraction: model patterns from reducer.phases, or measured files) plus a
+phases (per unit phase fraction: model patterns from beamkin.phases, or measured files) plus a
 smooth non-negative background (Bernstein polynomials), IRLS weights as above; covariance from
 the weighted design matrix of the phase columns and the active background columns.
 
@@ -70,7 +70,7 @@ import numba
 import numpy as np
 
 from reducer.integrate import Pattern, ReductionError
-from reducer.phases import Phase, PeakWindow, _pseudo_voigt_constants, pseudo_voigt_bin_average
+from beamkin.phases import Phase, PeakWindow, _pseudo_voigt_constants, pseudo_voigt_bin_average
 
 logger = logging.getLogger(__name__)
 
@@ -613,7 +613,7 @@ class PhaseFractionEstimator:
         measured = None
         wavelength_A = geo.get("wavelength_A")
         if metadata.get("kind") == "image" and metadata.get("detector") and geo:
-            from reducer.geometry import resolve_geometry
+            from beamkin.geometry import resolve_geometry
 
             geometry = resolve_geometry(metadata, reducer_config)  # stream, TOML, PONI
             wavelength_A = geometry.wavelength_A
@@ -929,7 +929,7 @@ def load_reference_pattern(path: str) -> Pattern:
 
 def image_two_theta_range_deg(geometry) -> tuple[float, float]:
     """(min, max) 2theta (degrees) of the pixel centres of an image series' detector, from a
-    reducer.geometry.SeriesGeometry."""
+    beamkin.geometry.SeriesGeometry."""
     ai = geometry.azimuthal_integrator()
     tth = ai.center_array(geometry.shape, unit="2th_deg")
     return float(np.min(tth)), float(np.max(tth))

@@ -7,13 +7,13 @@ frame on, CSR methods call pyFAI's engine directly (``Integrator._sums``: identi
 checked on the first frame, without integrate1d's per-call Python work), and integer frames
 reach it already in its float32 working type, converted in the same pass as the per-frame checks.
 
-Geometry: reducer.geometry merges the start message's geometry, the ``[reducer]`` TOML keys and
+Geometry: beamkin.geometry merges the start message's geometry, the ``[reducer]`` TOML keys and
 a PONI file, in that order of precedence, before validating (conventions there); the
 integrator logs once per series which layer and convention each parameter came from.
 
 Masks (all combined into one static mask, nonzero = excluded):
 
-* detector module gaps from pyFAI's definition, when reducer.detectors recognises the detector
+* detector module gaps from pyFAI's definition, when beamkin.detectors recognises the detector
   description (DECTRIS EIGER / EIGER2 / PILATUS / PILATUS3 / PILATUS4 ...) and the shape fits;
 * ``pixel_mask`` from the start message (DECTRIS convention: nonzero = bad);
 * a user mask file (any format fabio reads) or array;
@@ -35,6 +35,8 @@ from typing import Any
 import numba
 import numpy as np
 
+from beamkin.errors import ReductionError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -42,7 +44,6 @@ __all__ = [
     "Pattern",
     "Integrator",
     "DEFAULT_METHOD",
-    "azimuthal_integrator_from_metadata",
     "all_ones_value",
 ]
 
@@ -50,10 +51,6 @@ DEFAULT_METHOD = ("no", "csr", "cython")
 """Fastest accurate CPU method measured in bench/bench_reducer.py (see docs/benchmarks.md)."""
 
 _UNITS = {"2th_deg": "2th_deg", "q_nm^-1": "q_nm^-1"}
-
-
-class ReductionError(ValueError):
-    """A frame or a configuration that the reducer cannot process (message names the problem)."""
 
 
 @dataclasses.dataclass
@@ -142,15 +139,6 @@ def all_ones_value(dtype) -> int | None:
     return None
 
 
-def azimuthal_integrator_from_metadata(metadata: Mapping[str, Any], reducer_config: Mapping[str, Any] | None = None):
-    """pyFAI AzimuthalIntegrator of a start-message dict, with the ``[reducer]`` geometry keys and
-    PONI file (``reducer_config``, or the message's ``geometry.poni_file``) layered over the
-    stream's values before validation (reducer.geometry)."""
-    from reducer.geometry import resolve_geometry
-
-    return resolve_geometry(metadata, reducer_config).azimuthal_integrator()
-
-
 def load_mask_file(path: str) -> np.ndarray:
     """User mask from any image format fabio reads; nonzero = masked."""
     import fabio
@@ -236,7 +224,7 @@ class Integrator:
         self.polarization_factor = polarization_factor
         self.radial_range = None if radial_range is None else (float(radial_range[0]), float(radial_range[1]))
         self.series_id = series_id
-        self.geometry = None  # reducer.geometry.SeriesGeometry when built by from_metadata
+        self.geometry = None  # beamkin.geometry.SeriesGeometry when built by from_metadata
         for label, arr in (("mask", mask), ("dark", dark), ("flat", flat)):
             if arr is not None and tuple(arr.shape) != self.shape:
                 raise ReductionError(f"{label} shape {tuple(arr.shape)} differs from detector shape {self.shape}")
@@ -276,7 +264,7 @@ class Integrator:
         ``config``: the ``[reducer]`` table; its keys npt, unit, method, mask_file,
         polarization_factor apply where the explicit argument is not given ("" = default), and
         its geometry keys (distance_m, beam_center_px, wavelength_A, pixel_size_m, poni_file)
-        override the start message's (reducer.geometry).
+        override the start message's (beamkin.geometry).
         """
         config = dict(config or {})
 
@@ -294,7 +282,7 @@ class Integrator:
             polarization_factor = config.get("polarization_factor", 0.99)
         if metadata.get("kind", "image") != "image":
             raise ReductionError(f"series kind {metadata.get('kind')!r} carries profiles: no integration needed")
-        from reducer.geometry import resolve_geometry
+        from beamkin.geometry import resolve_geometry
 
         geometry = resolve_geometry(metadata, config)
         ai = geometry.azimuthal_integrator()

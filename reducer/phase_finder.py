@@ -9,7 +9,7 @@ A and one of the pure loaded phase B, recorded with the same incident flux and e
 * 2D frames (CBF / EDF / TIFF, any format fabio reads) and EIGER master files
   (``NAME_master.h5`` or ``NAME_master.h5:FIRST-LAST``, the mean pattern of those frames):
   integrated with the reducer's own integrator, geometry from the file header, the ``[reducer]``
-  keys and PONI file (stream < TOML < PONI, reducer.geometry);
+  keys and PONI file (stream < TOML < PONI, beamkin.geometry);
 * frames of a beamkin recording: ``RUN.h5:SERIES`` or ``RUN.h5:SERIES:FIRST-LAST`` (frame
   indices, inclusive), the mean of the recorded patterns of those frames.
 
@@ -21,10 +21,10 @@ Steps (each a function below):
 2. lines: local maxima of the net pattern with a prominence above ``min_snr`` sigma
    (scipy.signal.find_peaks); overlapping lines are fitted together by weighted least squares
    (scipy.optimize.least_squares) as bin-averaged area-normalised pseudo-Voigt profiles
-   (reducer.phases) on a local linear background: centre and FWHM (degrees 2theta), Lorentzian
+   (beamkin.phases) on a local linear background: centre and FWHM (degrees 2theta), Lorentzian
    fraction eta, integrated intensity (area, pattern units x degrees);
 3. relative intensities: area / area of the phase's strongest line x 100;
-4. windows: reducer.phases.choose_peak_windows picks, per phase, strong lines with no line of the
+4. windows: beamkin.phases.choose_peak_windows picks, per phase, strong lines with no line of the
    other phase within ``clearance`` FWHM (the lines that separate the two phases); each window
    lists every line of either phase that reaches into it (within 6 FWHM, >= 0.2 % of the
    strongest such line), as the peaks method models them;
@@ -99,7 +99,7 @@ class MeasuredLine:
 
 
 class MeasuredPhase:
-    """A phase as reducer.phases.choose_peak_windows sees it: line positions (degrees 2theta),
+    """A phase as beamkin.phases.choose_peak_windows sees it: line positions (degrees 2theta),
     relative intensities (strongest = 100) and FWHM per line (interpolated between lines)."""
 
     def __init__(self, name: str, lines: Sequence[MeasuredLine]):
@@ -119,7 +119,7 @@ class MeasuredPhase:
 
     def pattern(self, tth_deg: np.ndarray) -> np.ndarray:
         """The fitted lines summed on a grid (bin-averaged over the grid's steps), no background."""
-        from reducer.phases import pseudo_voigt_bin_average
+        from beamkin.phases import pseudo_voigt_bin_average
 
         x = np.ascontiguousarray(tth_deg, dtype=float)
         half = 0.5 * np.abs(np.gradient(x)) if x.shape[0] > 1 else np.zeros_like(x)
@@ -155,8 +155,8 @@ def _text_unit(text: str) -> tuple[str, float | None]:
 
 
 def _profile_reference(path: Path, wavelength_A: float | None) -> ReferencePattern:
-    from streamer.errors import StreamDecodeError
-    from streamer.profiles import parse_profile
+    from beamkin.errors import StreamDecodeError
+    from beamkin.profiles import parse_profile
 
     try:
         text = path.read_text(errors="strict")
@@ -202,8 +202,7 @@ def _noise_from_data(y: np.ndarray) -> np.ndarray:
 
 
 def _recording_reference(path: Path, series: str | None, first: int | None, last: int | None) -> ReferencePattern:
-    from streamer.recorder import read_messages
-
+    from beamkin.recording import read_messages
     patterns = []
     try:
         for _, message in read_messages(path, types=("pattern",)):
@@ -268,7 +267,7 @@ def _master_reference(path: Path, first: int | None, last: int | None,
                       reducer_config: Mapping[str, Any]) -> ReferencePattern:
     from reducer.integrate import Integrator, ReductionError
     from streamer.eiger_h5 import iter_master_frames, read_master_start
-    from streamer.errors import StreamDecodeError
+    from beamkin.errors import StreamDecodeError
 
     try:
         fields, arrays = read_master_start(path, path.name[: -len("_master.h5")], "phases")
@@ -294,7 +293,7 @@ def _master_reference(path: Path, first: int | None, last: int | None,
 def load_reference(spec: str, reducer_config: Mapping[str, Any] | None = None,
                    wavelength_A: float | None = None) -> ReferencePattern:
     """A reference pattern from a profile file, an image file or frames of a recording (module doc)."""
-    from streamer.profiles import PROFILE_SUFFIXES
+    from beamkin.profiles import PROFILE_SUFFIXES
 
     master = re.match(r"^(?P<file>.+?_master\.h5)(?::(?P<first>\d+)(?:-(?P<last>\d+))?)?$", spec)
     if master:
@@ -339,7 +338,7 @@ def _fit_group(x, net, sigma, half, peaks: list[tuple[float, float, float]]):
     Returns [MeasuredLine]."""
     from scipy.optimize import least_squares
 
-    from reducer.phases import pseudo_voigt_bin_average
+    from beamkin.phases import pseudo_voigt_bin_average
 
     lo = min(c - 4.0 * w for c, w, _ in peaks)
     hi = max(c + 4.0 * w for c, w, _ in peaks)
@@ -464,7 +463,7 @@ def build_phase_table(ref_a: ReferencePattern, ref_b: ReferencePattern,
     reference paths written into the table (None: no whole-pattern references)."""
     from reducer.fractions import FractionConfig, PhaseFractionEstimator
     from reducer.integrate import ReductionError
-    from reducer.phases import choose_peak_windows
+    from beamkin.phases import choose_peak_windows
 
     lines_a, bg_a = find_lines(ref_a, min_snr, background_width_deg)
     lines_b, bg_b = find_lines(ref_b, min_snr, background_width_deg)

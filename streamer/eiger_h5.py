@@ -25,7 +25,7 @@ import h5py
 import hdf5plugin
 import numpy as np
 
-from streamer.errors import StreamDecodeError
+from beamkin.errors import StreamDecodeError
 from streamer.series import make_detector, make_geometry, wavelength_from_energy
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """``files:FOLDER``: frames appearing in a folder, emitted as series in acquisition order.
 
 Watched files: CBF / EDF / TIFF images (fabio), EIGER HDF5 master files (``*_master.h5``, h5py +
-hdf5plugin) and 1D profiles (.xy / .xye / .dat, :mod:`streamer.profiles`).
+hdf5plugin) and 1D profiles (.xy / .xye / .dat, :mod:`beamkin.profiles`).
 
 A file is read once, when complete: its size and modification time are unchanged over
 ``settle_polls`` consecutive polls (option, default 2, every ``poll_s`` = 0.2 s), and for CBF and
@@ -39,8 +39,8 @@ import numpy as np
 
 from beamkin.protocol import Message
 from streamer.eiger_h5 import iter_master_frames, read_master_start
-from streamer.errors import StreamDecodeError
-from streamer.profiles import PROFILE_SUFFIXES, read_profile
+from beamkin.errors import StreamDecodeError
+from beamkin.profiles import PROFILE_SUFFIXES, read_profile
 from streamer.series import DEFAULT_FRAME_INDEX_WINDOW, SeriesAssembler, make_detector, make_geometry
 
 log = logging.getLogger(__name__)

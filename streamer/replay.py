@@ -16,7 +16,7 @@ frames (``raw_frames = false``, the default) is replayed from its reduced messag
 series' ``start``, ``pattern``, ``fraction`` and ``end`` messages are pushed straight to the
 inference (:func:`feed_reduced`), which then computes the same posterior as live for the same
 [inference] settings, because it is fed the same fractions. A recording with neither is refused
-with the reason (:class:`~streamer.recording_check.RecordingInputError`).
+with the reason (:class:`~beamkin.recording.RecordingInputError`).
 
 Progress goes to stderr about once a second (option ``progress``, default True).
 """
@@ -35,9 +35,8 @@ from typing import Any, Iterator, Mapping
 from beamkin import protocol
 from beamkin.protocol import Message, make
 from streamer.eiger_h5 import is_eiger_master, iter_master_frames, read_master_start
-from streamer.errors import StreamDecodeError
-from streamer.recorder import LOG_FIELDS, count_messages, is_recording, read_messages
-from streamer.recording_check import RecordingInputError, check_recording
+from beamkin.errors import StreamDecodeError
+from beamkin.recording import LOG_FIELDS, count_messages, is_recording, read_messages, RecordingInputError, check_recording
 from streamer.series import SeriesAssembler
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,6 @@ import logging
 import threading
 from typing import Any, Iterator, Mapping, Protocol
 
-import zmq
-
 from beamkin.protocol import Message
 
 log = logging.getLogger(__name__)
@@ -56,19 +54,3 @@ def open_source(spec: str, options: Mapping[str, Any] | None = None) -> Source:
 
         return open_replay(target, options, spec=spec)
     raise ValueError(f"unknown source scheme {scheme!r} in {spec!r}; expected one of {SCHEMES}")
-
-
-def pull_parts(endpoint: str, poll_ms: int, stop_event: threading.Event, label: str) -> Iterator[list]:
-    """Multipart messages (lists of zmq.Frame, not copied) from a PULL socket CONNECTed to a
-    detector endpoint, until ``stop_event`` is set; the socket is closed on the way out."""
-    socket = zmq.Context.instance().socket(zmq.PULL)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.RCVHWM, 1000)
-    socket.connect(endpoint)
-    log.info("PULL %s (%s)", endpoint, label)
-    try:
-        while not stop_event.is_set():
-            if socket.poll(poll_ms):
-                yield socket.recv_multipart(copy=False)
-    finally:
-        socket.close(linger=0)

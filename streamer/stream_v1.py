@@ -42,9 +42,10 @@ import bitshuffle
 import lz4.block
 import numpy as np
 
+from beamkin.detector_socket import pull_parts
 from beamkin.protocol import Message
-from streamer import compression
-from streamer.errors import StreamDecodeError
+from beamkin import compression
+from beamkin.errors import StreamDecodeError
 from streamer.series import (DEFAULT_FRAME_INDEX_WINDOW, SeriesAssembler, gas_time_from, make_detector, make_geometry,
                              wavelength_from_energy)
 from streamer.stream_v2 import MAX_IMAGE_SIDE, MAX_TIME_S, _short, finite_float, user_data_dict
@@ -335,8 +336,6 @@ class StreamV1Source:
         return self.decoder.counters
 
     def messages(self, stop_event: threading.Event) -> Iterator[Message]:
-        from streamer.sources import pull_parts
-
         for parts in pull_parts(self.endpoint, self.poll_ms, stop_event, "Stream V1"):
             yield from self.decoder.feed(parts)
         yield from self.decoder.close()

@@ -42,7 +42,7 @@ A start message that cannot be used (no series id, no valid image size, channels
 rejected loudly (:meth:`streamer.series.SeriesAssembler.reject`: one ERROR naming the field and
 the value; the series' images and end are counted, not warned about one by one).
 
-:func:`decode_message` raises only :class:`streamer.errors.StreamDecodeError`;
+:func:`decode_message` raises only :class:`beamkin.errors.StreamDecodeError`;
 :class:`StreamV2Decoder` turns messages into beamkin messages and never raises: bad input is
 dropped and counted, and any other exception while handling one message is logged (series and
 frame), counted as ``handler_errors`` and survived. :class:`StreamV2Source` PULLs from a
@@ -62,9 +62,10 @@ from typing import Any, Iterator, Mapping
 import cbor2
 import numpy as np
 
+from beamkin.detector_socket import pull_parts
 from beamkin.protocol import Message
-from streamer import compression
-from streamer.errors import StreamDecodeError
+from beamkin import compression
+from beamkin.errors import StreamDecodeError
 from streamer.series import (DEFAULT_FRAME_INDEX_WINDOW, SeriesAssembler, gas_time_from, make_detector, make_geometry,
                              safe_series_id, wavelength_from_energy)
 
@@ -264,7 +265,7 @@ class _TagDecoder:
 
 
 def materialise_tree(value: Any, depth: int = 0) -> Any:
-    """``value`` (a decoded map, list or leaf) with every :class:`~streamer.compression.CompressedArray`
+    """``value`` (a decoded map, list or leaf) with every :class:`~beamkin.compression.CompressedArray`
     decompressed; a corrupt one becomes an :class:`UnusableArray`. Maps and lists are copied."""
     if isinstance(value, compression.CompressedArray):
         try:
@@ -285,7 +286,7 @@ def decode_message(data: bytes | memoryview, *, max_bytes: int = compression.DEF
     """Decode one Stream V2 message into (map with arrays as numpy, unknown tag numbers -> count).
 
     ``defer_compression``: tag 56500 payloads are checked but left compressed
-    (:class:`~streamer.compression.CompressedArray`, with the dtype and shape of the arrays around them).
+    (:class:`~beamkin.compression.CompressedArray`, with the dtype and shape of the arrays around them).
     Raises StreamDecodeError (only) when the bytes are not a CBOR map with a text ``type``.
     """
     hook = _TagDecoder(max_bytes, defer_compression)
@@ -728,8 +729,6 @@ class StreamV2Source:
         return self.decoder.counters
 
     def messages(self, stop_event: threading.Event) -> Iterator[Message]:
-        from streamer.sources import pull_parts
-
         for frames in pull_parts(self.endpoint, self.poll_ms, stop_event, "Stream V2"):
             if len(frames) != 1:
                 self.counters["malformed"] += 1

@@ -23,8 +23,7 @@ def pipeline_messages(tmp_path_factory):
     The demo runs every stage as its own process (simulated EIGER, streamer, reducer with pyFAI,
     SMC inference) as fast as it can, and its recorder keeps what was published.
     """
-    from streamer.recorder import read_messages
-
+    from beamkin.recording import read_messages
     folder = tmp_path_factory.mktemp("pipeline")
     recording = folder / "series.h5"
     demo = beamkin_process("demo", "--once", "--speed", "0", "--record", str(recording),

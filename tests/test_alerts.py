@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 from beamkin import protocol
-from dashboards.alerts import AlertConfigError, AlertDispatcher
+from sinks.alerts import AlertConfigError, AlertDispatcher
 
 
 def make_alert(series_id: str = "s1", t0_mean: float = 7.4461) -> dict:
@@ -190,8 +190,50 @@ def test_bad_configuration_and_bad_alerts_are_named():
 
 def test_log_sink_writes_a_warning(caplog):
     dispatcher = AlertDispatcher({})
-    with caplog.at_level("WARNING", logger="dashboards.alerts"):
+    with caplog.at_level("WARNING", logger="sinks.alerts"):
         dispatcher.dispatch(make_alert("logged"))
         dispatcher.close(timeout=5)
     assert any("ONSET ALERT series logged" in r.getMessage() and "t0 = 7.4461 s" in r.getMessage()
                for r in caplog.records)
+
+
+def test_alert_sink_stage_delivers_what_the_inference_publishes_and_survives_bad_messages(tmp_path):
+    """`beamkin alerts` as a real process, subscribed to a real PUB socket (the inference's role):
+    raw garbage and an alert without t0 are rejected and logged, the next alert is delivered to
+    the command sink once, although it is published many times."""
+    import os
+    import subprocess
+    import time
+
+    from beamkin import sockets
+
+    context = zmq.Context()
+    pub = sockets.publisher(context, "tcp://127.0.0.1:*")
+    endpoint = pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+    out = tmp_path / "alerts.jsonl"
+    script = f"import sys; open({str(out)!r}, 'a').write(sys.stdin.read() + chr(10))"
+    config = tmp_path / "alerts.toml"
+    config.write_text(f"[endpoints]\nresults = {endpoint!r}\n\n[alerts]\nlog = false\n"
+                      f"command = {{ argv = [{sys.executable!r}, '-c', {script!r}], timeout_s = 30 }}\n")
+    stage = subprocess.Popen([sys.executable, "-m", "beamkin", "alerts", "--config", str(config)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        deadline = time.monotonic() + 120
+        while not out.exists() and time.monotonic() < deadline and stage.poll() is None:
+            pub.send_multipart([b"alert", b"\xff\x00 not json"])
+            bad = make_alert("run-9")
+            del bad["t0"]
+            pub.send_multipart([b"alert", json.dumps({"type": "alert", **bad}).encode()])
+            protocol.send(pub, protocol.make("alert", **make_alert("run-9")))
+            time.sleep(0.2)
+        time.sleep(1.0)  # further copies of the same alert would arrive now
+    finally:
+        stage.terminate()
+        _, stderr = stage.communicate(timeout=30)
+        pub.close(0)
+        context.term()
+    assert stage.returncode == 0, stderr
+    delivered = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    assert delivered == [make_alert("run-9")]
+    assert "alert sinks rejected a message" in stderr

@@ -14,9 +14,7 @@ import pytest
 
 from beamkin import cli
 from beamkin.protocol import make
-from streamer.recorder import Recorder
-
-
+from sinks.recorder import Recorder
 def one_line_error(capsys, command: str, *needles: str) -> str:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err

@@ -8,9 +8,8 @@ import numpy as np
 
 from beamkin import cli
 from beamkin.protocol import make
-from streamer.recorder import Recorder, read_messages
-
-
+from beamkin.recording import read_messages
+from sinks.recorder import Recorder
 def write_recording(path, n=6):
     t = np.arange(n) * 0.5 + 0.25
     radial = np.linspace(4.0, 6.0, 20)

@@ -20,9 +20,9 @@ from beamkin import config as configuration
 from beamkin import protocol
 from beamkin.frames import FrameDecodeError, frame_image
 from reducer.service import SeriesReduction, Worker
-from streamer.fake_eiger import encode_message, encode_multi_dim, rational
+from simulator.fake_eiger import encode_message, encode_multi_dim, rational
 from streamer.stream_v2 import StreamV2Decoder
-from streamer.synthetic import SyntheticPowderDetector, default_metadata
+from simulator.synthetic import SyntheticPowderDetector, default_metadata
 
 SHAPE = (200, 240)  # small detector: the integrator builds in well under a second
 N_FRAMES = 4
@@ -166,8 +166,8 @@ def test_a_payload_whose_header_contradicts_the_image_size_is_dropped_at_the_str
 def test_recorded_compressed_frames_replay_as_the_same_images(tmp_path):
     """The recorder stores forwarded payloads as they came (HDF5 direct chunk writes) and
     read_messages gives the images back; a corrupt payload comes back compressed, to be flagged."""
-    from streamer.recorder import Recorder, read_messages
-
+    from beamkin.recording import read_messages
+    from sinks.recorder import Recorder
     messages, images = [], []
     for algorithm, dtype in (("bslz4", np.uint16), ("lz4", np.uint32)):
         raw_messages, series_images = stream_v2_series(algorithm, dtype)

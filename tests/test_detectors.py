@@ -1,4 +1,4 @@
-"""reducer.detectors: detector descriptions as detectors and files carry them -> pyFAI definitions.
+"""beamkin.detectors: detector descriptions as detectors and files carry them -> pyFAI definitions.
 
 The descriptions are those of real start messages, EIGER master files and CBF headers. The gap
 counts are what the module layout predicts: ny = rows * module_ny + (rows - 1) * gap_y, and the
@@ -6,7 +6,7 @@ masked pixels are every pixel outside the modules.
 """
 import pytest
 
-from reducer.detectors import MYTHEN_CHANNELS_PER_MODULE, match_detector
+from beamkin.detectors import MYTHEN_CHANNELS_PER_MODULE, match_detector
 
 EIGER_PIXEL = 75e-6
 PILATUS_PIXEL = 172e-6

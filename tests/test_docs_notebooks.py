@@ -17,8 +17,7 @@ def write_recording(path: Path) -> None:
     """start, 36 patterns and fractions (F1, t0 = 7.45 s, k = 0.62 1/s, sigma 0.02), a result, end."""
     from beamkin.protocol import make
     from inference.models import alpha_numpy
-    from streamer.recorder import Recorder
-
+    from sinks.recorder import Recorder
     t = np.arange(36) / 3 + 0.15
     y = alpha_numpy("F1", 0.62 * (t - TRUE_T0_S)) + np.random.default_rng(7).normal(0, 0.02, t.size)
     radial = np.linspace(3.0, 13.0, 50)

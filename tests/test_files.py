@@ -12,9 +12,9 @@ from fabio.edfimage import EdfImage
 from fabio.tifimage import TifImage
 
 from streamer.eiger_h5 import write_eiger_master
-from streamer.errors import StreamDecodeError
+from beamkin.errors import StreamDecodeError
 from streamer.files import binary_section_complete, split_name
-from streamer.profiles import parse_profile
+from beamkin.profiles import parse_profile
 from streamer.sources import open_source
 
 CBF_HEADER = ("# Detector: PILATUS3 1M, S/N 10-0000\r\n# Pixel_size 172e-6 m x 172e-6 m\r\n"

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from streamer.eiger_h5 import read_master_start
-from streamer.errors import StreamDecodeError
+from beamkin.errors import StreamDecodeError
 from streamer.files import FolderSource, _Seen
-from streamer.profiles import parse_profile
+from beamkin.profiles import parse_profile
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SUFFIXES = (".cbf", ".edf", ".tif", ".xy", ".xye", ".dat", "_master.h5")

@@ -11,7 +11,7 @@ import numpy as np
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from streamer.errors import StreamDecodeError
+from beamkin.errors import StreamDecodeError
 from streamer.stream_v2 import StreamV2Decoder, decode_message, rational_seconds
 from tests.test_stream_v2 import END, NX, NY, Tag, cbor, image_msg, mdarray, self_described, start_msg
 

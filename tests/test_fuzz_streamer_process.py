@@ -15,8 +15,8 @@ import zmq
 
 from beamkin import protocol
 from beamkin.loopback import beamkin_process
-from streamer.fake_eiger import StreamV2Sender
-from streamer.recorder import read_messages
+from simulator.fake_eiger import StreamV2Sender
+from beamkin.recording import read_messages
 from tests.test_stream_v2 import END, NX, NY, Tag, image_msg, mdarray, self_described, start_msg
 
 

@@ -171,8 +171,7 @@ def test_recording_is_analysed_as_the_live_service_would(tmp_path):
     from beamkin import config as configuration
     from beamkin.protocol import make
     from inference.service import make_engine
-    from streamer.recorder import Recorder
-
+    from sinks.recorder import Recorder
     t = np.arange(24) / 2.0 + 0.25
     y = alpha_numpy("F1", 0.7 * (t - 6.0)) + np.random.default_rng(1).normal(0, 0.02, t.size)
     start = make("start", series_id="live1", kind="profile", source="test", detector={}, geometry={},

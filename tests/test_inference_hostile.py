@@ -13,7 +13,7 @@ import pytest
 from beamkin import config as configuration
 from beamkin import protocol
 from inference.service import EARLY_SERIES_KEPT, FINISHED_SERIES_KEPT, InferenceStage, series_window
-from streamer.simulator import exposure_averaged_alpha
+from simulator.experiment import exposure_averaged_alpha
 
 FRAME_TIME_S, EXPOSURE_S, N_FRAMES = 1 / 3, 0.3, 36
 

@@ -13,7 +13,7 @@ import zmq
 
 from beamkin import protocol
 from beamkin.loopback import LoopbackPorts, beamkin_process, results_listener
-from streamer.simulator import exposure_averaged_alpha
+from simulator.experiment import exposure_averaged_alpha
 
 FRAME_TIME_S, EXPOSURE_S, N_FRAMES, MISSING = 1 / 3, 0.3, 36, 17
 

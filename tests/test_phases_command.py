@@ -1,7 +1,7 @@
 """`beamkin phases REF_A REF_B`: a [reducer.fractions] table from two measured references.
 
 The references are synthetic CPL-1 / Ar patterns (docs/examples/cpl1_references.py:
-streamer.synthetic's MYTHEN-like profiles, 60 s, Poisson noise). The command must (1) find the lines the phase model put there, so that its table
+simulator.synthetic's MYTHEN-like profiles, 60 s, Poisson noise). The command must (1) find the lines the phase model put there, so that its table
 is the built-in CPL-1 table (reducer.defaults, from the model phases) within the measurement's
 precision, and (2) give a table with which a mixture series comes back within its sigma, by both
 the peak-window and the whole-pattern method.
@@ -21,7 +21,7 @@ from reducer.defaults import cpl1_ar_fraction_config
 from reducer.fractions import PhaseFractionEstimator
 from reducer.integrate import Pattern
 from reducer.phase_finder import PhaseFinderError, load_reference
-from streamer.synthetic import SyntheticPowderDetector, default_metadata
+from simulator.synthetic import SyntheticPowderDetector, default_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_EXPOSURE_S = 60.0
@@ -142,8 +142,7 @@ def test_pyfai_q_header_is_converted(tmp_path, detector):
 
 
 def test_frames_of_a_recording(tmp_path, detector):
-    from streamer.recorder import Recorder
-
+    from sinks.recorder import Recorder
     path = tmp_path / "run.h5"
     profiles = [detector.profile(0.0, 1.0, seed=s) for s in range(4)]
     with Recorder(path) as recorder:

@@ -21,7 +21,7 @@ import pytest
 import zmq
 
 from beamkin import protocol
-from streamer.recorder import read_messages
+from beamkin.recording import read_messages
 from beamkin.loopback import LoopbackPorts, beamkin_process, processes_with_environment, results_listener
 
 TRUE_T0_S = 7.4461

@@ -24,8 +24,7 @@ import zmq
 
 from beamkin import protocol
 from beamkin.loopback import LoopbackPorts, beamkin_process, results_listener, stage_pid
-from streamer.recorder import read_messages, recording_segments
-
+from beamkin.recording import read_messages, recording_segments
 N_FRAMES = 24
 TRUE_T0_S = 4.0
 TRUE_K_PER_S = 0.6192

@@ -18,9 +18,9 @@ import pytest
 import zmq
 
 from beamkin.protocol import make, send
-from streamer.export import export_csv
-from streamer.recorder import Recorder, read_messages, run_recorder
-
+from sinks.export import export_csv
+from beamkin.recording import read_messages
+from sinks.recorder import Recorder, run_recorder
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,7 +40,7 @@ WRITER = r"""
 import sys
 import numpy as np
 from beamkin.protocol import make
-from streamer.recorder import Recorder
+from sinks.recorder import Recorder
 recorder = Recorder(sys.argv[1], raw_frames=True)
 recorder.write(make("start", series_id="s1", kind="image", source="t", detector={}, geometry={},
                     frame_time_s=0.1, exposure_s=0.1, n_frames=None, gas_time_s=None))

@@ -11,7 +11,7 @@ from reducer.defaults import cpl1_ar_fraction_config, cpl1_ar_reducer_table
 from reducer.fractions import (FractionConfig, PhaseFractionEstimator, irls_linear_fit,
                                q_to_two_theta_deg, weighted_linear_fit)
 from reducer.integrate import Integrator, Pattern, ReductionError
-from streamer.synthetic import SyntheticPowderDetector, default_metadata
+from simulator.synthetic import SyntheticPowderDetector, default_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 NPT = 3000
@@ -283,7 +283,7 @@ def test_line_shift_refinement_removes_strain_bias(md, integrator):
     """Both phases strained (A d +0.1 %, B d -0.15 %) relative to the configured lines: the
     per-phase shift search finds eps = (-0.001, +0.0015) and alpha stays calibrated; with the
     search disabled the areas, hence alpha, are biased."""
-    from reducer.phases import CPL1_AR_CELL, CPL1_EMPTY_CELL, make_phase
+    from beamkin.phases import CPL1_AR_CELL, CPL1_EMPTY_CELL, make_phase
 
     a = make_phase("A", CPL1_EMPTY_CELL.strained(0.001, 0.001, 0.001, 0.0))
     b = make_phase("B", CPL1_AR_CELL.strained(-0.0015, -0.0015, -0.0015, 0.0), intensity_salt=7)
@@ -306,7 +306,7 @@ def test_line_law_and_grid_lookup_keep_the_general_rules():
     """The one-pass line law equals the bin-average kernel at zero bin width (bit for bit,
     0 beyond 60 FWHM), and the shift-grid lookup finds exactly what np.isclose(atol=1e-12) finds."""
     from reducer.fractions import _line_law, _PeaksModel
-    from reducer.phases import pseudo_voigt_bin_average
+    from beamkin.phases import pseudo_voigt_bin_average
 
     tth = np.linspace(3.0, 6.0, 20_001)
     for centre, fwhm, eta in [(4.868, 0.022, 0.3), (3.2, 0.05, 0.9), (5.9, 0.004, 0.0)]:

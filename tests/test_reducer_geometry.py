@@ -1,12 +1,12 @@
-"""reducer.geometry: stream < TOML < PONI, merged before validation; EIGER2 translation convention."""
+"""beamkin.geometry: stream < TOML < PONI, merged before validation; EIGER2 translation convention."""
 import copy
 import logging
 
 import pytest
 
-from reducer.geometry import resolve_geometry
+from beamkin.geometry import resolve_geometry
 from reducer.integrate import Integrator, ReductionError
-from streamer.synthetic import default_metadata
+from simulator.synthetic import default_metadata
 
 # detector_translation of a real EIGER2 Si 16M Stream V2 start message (tickit-devices test data):
 # x, y = beam centre px * pixel size, z negative

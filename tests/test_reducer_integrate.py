@@ -4,8 +4,9 @@ import copy
 import numpy as np
 import pytest
 
-from reducer.integrate import Integrator, Pattern, ReductionError, azimuthal_integrator_from_metadata
-from streamer.synthetic import SyntheticPowderDetector, default_metadata
+from beamkin.geometry import azimuthal_integrator_from_metadata
+from reducer.integrate import Integrator, Pattern, ReductionError
+from simulator.synthetic import SyntheticPowderDetector, default_metadata
 
 METHOD = ("no", "csr", "cython")
 NPT = 1500
@@ -224,7 +225,7 @@ def test_profile_pattern():
 @pytest.mark.parametrize("method", [("no", "csr", "cython"), ("bbox", "csr", "cython"), ("no", "histogram", "cython")])
 def test_model_pattern_rows_match_full_integration(md, detector, method):
     """The sparse per-bin response (CSR rows) equals integrating the noiseless law image."""
-    from reducer.phases import pseudo_voigt
+    from beamkin.phases import pseudo_voigt
 
     integ = Integrator.from_metadata(md, npt=NPT, method=method)
     pat = integ.integrate(detector.image(0.5, 1.0, seed=3))
@@ -349,7 +350,7 @@ def test_a_series_with_the_same_geometry_reuses_the_integrator():
     from beamkin import config as configuration
     from beamkin import protocol
     from reducer.service import SeriesReduction
-    from streamer.synthetic import SyntheticPowderDetector, default_metadata
+    from simulator.synthetic import SyntheticPowderDetector, default_metadata
 
     reducer_config = configuration.defaults()["reducer"]
     integrators = collections.OrderedDict()

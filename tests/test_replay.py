@@ -12,7 +12,7 @@ import pytest
 
 from beamkin.protocol import make
 from streamer.eiger_h5 import write_eiger_master
-from streamer.recorder import Recorder
+from sinks.recorder import Recorder
 from streamer.sources import open_source
 
 SPACING_S = 0.1
@@ -211,7 +211,7 @@ def engine_for_recording(messages, particles=256):
 
 
 def test_replay_plan_follows_what_the_recording_holds(tmp_path):
-    from streamer.recording_check import RecordingInputError
+    from beamkin.recording import RecordingInputError
     from streamer.replay import replay_plan
 
     with_frames, without_frames, nothing = tmp_path / "a.h5", tmp_path / "b.h5", tmp_path / "c.h5"

@@ -139,7 +139,7 @@ def test_header_detail_none_defers_start_to_first_image():
 
 @pytest.mark.parametrize("compression", ["bslz4", "lz4", "none"])
 def test_fake_eiger_v1_mode_over_zeromq(compression):
-    from streamer.fake_eiger import StreamV1Sender
+    from simulator.fake_eiger import StreamV1Sender
     from streamer.sources import open_source
 
     sender = StreamV1Sender("tcp://127.0.0.1:0", compression=compression)

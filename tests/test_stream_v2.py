@@ -1,5 +1,5 @@
 """Stream V2 decoder against an independent CBOR encoder written here from RFC 8949 / RFC 8746 /
-the DECTRIS spec (no cbor2, no streamer.compression), plus fuzzing and a ZeroMQ round trip."""
+the DECTRIS spec (no cbor2, no beamkin.compression), plus fuzzing and a ZeroMQ round trip."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from beamkin.frames import frame_image
-from streamer.errors import StreamDecodeError
+from beamkin.errors import StreamDecodeError
 from streamer.stream_v2 import StreamV2Decoder, decode_message
 from tests.conftest import consume_in_thread
 
@@ -369,7 +369,7 @@ def test_fuzz_mutated_messages_never_escape(which, flips, cut):
 # ---------------------------------------------------------------- over ZeroMQ with the fake EIGER
 @pytest.mark.parametrize("compression", ["bslz4", "lz4", "none"])
 def test_fake_eiger_to_source_over_zeromq(compression):
-    from streamer.fake_eiger import StreamV2Sender
+    from simulator.fake_eiger import StreamV2Sender
     from streamer.sources import open_source
 
     sender = StreamV2Sender("tcp://127.0.0.1:0", compression=compression)

@@ -212,7 +212,7 @@ def test_run_once_exits_non_zero_naming_the_field_of_a_rejected_start():
     import signal
 
     from beamkin.loopback import LoopbackPorts, beamkin_process
-    from streamer.fake_eiger import StreamV2Sender
+    from simulator.fake_eiger import StreamV2Sender
 
     sender = StreamV2Sender("tcp://127.0.0.1:0")
     run = beamkin_process("run", "--once", "--source", f"dectris2:{sender.endpoint}", "--streamer.rejected_wait_s", "1",

@@ -5,9 +5,8 @@ from __future__ import annotations
 import h5py
 
 from beamkin import protocol
-from streamer.recorder import Recorder, open_segment, read_messages, recording_segments, segment_path
-
-
+from beamkin.recording import read_messages, recording_segments, segment_path
+from sinks.recorder import Recorder, open_segment
 def fraction(index: int) -> protocol.Message:
     return protocol.Message("fraction", {"series_id": "s1", "frame_index": index, "alpha": 0.1 * index}, {})
 

@@ -1,12 +1,12 @@
-"""Synthetic detector (streamer/synthetic.py) and the CPL-1 phase model (reducer/phases.py)."""
+"""Synthetic detector (simulator/synthetic.py) and the CPL-1 phase model (beamkin/phases.py)."""
 import math
 
 import numpy as np
 import pytest
 from scipy import integrate as sp_integrate
 
-from reducer import phases
-from streamer.synthetic import SyntheticPowderDetector, default_metadata
+from beamkin import phases
+from simulator.synthetic import SyntheticPowderDetector, default_metadata
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def simulator_options():
 
 @pytest.fixture(scope="module")
 def simulator_detector(simulator_options):
-    from streamer.simulator import make_detector
+    from simulator.experiment import make_detector
     md = default_metadata(frame_time_s=simulator_options["frame_time_s"], exposure_s=simulator_options["exposure_s"])
     return make_detector(simulator_options, md)
 
@@ -167,7 +167,7 @@ def test_sparse_frames_are_poisson_by_splitting(simulator_detector, simulator_op
     splitting. Per pixel the counts must still be Poisson(mu): standardised residuals of mean 0
     and variance 1, and the fraction of empty pixels equal to the mean of exp(-mu) (a Gaussian or
     rounded draw of the same mean and variance fails this at these counts)."""
-    from streamer import synthetic
+    from simulator import synthetic
     exposure = simulator_options["exposure_s"]
     mu = simulator_detector.expected_image(0.4, exposure)
     ok = np.isfinite(mu)
@@ -186,7 +186,7 @@ def test_sparse_frames_are_poisson_by_splitting(simulator_detector, simulator_op
 
 
 def test_alias_table_reproduces_the_distribution():
-    from streamer.synthetic import _alias_table
+    from simulator.synthetic import _alias_table
     rates = np.array([0.0, 1.0, 2.0, 0.5, 0.0, 6.5])
     prob, alias = _alias_table(rates)
     # P(i) = (prob_i + sum over j aliasing to i of (1 - prob_j)) / n

@@ -1,6 +1,6 @@
 """Synthetic reference patterns of pure empty (A) and Ar-loaded (B) CPL-1, for `beamkin phases`.
 
-The two patterns are what the simulator's MYTHEN-like strip detector (streamer.synthetic, the
+The two patterns are what the simulator's MYTHEN-like strip detector (simulator.synthetic, the
 default experiment: 0.8 angstrom, 2 - 17 degrees 2theta in 0.006 degree steps) records in
 ``exposure_s`` seconds of each pure phase, with Poisson noise: the stand-in for the two reference
 measurements a user makes before a dosing experiment.
@@ -28,7 +28,7 @@ NOISE_SEED = 1
 
 def write_references(folder: str | Path, exposure_s: float = EXPOSURE_S) -> tuple[Path, Path]:
     """Write cpl1_empty.xy and cpl1_ar.xy (columns: 2theta in degrees, counts) into folder."""
-    from streamer.synthetic import SyntheticPowderDetector, default_metadata
+    from simulator.synthetic import SyntheticPowderDetector, default_metadata
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

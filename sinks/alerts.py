@@ -331,3 +331,40 @@ class AlertDispatcher:
             sink.join(max(deadline - time.monotonic(), 0.0))
             if sink.is_alive():
                 log.error("%s still busy after close timeout", sink.name)
+
+
+def run_alert_sinks(endpoint: str, config: dict | None, stop: threading.Event, ready: Any = None) -> int:
+    """The alert-sink stage: SUBscribe to the inference PUB ``endpoint`` (topic ``alert`` only) and
+    hand every alert to an :class:`AlertDispatcher` built from ``config`` (the ``[alerts]`` table),
+    until ``stop`` is set. A malformed message or an alert with bad fields is logged and counted,
+    never fatal. ``ready`` (optional) is called once subscribed. Returns 0."""
+    import zmq
+
+    dispatcher = AlertDispatcher(config)
+    context = zmq.Context.instance()
+    sub = context.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"alert")
+    sub.connect(endpoint)
+    log.info("alert sinks subscribed to %s: %s", endpoint, ", ".join(sink.name for sink in dispatcher.sinks) or "none")
+    if ready is not None:
+        ready()
+    rejected = 0
+    try:
+        while not stop.is_set():
+            if not sub.poll(200):
+                continue
+            try:
+                _, message = protocol.recv(sub, flags=zmq.NOBLOCK)
+                if message.type != "alert":
+                    continue  # another type whose name starts with "alert"
+                dispatcher.dispatch(dict(message.fields))
+            except zmq.Again:
+                continue
+            except (protocol.ProtocolError, KeyError, TypeError, AttributeError) as exc:
+                rejected += 1
+                log.error("alert sinks rejected a message (%d so far): %s", rejected, exc)
+    finally:
+        sub.close(0)
+        dispatcher.close(5.0)
+    return 0

@@ -24,10 +24,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from beamkin.outputs import check_output_folder
-from streamer.recorder import read_messages
-from streamer.recording_check import RecordingInputError, check_recording
-
-
+from beamkin.recording import read_messages, RecordingInputError, check_recording
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     """Nested dicts -> {"a.b.c": scalar}; lists of scalars are kept as space-separated text."""
     out: dict[str, Any] = {}

@@ -28,7 +28,7 @@ import lz4.block
 import numpy as np
 from dectris.compression import decompress as _dectris_decompress
 
-from streamer.errors import StreamDecodeError
+from beamkin.errors import StreamDecodeError
 
 #: Largest decompressed payload accepted by default (bytes): a 16M-pixel 32-bit frame is 64 MiB.
 DEFAULT_MAX_BYTES = 1 << 30

@@ -1,4 +1,4 @@
-"""The one error type the streamer's decoders raise: :class:`StreamDecodeError`.
+"""Errors shared by the stages: :class:`StreamDecodeError` (decoders) and :class:`ReductionError` (reduction).
 
 Decoders (Stream V2 CBOR, Stream V1 JSON multipart, file readers) raise only this type for bad
 input. Its ``counter`` names the error counter a source increments for it (``"malformed"``,
@@ -21,3 +21,8 @@ class StreamDecodeError(ValueError):
         self.counter = counter
         self.field = field
         self.value = value
+
+
+class ReductionError(ValueError):
+    """A frame, a geometry or a configuration that the reducer cannot process (the message names
+    the problem: the parameter, its value and where it came from)."""

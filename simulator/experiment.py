@@ -1,6 +1,6 @@
 """`beamkin simulate`: a synthetic gas-dosing experiment acting as a DECTRIS EIGER.
 
-Frames are Debye-ring images of the CPL-1-like material (streamer.synthetic) whose loaded-phase
+Frames are Debye-ring images of the CPL-1-like material (simulator.synthetic) whose loaded-phase
 fraction follows a kinetic model (inference.models). The background is scaled so that the empty
 phase's strongest line stands ``peak_to_background`` times above it, as in a synchrotron pattern of
 a MOF powder, so the transition is visible in every pattern; ``counts_scale`` then sets the counting
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from inference.models import alpha_numpy, has_free_exponent
+from beamkin.kinetics import alpha_numpy, has_free_exponent
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def source_for(options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The streamer source spec (and source options) that receives what the simulator sends."""
     if options.get("mode", "image") == "profile":
         timing = {key: options[key] for key in ("frame_time_s", "exposure_s", "n_frames", "gas_time_s")}
-        from streamer.synthetic import default_metadata
+        from simulator.synthetic import default_metadata
         timing["wavelength_A"] = default_metadata()["geometry"]["wavelength_A"]
         return f"files:{options['profile_folder']}", timing
     scheme = "dectris1" if options.get("protocol", "v2") == "v1" else "dectris2"
@@ -128,7 +128,7 @@ def make_detector(options: dict[str, Any], metadata: dict[str, Any]):
     """The synthetic detector of the ``[simulator]`` options: ``counts_scale`` (or
     ``profile_counts_scale`` in profile mode) and the line-to-background contrast
     ``peak_to_background`` (absent or 0: the unscaled default background)."""
-    from streamer.synthetic import SyntheticPowderDetector
+    from simulator.synthetic import SyntheticPowderDetector
 
     scale_key = "profile_counts_scale" if options.get("mode") == "profile" else "counts_scale"
     contrast = options.get("peak_to_background")
@@ -138,8 +138,8 @@ def make_detector(options: dict[str, Any], metadata: dict[str, Any]):
 
 def run_simulator(options: dict[str, Any], stop: threading.Event) -> int:
     """Send `repeat` simulated series (see defaults.toml [simulator])."""
-    from streamer.fake_eiger import StreamV1Sender, StreamV2Sender
-    from streamer.synthetic import default_metadata
+    from simulator.fake_eiger import StreamV1Sender, StreamV2Sender
+    from simulator.synthetic import default_metadata
 
     frame_time, exposure = float(options["frame_time_s"]), float(options["exposure_s"])
     if not 0 < exposure <= frame_time:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamer.errors import StreamDecodeError
+from beamkin.errors import StreamDecodeError
 
 PROFILE_SUFFIXES = (".xy", ".xye", ".dat")
 _COMMENT = ("#", "!", ";", "'")

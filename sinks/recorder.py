@@ -1,4 +1,5 @@
-"""HDF5 recorder: every beamkin message of every series, flushed per message (layout: docs/recording.md).
+"""The recorder sink: every beamkin message of every series, to HDF5, flushed per message (layout:
+docs/recording.md; the reader is beamkin.recording).
 
 The file is an append-only message log plus stacked arrays::
 
@@ -48,7 +49,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import uuid
 import time
@@ -62,35 +62,10 @@ import numpy as np
 import zmq
 
 from beamkin.protocol import Message, ProtocolError, json_default, recv
+from beamkin.recording import (COMPRESS_MIN_ELEMENTS, FORMAT_NAME, FORMAT_VERSION, LOG_FIELDS, _STR, group_name, hdf5_text,
+                               recording_attrs, segment_path)
 
 log = logging.getLogger(__name__)
-
-FORMAT_NAME = "beamkin-recording"
-FORMAT_VERSION = 1
-#: Arrays of at least this many elements (images, masks, long patterns) are stored bitshuffle+LZ4 compressed.
-COMPRESS_MIN_ELEMENTS = 1024
-LOG_FIELDS = ("received_s", "type", "series_id", "frame_index", "header", "arrays")
-_STR = h5py.string_dtype("utf-8")
-
-
-def hdf5_text(text: str) -> str:
-    """``text`` with what an HDF5 string cannot hold percent-encoded: NUL as ``%00``, a lone
-    surrogate as ``%uXXXX``. Text without them is returned unchanged."""
-    if "\0" not in text:
-        try:
-            text.encode("utf-8")
-            return text
-        except UnicodeEncodeError:
-            pass
-    return "".join("%00" if c == "\0" else f"%u{ord(c):04X}" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
-
-
-def group_name(series_id: str | None) -> str:
-    """HDF5-safe group name of a series id ("%", "/" and "." quoted, then :func:`hdf5_text`;
-    None -> "_none")."""
-    if series_id is None or series_id == "":
-        return "_none"
-    return hdf5_text(series_id.replace("%", "%25").replace("/", "%2F").replace(".", "%2E"))
 
 
 class Recorder:
@@ -250,49 +225,13 @@ class Recorder:
         self.close()
 
 
-def segment_path(path: str | Path, segment: int) -> Path:
-    """File of segment ``segment`` of the recording at ``path``: the path itself for 1, else
-    ``STEM.partN.SUFFIX`` next to it (run.h5 -> run.part2.h5)."""
-    path = Path(path)
-    return path if segment == 1 else path.with_name(f"{path.stem}.part{segment}{path.suffix}")
-
-
-def _attrs(path: Path) -> dict[str, Any] | None:
-    try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != FORMAT_NAME:
-                return None
-            return {key: f.attrs[key] for key in ("recording_id", "segment") if key in f.attrs}
-    except (OSError, ValueError):
-        return None
-
-
-def recording_segments(path: str | Path) -> list[Path]:
-    """The segments of the recording whose first segment is ``path``, in order: ``path``, then
-    each ``STEM.partN.SUFFIX`` next to it with the same ``recording_id``."""
-    path = Path(path)
-    first = _attrs(path)
-    if first is None:
-        return [path] if path.exists() else []
-    pattern = re.compile(re.escape(path.stem) + r"\.part(\d+)" + re.escape(path.suffix) + "$")
-    parts = []
-    for candidate in path.parent.iterdir():
-        match = pattern.match(candidate.name)
-        if match is None:
-            continue
-        attrs = _attrs(candidate)
-        if attrs is not None and first.get("recording_id") is not None and attrs.get("recording_id") == first["recording_id"]:
-            parts.append((int(match.group(1)), candidate))
-    return [path] + [candidate for _, candidate in sorted(parts)]
-
-
 def open_segment(path: str | Path, raw_frames: bool, restarted: bool) -> Recorder:
     """The Recorder for a recorder stage: at the path on a first start; after a restart, the next
     free segment of the recording at the path (which is left as it is), said in the log."""
     path = Path(path)
     if not restarted or not path.exists():
         return Recorder(path, raw_frames)
-    first = _attrs(path)
+    first = recording_attrs(path)
     if first is None:
         log.warning("recording %s cannot be read after the restart (its recorder was killed while writing?); "
                     "it is kept as it is", path)
@@ -365,76 +304,3 @@ def _write_surviving(recorder: Recorder, message: Message) -> None:
         recorder.counters["write_errors"] += 1
         log.exception("recorder could not write a %s message", message.type,
                       extra={"series_id": message.series_id, "frame_index": message.frame_index})
-
-
-def _stored_payload(dataset: h5py.Dataset, row: int, fields: dict) -> np.ndarray | None:
-    """The bytes of a frame image row written as a compressed payload (``compression`` in the
-    frame's header) that the HDF5 filter cannot decode, as ``image_compressed`` (uint8), or None."""
-    if not isinstance(fields.get("compression"), dict) or dataset.attrs.get("filter") not in ("bslz4", "lz4"):
-        return None
-    try:
-        _mask, chunk = dataset.id.read_direct_chunk((row,) + (0,) * (dataset.ndim - 1))
-    except (OSError, ValueError, RuntimeError):
-        return None
-    return np.frombuffer(chunk, dtype=np.uint8)
-
-
-def is_recording(path: str | Path) -> bool:
-    """True if ``path`` is an HDF5 file written by :class:`Recorder`."""
-    try:
-        with h5py.File(path, "r") as f:
-            return f.attrs.get("format") == FORMAT_NAME
-    except (OSError, ValueError):
-        return False
-
-
-def count_messages(path: str | Path, types: Iterable[str] | None = None) -> int:
-    """Number of messages (of the given types) in a recording, without decoding them."""
-    with h5py.File(path, "r") as f:
-        group = f["log"]
-        n = min(group[name].shape[0] for name in LOG_FIELDS)
-        return sum(1 for t in group["type"].asstr()[:n] if t and (types is None or t in set(types)))
-
-
-def read_messages(path: str | Path, types: Iterable[str] | None = None, *, with_arrays: bool = True):
-    """Yield (received_s, Message) of a recording in recorded order; ``types`` filters by message type.
-
-    Works on files whose writer was killed: it reads the rows every /log dataset has. A message
-    whose arrays were not recorded (raw frames off) carries only the arrays that were.
-    """
-    wanted = None if types is None else set(types)
-    with h5py.File(path, "r") as f:
-        if f.attrs.get("format") != FORMAT_NAME:
-            raise ValueError(f"{path} is not a beamkin recording (format attribute {f.attrs.get('format')!r})")
-        version = int(f.attrs.get("format_version", 0))
-        if version != FORMAT_VERSION:
-            raise ValueError(f"{path} is a beamkin recording of format version {version}, this reads {FORMAT_VERSION}")
-        group = f["log"]
-        n = min(group[name].shape[0] for name in LOG_FIELDS)
-        types_column = group["type"].asstr()[:n]
-        received = group["received_s"][:n]
-        headers = group["header"].asstr()
-        refs_column = group["arrays"].asstr()
-        for i in range(n):
-            message_type = types_column[i]
-            if not message_type or (wanted is not None and message_type not in wanted):
-                continue  # an empty type marks a row whose writing was not finished
-            fields = json.loads(headers[i])
-            arrays = {}
-            if with_arrays:
-                for name, ref in json.loads(refs_column[i]).items():
-                    if ref is None:
-                        continue
-                    dataset_path, row = ref
-                    dataset = f.get(dataset_path)
-                    if dataset is None or row >= dataset.shape[0]:
-                        continue
-                    try:
-                        arrays[name] = dataset[row]
-                    except OSError as exc:  # a corrupt compressed payload stored as it came
-                        stored = _stored_payload(dataset, row, fields)
-                        if stored is None:
-                            log.warning("cannot read %s row %d of %s: %s", dataset_path, row, path, exc)
-                            continue
-                        arrays["image_compressed"] = stored
-            yield float(received[i]), Message(message_type, fields, arrays)

@@ -4,7 +4,7 @@ Expected counts of pixel p in a frame of exposure e (seconds) at phase fraction 
 
     mu_p = e * [ S * ((1 - alpha) P_A(tth_p) + alpha P_B(tth_p)) + b(tth_p) ] * Omega_p * Pol_p
 
-* P_X(tth) = sum_k I_k pV(tth; tth_k, FWHM_k, eta): the phase's line profile (reducer.phases),
+* P_X(tth) = sum_k I_k pV(tth; tth_k, FWHM_k, eta): the phase's line profile (beamkin.phases),
   relative intensities I_k (largest line 100) times area-normalised pseudo-Voigts (1/degree);
 * S = ``counts_scale``: counts per second per pixel per (relative-intensity x degree);
 * b(tth) = ``background``: counts per second per pixel, a float (flat) or a callable of 2theta
@@ -43,8 +43,8 @@ from typing import Any
 import numba
 import numpy as np
 
-from reducer.integrate import azimuthal_integrator_from_metadata
-from reducer.phases import Phase, cpl1_phases
+from beamkin.geometry import azimuthal_integrator_from_metadata
+from beamkin.phases import Phase, cpl1_phases
 
 __all__ = ["SyntheticPowderDetector", "default_metadata", "default_background", "background_for_contrast"]
 
@@ -228,7 +228,7 @@ class SyntheticPowderDetector:
     """Renders two-phase powder frames (2D, uint32) and strip-detector profiles.
 
     ``metadata``: start-message dict (``default_metadata()`` when None); ``phase_a``/``phase_b``:
-    reducer.phases.Phase objects (CPL-1 empty / Ar-loaded by default); ``background``: counts per
+    beamkin.phases.Phase objects (CPL-1 empty / Ar-loaded by default); ``background``: counts per
     second per pixel, float or callable of 2theta (degrees); ``counts_scale``: S in the module
     docstring; ``seed``: RNG seed (frames are reproducible: frame n uses seed + n);
     ``peak_to_background``: when given, ``background`` (its shape) is rescaled by

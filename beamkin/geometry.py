@@ -17,7 +17,7 @@ EIGER2 messages carry z < 0, with x, y = beam centre px * pixel size) and record
 ``user_data.stream_v2.distance_from``; :meth:`SeriesGeometry.describe` says which convention
 and layer each parameter came from (logged once per series by the integrator).
 
-Pixel sizes: when reducer.detectors recognises the detector description (and the image shape
+Pixel sizes: when beamkin.detectors recognises the detector description (and the image shape
 fits), pyFAI's definition gives the pixel sizes (and the module gaps); a stream value that
 differs by more than 0.1 % is reported. TOML and PONI layers still override them.
 
@@ -31,12 +31,12 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from reducer.detectors import DetectorMatch, match_detector
-from reducer.integrate import ReductionError
+from beamkin.detectors import DetectorMatch, match_detector
+from beamkin.errors import ReductionError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SeriesGeometry", "resolve_geometry", "GEOMETRY_OPTIONS"]
+__all__ = ["SeriesGeometry", "resolve_geometry", "azimuthal_integrator_from_metadata", "GEOMETRY_OPTIONS"]
 
 #: largest image side accepted, pixels (an EIGER2 16M is 4362 x 4148)
 MAX_IMAGE_SIDE = 1 << 16
@@ -245,3 +245,10 @@ def resolve_geometry(metadata: Mapping[str, Any], reducer_config: Mapping[str, A
         _poni_layer(result, poni_file)
     result.validate()
     return result
+
+
+def azimuthal_integrator_from_metadata(metadata: Mapping[str, Any], reducer_config: Mapping[str, Any] | None = None):
+    """pyFAI AzimuthalIntegrator of a start-message dict, with the ``[reducer]`` geometry keys and
+    PONI file (``reducer_config``, or the message's ``geometry.poni_file``) layered over the
+    stream's values before validation (:func:`resolve_geometry`)."""
+    return resolve_geometry(metadata, reducer_config).azimuthal_integrator()

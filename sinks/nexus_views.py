@@ -28,10 +28,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from streamer.export import recording_arrays
-from streamer.recorder import read_messages
-from streamer.recording_check import check_recording
-
+from sinks.export import recording_arrays
+from beamkin.recording import read_messages, check_recording
 ENTRY_PREFIX = "series_"
 RADIAL_NAMES = {"2th_deg": ("two_theta", "deg"), "q_nm^-1": ("q", "1/nm")}
 
@@ -86,7 +84,7 @@ def _nxdata(entry: h5py.Group, name: str, signal: str, axes: list[str], datasets
 def add_nxdata_views(path: str | Path) -> list[str]:
     """Write the NXentry views of every series of the recording at ``path``; returns their names.
 
-    RecordingInputError (streamer.recording_check) if the file is not a recording."""
+    RecordingInputError (beamkin.recording) if the file is not a recording."""
     check_recording(path)
     series = [(sid, recording_arrays(path, sid)) for sid in _series_ids(path)]
     posteriors = _posterior_rows(path)
