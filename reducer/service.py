@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from beamkin import protocol, sockets
+from beamkin import metrics, protocol, sockets
 from beamkin.frames import frame_image
 from beamkin.supervise import StageFailed, Supervisor, signal_ready
 
@@ -152,7 +152,9 @@ class Worker:
         self.context = zmq.Context()
         self.dealer = self.context.socket(zmq.DEALER)
         # a restarted worker must not inherit the frames its predecessor held: identity per process
-        self.dealer.setsockopt(zmq.IDENTITY, f"{name}/{os.getpid()}".encode())
+        self.identity = f"{name}/{os.getpid()}"
+        self.host = socket.gethostname()
+        self.dealer.setsockopt(zmq.IDENTITY, self.identity.encode())
         self.dealer.setsockopt(zmq.LINGER, 1000)
         self.dealer.connect(config["endpoints"]["frames"])
         self.to_inference = sockets.pusher(self.context, config["endpoints"]["reduced"])
@@ -160,6 +162,8 @@ class Worker:
         self.integrators: collections.OrderedDict = collections.OrderedDict()  # by integrator_key
         self.frames_reduced = 0
         self.last_heartbeat = 0.0
+        self.metrics = metrics.StageMetrics("reducer")
+        self.config = config
 
     def heartbeat(self, quiet_s: float = 0.0) -> None:
         protocol.send(self.dealer, protocol.make("ready", worker=self.name, capacity=self.capacity, quiet_s=quiet_s))
@@ -183,6 +187,8 @@ class Worker:
 
     def reduce(self, frame: protocol.Message) -> None:
         ids = {"series_id": frame["series_id"], "frame_index": frame["frame_index"]}
+        began = time.perf_counter()
+        self.metrics.frame_in()
         reduction = self.series.get(frame["series_id"])
         try:
             if reduction is None:
@@ -194,12 +200,21 @@ class Worker:
         except Exception as exc:  # the frame is flagged, never lost and never a crash
             log.warning("frame not reduced: %s", exc, extra=ids)
             fraction = fraction_message(frame, None, None, "flagged", f"{type(exc).__name__}: {exc}")
+        # provenance (docs/protocol.md): who reduced it, and the workers the streamer took it from
+        fraction.fields.update(worker=self.identity, host=self.host)
+        if frame.get("reassigned"):
+            fraction.fields["reassigned"] = frame["reassigned"]
+        if fraction["status"] != "ok":
+            self.metrics.flagged(fraction["reason"])
         protocol.send(self.to_inference, fraction)
         protocol.send(self.dealer, protocol.make("done", worker=self.name, **ids))
         self.frames_reduced += 1
+        self.metrics.frame_out()
+        self.metrics.latency(time.perf_counter() - began)
 
     def run(self, stop: threading.Event) -> int:
         log.info("reducer worker %s connected to %s", self.name, self.dealer.getsockopt_string(zmq.LAST_ENDPOINT))
+        metrics.serve(self.config, "reducer")
         signal_ready()
         while not stop.is_set():
             if time.monotonic() - self.last_heartbeat >= HEARTBEAT_S:
@@ -234,8 +249,12 @@ def run_reducer(config: dict[str, Any], stop: threading.Event, worker_name: str 
     # pyFAI's CSR engine runs OpenMP threads: N workers each using every core slow each other down
     threads = str(max(1, (os.cpu_count() or 1) // workers))
     names = [f"{base}-{i}" for i in range(workers)]
+    # worker i serves its metrics on [metrics] reducer_port + i (docs/metrics.md)
+    ports = {name: ["--set", f"metrics.reducer_port={metrics.port_of(config, 'reducer', i)}"]
+             for i, name in enumerate(names)}
     for name in names:
-        supervisor.start(name, "reduce", "--workers", "1", "--worker-name", name, env={"OMP_NUM_THREADS": threads})
+        supervisor.start(name, "reduce", "--workers", "1", "--worker-name", name, *ports[name],
+                         env={"OMP_NUM_THREADS": threads})
     try:
         supervisor.wait_ready()
         signal_ready()
@@ -245,7 +264,7 @@ def run_reducer(config: dict[str, Any], stop: threading.Event, worker_name: str 
             except StageFailed as failure:
                 log.error("reducer %s; restarting it", failure)
                 supervisor.start(failure.name, "reduce", "--workers", "1", "--worker-name", failure.name,
-                                 env={"OMP_NUM_THREADS": threads})
+                                 *ports[failure.name], env={"OMP_NUM_THREADS": threads})
             stop.wait(0.5)
     finally:
         supervisor.stop_all()
