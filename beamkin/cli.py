@@ -18,7 +18,7 @@ import threading
 from typing import Any, Callable
 
 from beamkin import config as configuration
-from beamkin import logs
+from beamkin import logs, security
 
 log = logging.getLogger("beamkin")
 
@@ -66,6 +66,7 @@ def _stage_main(name: str, run: Callable[[dict[str, Any], argparse.Namespace, th
             protocol.configure(config["endpoints"].get("max_message_bytes"))
         stop = stop_event_on_signals()
         try:
+            security.configure(config)  # CURVE keys of [security], read now; sockets follow them
             return run(config, args, stop) or 0
         except (configuration.ConfigError, OSError, ValueError) as exc:
             log.error("%s stage cannot run: %s", name, exc)
@@ -205,6 +206,7 @@ def _supervised(config: dict[str, Any], with_simulator: bool, once: bool,
     from beamkin.supervise import EXIT_SERIES_INCOMPLETE, StageFailed, Supervisor
 
     check_outputs(config)
+    security.check_binds(config)  # every endpoint is bound on this host: no plaintext beyond loopback
     if not with_simulator and feed is None:
         check_source(config["streamer"]["source"])
     once = once or config["inference"]["once"]  # --once, or once = true in the TOML
@@ -308,7 +310,7 @@ def build_parser(analyze_arguments: bool = True) -> argparse.ArgumentParser:
                "alerts": _run_alerts}
     for name, (help_text, sections) in STAGES.items():
         sub = commands.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
-        configuration.add_arguments(sub, sections + ("logging",))
+        configuration.add_arguments(sub, sections + ("security", "logging") if "endpoints" in sections else sections + ("logging",))
         sub.add_argument("--resolved-config", help=argparse.SUPPRESS)
         if name == "reduce":
             sub.add_argument("--workers", dest="cfg:reducer.workers", metavar="N",
@@ -338,6 +340,7 @@ def build_parser(analyze_arguments: bool = True) -> argparse.ArgumentParser:
     _add_offline_commands(commands, analyze_arguments)
     from reducer.phase_finder import add_phases_command  # `beamkin phases REF_A REF_B`
     add_phases_command(commands)
+    _add_keys_command(commands)
     return parser
 
 
@@ -476,6 +479,33 @@ def _add_offline_commands(commands, analyze_arguments: bool = True) -> None:
                         help="add NeXus NXdata views (alpha(t), patterns, onset, t0) to the recording itself, "
                              "for silx view and other facility tools (beamkin record adds them when it closes)")
     export.set_defaults(func=_export)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    """Create CURVE key pairs (NAME.key public, NAME.key_secret secret) for stages or hosts."""
+    for name in args.names:
+        try:
+            public, secret = security.create_keys(args.dir, name, overwrite=args.force)
+        except (OSError, ValueError) as exc:
+            print(f"beamkin keys: {exc}", file=sys.stderr)
+            return 2
+        print(f"{name}: public key {public} (give it to peers: server_key, or a clients folder)")
+        print(f"{name}: secret key {secret} (this stage's [security] secret_key; keep it on its host, readable by it only)")
+    return 0
+
+
+def _add_keys_command(commands) -> None:
+    keys = commands.add_parser(
+        "keys", allow_abbrev=False,
+        help="create CURVE key pairs for the sockets between hosts (deploy/README.md, 'Running across hosts securely')",
+        description="Create a CURVE key pair per name: DIR/NAME.key (public) and DIR/NAME.key_secret (secret, mode 600). "
+                    "Name a stage's secret file in [security] secret_key, the binding stage's public file in "
+                    "[security.ENDPOINT] server_key, and copy the clients' public files into the folder named in "
+                    "[security.ENDPOINT] clients.")
+    keys.add_argument("names", nargs="+", metavar="NAME", help="name of the key pair (a stage or host: streamer, analysis)")
+    keys.add_argument("--dir", required=True, metavar="DIR", help="folder for the key files (created)")
+    keys.add_argument("--force", action="store_true", help="replace an existing pair of the same name")
+    keys.set_defaults(func=_keys)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ import time
 
 import zmq
 
-from beamkin import protocol
+from beamkin import protocol, security
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,13 @@ PUBLISH_HWM = 10_000  # messages queued per subscriber before the publisher wait
 
 
 def bind(socket: zmq.Socket, endpoint: str) -> zmq.Socket:
-    """Bind, turning ZeroMQ's terse error into one that names the endpoint (OSError)."""
+    """Bind, turning ZeroMQ's terse error into one that names the endpoint (OSError); CURVE or
+    plaintext as the process's [security] says (beamkin.security.secure_server)."""
+    try:
+        security.secure_server(socket, endpoint)
+    except security.ConfigError:
+        socket.close(0)
+        raise
     try:
         socket.bind(endpoint)
     except zmq.ZMQError as exc:
@@ -103,6 +109,11 @@ class BudgetedPublisher:
             socket.setsockopt(zmq.SNDHWM, hwm)
             socket.setsockopt(zmq.LINGER, 0)
             try:
+                security.secure_server(socket, self.endpoint)
+            except security.ConfigError:
+                socket.close(0)
+                raise
+            try:
                 socket.bind(self.endpoint)
                 return socket
             except zmq.ZMQError as exc:
@@ -151,8 +162,10 @@ class BudgetedPublisher:
 
 
 def pusher(context: zmq.Context, endpoint: str) -> zmq.Socket:
-    """Connect a PUSH socket (blocks when the peer's queue is full: backpressure)."""
+    """Connect a PUSH socket (blocks when the peer's queue is full: backpressure); CURVE when
+    the process's [security] requires it for ``endpoint``."""
     socket = context.socket(zmq.PUSH)
     socket.setsockopt(zmq.LINGER, 2000)
+    security.secure_client(socket, endpoint)
     socket.connect(endpoint)
     return socket
