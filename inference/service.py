@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from beamkin import protocol, sockets
+from beamkin import metrics, protocol, sockets
 from beamkin.supervise import EXIT_SERIES_INCOMPLETE, signal_ready
 from inference.series import MAX_SCHEDULE_STEPS, SeriesInference, exact_schedule, make_engine, series_window, warm_up
 from inference.stage import (CLOSED_SERIES_REMEMBERED, EARLY_FRAMES_KEPT, EARLY_SERIES_KEPT, FINISHED_SERIES_KEPT,
@@ -44,6 +44,7 @@ def run_inference(config: dict[str, Any], stop: threading.Event) -> int:
 
     tune_interpreter_for_latency()
     stage = InferenceStage(config, pub, stop)
+    metrics.serve(config, "inference")
     log.info("inference listening on %s, publishing on %s", endpoints["reduced"], endpoints["results"])
     signal_ready()
     last_status = time.monotonic()
@@ -67,6 +68,7 @@ def run_inference(config: dict[str, Any], stop: threading.Event) -> int:
             else:
                 stage.idle()
             stage.poll_exact()
+            stage.observe.gauges(stage)
             if time.monotonic() - last_status >= STATUS_PERIOD_S:
                 last_status = time.monotonic()
                 stage.status()

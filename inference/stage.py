@@ -22,6 +22,7 @@ import zmq
 
 from beamkin import protocol, sockets
 from beamkin.supervise import RESTART_ENV
+from inference.observe import InferenceObserver
 from inference.series import SeriesInference
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class InferenceStage:
         self.work: collections.deque = collections.deque()
         self.patterns_seen: dict[tuple[str, int], None] = {}  # insertion-ordered, bounded
         self.counters = collections.Counter()
+        self.observe = InferenceObserver(config)  # metrics and provenance
         self.finished_series = 0
         #: started again by the supervisor (BEAMKIN_RESTART): a series it has fractions but no start
         #: of was begun by its predecessor and is ended as incomplete (_incomplete)
@@ -124,7 +126,8 @@ class InferenceStage:
             self._close(series_id, "rejected")
             log.error("series rejected: %s", exc, extra={"series_id": series_id})
             self.publish(start)
-            self.publish(protocol.make("end", series_id=series_id, n_frames=0, reason=f"rejected: {exc}"))
+            self.publish(protocol.make("end", series_id=series_id, n_frames=0, reason=f"rejected: {exc}",
+                                       provenance=self.observe.provenance(series_id)))
             return
         self.series[series_id] = series
         log.info("series started: models %s, %d particles, t0 prior window from %s (%.2f s to set up)",
@@ -135,7 +138,8 @@ class InferenceStage:
         self.early_seen.pop(series_id, None)
         self.early_last.pop(series_id, None)
         for fraction in self.early.pop(series_id, []):
-            self._released(series, series.buffer.add(fraction["frame_index"], fraction))
+            if self.observe.admit(fraction, series.counters):
+                self._released(series, series.buffer.add(fraction["frame_index"], fraction))
 
     def _pattern(self, pattern: protocol.Message) -> None:
         """Publish a pattern as it arrives (the dashboard needs no order), each frame's once:
@@ -152,14 +156,17 @@ class InferenceStage:
     def _fraction(self, fraction: protocol.Message) -> None:
         series_id, index = fraction["series_id"], fraction["frame_index"]
         series = self.series.get(series_id)
+        self.observe.fraction_in(fraction)
         if series is None:
             if series_id in self.closed:  # kept in the published stream (and the recording), not assimilated
                 self.publish(fraction)
+                self.observe.dropped("after_close")
                 self._warn_once(series_id, "frames_after_close", "fraction of a %s series published, not used",
                                 self.closed[series_id], frame_index=index)
                 return
             early = self.early.get(series_id)
             if early is None and len(self.early) >= EARLY_SERIES_KEPT:
+                self.observe.dropped("no_start")
                 self._warn_once(series_id, "frames_without_start_dropped",
                                 "fraction for a series without start message dropped (%d series already wait "
                                 "for their start)", len(self.early), frame_index=index)
@@ -172,6 +179,7 @@ class InferenceStage:
             if len(early) < EARLY_FRAMES_KEPT:
                 early.append(fraction)
             else:
+                self.observe.dropped("no_start")
                 self._warn_once(series_id, "frames_without_start_dropped",
                                 "fraction for a series without start message dropped (buffer full)", frame_index=index)
             return
@@ -183,12 +191,14 @@ class InferenceStage:
         if index >= limit:
             self.publish(fraction)
             series.counters["frames_out_of_range"] += 1
+            self.observe.dropped("out_of_range")
             self._warn_once(series_id, "frames_out_of_range",
                             "frame index %d beyond the series (%s): published, not used", index,
                             f"{series.n_frames_announced} frames announced" if series.n_frames_announced
                             else f"more than {window} past the next frame expected", frame_index=index)
             return
-        self._released(series, series.buffer.add(index, fraction))
+        if self.observe.admit(fraction, series.counters):  # a frame received twice is a conflict, not used
+            self._released(series, series.buffer.add(index, fraction))
 
     def _end(self, end: protocol.Message) -> None:
         series = self.series.get(end["series_id"])
@@ -261,6 +271,7 @@ class InferenceStage:
         received = series.received_unix_s.pop(payload["frame_index"], None)
         if received is not None:
             diagnostics["latency_s"] = time.time() - received
+        self.observe.posterior(series.series_id, payload)
         self.publish(protocol.make("posterior", series_id=series.series_id, diagnostics=diagnostics, **payload))
 
     def _released(self, series: SeriesInference, events) -> None:
@@ -281,9 +292,11 @@ class InferenceStage:
             self._assimilate(series, event.item)
         elif event.kind == "missing":
             series.missing.append(event.index)
+            self.observe.missing(series.series_id, event.index)
             log.error("frame missing: skipped after waiting %.1f s", series.buffer.timeout_s, extra=extra)
         else:  # duplicate or late: already assimilated or declared missing
             series.counters[f"frames_{event.kind}"] += 1
+            self.observe.dropped(event.kind)
             log.warning("%s frame ignored", event.kind, extra=extra)
 
     def _assimilate(self, series: SeriesInference, fraction: protocol.Message) -> None:
@@ -291,9 +304,11 @@ class InferenceStage:
         self.publish(fraction)
         if series.finished:  # its sampler failed: the data are still published (and recorded)
             series.counters["frames_after_failure"] += 1
+            self.observe.released(series.series_id, fraction, "after_failure")
             return
         if fraction["status"] != "ok" or fraction["alpha"] is None:
             series.counters["frames_flagged"] += 1
+            self.observe.released(series.series_id, fraction, "flagged")
             log.warning("flagged frame not used by the sampler: %s", fraction["reason"], extra=extra)
             return
         began = time.perf_counter()
@@ -305,12 +320,14 @@ class InferenceStage:
             )
         except ValueError as exc:  # e.g. a window before the previous frame's: nothing was queued
             series.counters["frames_rejected"] += 1
+            self.observe.released(series.series_id, fraction, "rejected")
             log.error("frame rejected by the sampler: %s", exc, extra=extra)
             return
         except RuntimeError as exc:  # the exact sampler's thread failed
             self._fail(series, exc)
             return
         series.counters["frames_assimilated"] += 1
+        self.observe.released(series.series_id, fraction, "used")
         update_s = time.perf_counter() - began
         alert = payload.pop("alert", None)
         payload.pop("n_frames", None)
@@ -319,6 +336,7 @@ class InferenceStage:
         if received is not None:
             series.received_unix_s[fraction["frame_index"]] = float(received)
             diagnostics["latency_s"] = time.time() - float(received)
+        self.observe.estimate(series.series_id, payload)
         self.publish(protocol.make("estimate", series_id=series.series_id, diagnostics=diagnostics, **payload))
         if alert is not None and series.alert is None:
             series.alert = alert
@@ -343,7 +361,7 @@ class InferenceStage:
         self.publish(protocol.make("status", stage="inference", series_id=series.series_id,
                                    counters={**series.diagnostics(), "error": str(exc)}))
         self.publish(protocol.make("end", series_id=series.series_id, n_frames=series.buffer.end_index or 0,
-                                   reason="aborted"))
+                                   reason="aborted", provenance=self.observe.provenance(series.series_id)))
         self.finished_series += 1
         self._close_old_finished()
 
@@ -363,10 +381,12 @@ class InferenceStage:
         if series.resumed:
             result["incomplete"] = True
             result["frames_lost"] = len(series.missing)
+        result["provenance"] = self.observe.provenance(series.series_id)  # workers, hosts, config (docs/protocol.md)
         self.publish(protocol.make("result", series_id=series.series_id, result=result))
         n_frames = series.buffer.end_index or 0
         # the source's reason: a series it aborted is not republished as completed
-        self.publish(protocol.make("end", series_id=series.series_id, n_frames=n_frames, reason=series.end_reason))
+        self.publish(protocol.make("end", series_id=series.series_id, n_frames=n_frames, reason=series.end_reason,
+                                   provenance=result["provenance"]))
         averaged = result["model_averaged"]
         leading = result["leading_model"]
         k = result["models"][leading]["params"]["k"]
@@ -393,7 +413,8 @@ class InferenceStage:
         self.publish(protocol.make("status", stage="inference", series_id=series.series_id,
                                    counters={**series.diagnostics(), "error": reason}))
         self.publish(protocol.make("end", series_id=series.series_id,
-                                   n_frames=series.buffer.end_index or series.buffer.next_index, reason=reason))
+                                   n_frames=series.buffer.end_index or series.buffer.next_index, reason=reason,
+                                   provenance=self.observe.provenance(series.series_id)))
         self.finished_series += 1
         self._close_old_finished()
 
@@ -425,7 +446,8 @@ class InferenceStage:
         counters = {"frames_lost": lost, "frames_received": len(received), "n_frames": n_frames,
                     "n_frames_known": known, "error": reason}
         self.publish(protocol.make("status", stage="inference", series_id=series_id, counters=counters))
-        self.publish(protocol.make("end", series_id=series_id, n_frames=n_frames, reason=reason))
+        self.publish(protocol.make("end", series_id=series_id, n_frames=n_frames, reason=reason,
+                                   provenance=self.observe.provenance(series_id, parked)))
         path = self.inference_config.get("json")
         if path:
             missing = sorted(set(range(n_frames)) - set(received)) if n_frames <= 1_000_000 else None

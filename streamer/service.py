@@ -317,6 +317,7 @@ def run_streamer(config: dict[str, Any], stop: threading.Event) -> int:
                               daemon=True)
     reader.start()
     log.info("streamer reading %s; workers connect to %s", options["source"], endpoints["frames"])
+    metrics.serve(config, "streamer")
     signal_ready()
 
     def send_status() -> None:
