@@ -338,7 +338,7 @@ def build_parser(analyze_arguments: bool = True) -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     _add_offline_commands(commands, analyze_arguments)
-    from reducer.phase_finder import add_phases_command  # `beamkin phases REF_A REF_B`
+    from beamkin.phases_command import add_phases_command  # `beamkin phases REF_A REF_B`
     add_phases_command(commands)
     _add_keys_command(commands)
     return parser

@@ -20,7 +20,8 @@ from beamkin import protocol
 from reducer.defaults import cpl1_ar_fraction_config
 from reducer.fractions import PhaseFractionEstimator
 from reducer.integrate import Pattern
-from reducer.phase_finder import PhaseFinderError, load_reference
+from beamkin.phases_command import load_reference
+from reducer.phase_finder import PhaseFinderError
 from simulator.synthetic import SyntheticPowderDetector, default_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
