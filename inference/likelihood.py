@@ -38,6 +38,7 @@ import numba
 import numpy as np
 
 from .models import alpha_of_x, saturation_x
+from .particles import log_normalise
 
 NOISE_NORMAL = 0
 NOISE_STUDENT = 1
@@ -240,27 +241,18 @@ def reweight_frames(code, params, first, last, t_lo, t_hi, y, sig2, kind, nu, lo
     Adds sum_{p=first}^{last-1} log p(y_p | theta_i) to ``loglik_sum[i]`` (NaN counts as a
     zero likelihood), writes the normalised log weights
     ``logw_out[i] = base_logw[i] + loglik_sum[i] - c`` and returns
-    c = log sum_i exp(base_logw[i] + loglik_sum[i]), the log evidence increment when
-    ``base_logw`` is normalised (-inf when no particle explains the frames; then ``logw_out``
-    is left unchanged).
+    c = log sum_i exp(base_logw[i] + loglik_sum[i]) (``particles.log_normalise``), the log
+    evidence increment when ``base_logw`` is normalised (-inf when no particle explains the
+    frames; then ``logw_out`` holds the unnormalised log weights, all -inf).
     """
     sc = _student_const(nu)
     n = params.shape[0]
-    top = -math.inf
     for i in range(n):
         for p in range(first, last):
             v = _particle_frame_loglik(code, params[i], t_lo[p], t_hi[p], y[p], sig2[p], kind, nu, sc)
             loglik_sum[i] += v if v == v else -math.inf
-        top = max(top, base_logw[i] + loglik_sum[i])
-    if top == -math.inf:
-        return top
-    total = 0.0
-    for i in range(n):
-        total += math.exp(base_logw[i] + loglik_sum[i] - top)
-    c = top + math.log(total)
-    for i in range(n):
-        logw_out[i] = base_logw[i] + loglik_sum[i] - c
-    return c
+        logw_out[i] = base_logw[i] + loglik_sum[i]
+    return log_normalise(logw_out, logw_out)
 
 
 @numba.njit(cache=True, nogil=True)

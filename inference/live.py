@@ -61,6 +61,7 @@ import numpy as np
 from . import likelihood as lk
 from .alert import OnsetAlert
 from .null_model import NullModel
+from .particles import logsumexp_scalars
 from .payload import NullEvidence, ParticleView, PayloadBuilder
 from .smc import FrameHistory, OnlineInference
 
@@ -351,8 +352,7 @@ class LiveInference:
         terms = [math.log(pi_model) + math.log(ALERT_BOUND_ALPHA) + views[m].log_evidence for m in models]
         if pi_null > 0.0:
             terms.append(math.log(pi_null) + log_null)
-        top = max(terms)
-        log_den = top + math.log(sum(math.exp(t - top) for t in terms))
+        log_den = logsumexp_scalars(terms)
         return min(1.0, max(0.0, 1.0 - math.exp(log_null + math.log(rest) - log_den)))
 
     def _bound_alert(self, snapshot: _Snapshot, frame_index: int, time_s: float, readout_s: float,

@@ -27,6 +27,7 @@ import math
 import numpy as np
 
 from . import likelihood as lk
+from .particles import log_mean_exp
 from .priors import Priors
 
 GRID_POINTS = 4096
@@ -65,8 +66,7 @@ class NullModel:
     @property
     def log_evidence(self) -> float:
         """log Z_null (nat) of the frames taken in so far (midpoint rule over log s)."""
-        top = float(np.max(self.loglik))
-        return top + math.log(float(np.mean(np.exp(self.loglik - top))))
+        return log_mean_exp(self.loglik)
 
     def summary(self, probability: float) -> dict:
         return {"log_evidence": self.log_evidence, "log_evidence_se": 0.0, "probability": probability}

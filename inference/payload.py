@@ -29,6 +29,7 @@ import numba
 import numpy as np
 
 from . import likelihood as lk
+from .particles import ess_of_weights, normalised_weights
 from .resample import systematic_indices
 
 # column of each parameter in a particle row
@@ -70,14 +71,13 @@ class ParticleView:
 
     @functools.cached_property
     def weights(self) -> np.ndarray:
-        w = np.exp(self.logw - np.max(self.logw))
-        return w / w.sum()
+        """Normalised weights W_i (``particles.normalised_weights``)."""
+        return normalised_weights(self.logw)
 
     @property
     def ess(self) -> float:
         """Effective sample size 1 / sum_i W_i^2 (particles)."""
-        w = self.weights
-        return float(1.0 / np.dot(w, w))
+        return ess_of_weights(self.weights)
 
     def values(self, param: str) -> np.ndarray:
         """Particle values of ``param`` in natural units (t0 in s, k in 1/s)."""
@@ -211,8 +211,7 @@ def model_probabilities(log_evidences: dict[str, float], null: NullEvidence | No
     top = np.max(log_post)
     if not np.isfinite(top):  # every model ruled out: say so rather than divide by zero
         raise FloatingPointError("every model has zero evidence")
-    p = np.exp(log_post - top)
-    p /= p.sum()
+    p = normalised_weights(log_post)
     null_probability = float(p[-1]) if p.size > len(names) else 0.0
     return {m: float(v) for m, v in zip(names, p)}, null_probability
 

@@ -10,18 +10,6 @@ from __future__ import annotations
 import numpy as np
 
 
-def normalised_weights(log_weights: np.ndarray) -> np.ndarray:
-    """W_i = exp(l_i - max l) / sum_j exp(l_j - max l)."""
-    w = np.exp(log_weights - np.max(log_weights))
-    return w / w.sum()
-
-
-def effective_sample_size(log_weights: np.ndarray) -> float:
-    """ESS = 1 / sum W_i^2 of the normalised weights."""
-    w = normalised_weights(log_weights)
-    return float(1.0 / np.dot(w, w))
-
-
 def systematic_indices(weights: np.ndarray, n_out: int, u: float) -> np.ndarray:
     """Indices of ``n_out`` offspring by systematic resampling with offset u in [0, 1)."""
     if not 0.0 <= u < 1.0:

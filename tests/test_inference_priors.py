@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from inference.alert import OnsetAlert
+from inference.particles import effective_sample_size
 from inference.priors import Priors, parse_fix_option, parse_prior_option
-from inference.resample import effective_sample_size, systematic_indices, systematic_resample
+from inference.resample import systematic_indices, systematic_resample
 
 
 def test_defaults_and_statement():
