@@ -26,7 +26,7 @@ import numpy as np
 import zmq
 
 from beamkin import compression
-from streamer.stream_v2 import TAG_DATETIME, TAG_DECTRIS_COMPRESSION, TAG_FOR_DTYPE, TAG_MULTI_DIM_ROW_MAJOR, TAG_SELF_DESCRIBE
+from beamkin.cbor_tags import TAG_DATETIME, TAG_DECTRIS_COMPRESSION, TAG_FOR_DTYPE, TAG_MULTI_DIM_ROW_MAJOR, TAG_SELF_DESCRIBE
 
 log = logging.getLogger(__name__)
 

@@ -47,6 +47,7 @@ queued for the killed process, are in no segment.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -61,6 +62,7 @@ import hdf5plugin
 import numpy as np
 import zmq
 
+from beamkin import metrics
 from beamkin.protocol import Message, ProtocolError, json_default, recv
 from beamkin.recording import (COMPRESS_MIN_ELEMENTS, FORMAT_NAME, FORMAT_VERSION, LOG_FIELDS, _STR, group_name, hdf5_text,
                                recording_attrs, segment_path)
@@ -297,10 +299,27 @@ def run_recorder(endpoints: Iterable[str], path: str | Path, raw_frames: bool, s
 
 
 def _write_surviving(recorder: Recorder, message: Message) -> None:
-    """Write one message; an error is logged (series, frame), counted as ``write_errors`` and survived."""
+    """Write one message; an error is logged (series, frame), counted as ``write_errors`` and survived.
+    Frame messages are counted and their write timed (the recorder's metrics, beamkin.metrics)."""
+    frame = message.type == "frame"
+    if frame:
+        _metrics().frame_in()
+    began = time.perf_counter()
     try:
         recorder.write(message)
     except Exception:
         recorder.counters["write_errors"] += 1
         log.exception("recorder could not write a %s message", message.type,
                       extra={"series_id": message.series_id, "frame_index": message.frame_index})
+        if frame:
+            _metrics().dropped("write_error")
+        return
+    if frame:
+        _metrics().frame_out()
+        _metrics().latency(time.perf_counter() - began)
+
+
+@functools.cache
+def _metrics() -> metrics.StageMetrics:
+    """The recorder's frame counters (made in the process that records, at its first message)."""
+    return metrics.StageMetrics("recorder")

@@ -48,7 +48,7 @@ from beamkin import compression
 from beamkin.errors import StreamDecodeError
 from streamer.series import (DEFAULT_FRAME_INDEX_WINDOW, SeriesAssembler, gas_time_from, make_detector, make_geometry,
                              wavelength_from_energy)
-from streamer.stream_v2 import MAX_IMAGE_SIDE, MAX_TIME_S, _short, finite_float, user_data_dict
+from streamer.header_fields import MAX_IMAGE_SIDE, MAX_TIME_S, finite_float, short_text, user_data_dict
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,8 @@ def _nanoseconds(times: Mapping, key: str) -> float | None:
         return None
     number = finite_float(value)
     if number is None or abs(number) * 1e-9 > MAX_TIME_S:
-        raise StreamDecodeError(f"dconfig {key} {_short(value)} is not a time in nanoseconds within +-{MAX_TIME_S:g} s",
-                                field=key, value=_short(value))
+        raise StreamDecodeError(f"dconfig {key} {short_text(value)} is not a time in nanoseconds within +-{MAX_TIME_S:g} s",
+                                field=key, value=short_text(value))
     return number * 1e-9
 
 
@@ -176,7 +176,7 @@ class StreamV1Decoder:
                 return self._image(first, parts)
             if htype == "dseries_end-1.0":
                 return self._end(first)
-            raise StreamDecodeError(f"unknown htype {_short(htype, 40)}", "unknown_htype")
+            raise StreamDecodeError(f"unknown htype {short_text(htype, 40)}", "unknown_htype")
         except StreamDecodeError as exc:
             if htype == "dheader-1.0":
                 key = first.get("series")
@@ -193,7 +193,7 @@ class StreamV1Decoder:
     @staticmethod
     def _series(value: Any) -> str:
         if not isinstance(value, (int, str)) or isinstance(value, bool):
-            raise StreamDecodeError(f"series {_short(value, 40)} is not a number", field="series", value=_short(value))
+            raise StreamDecodeError(f"series {short_text(value, 40)} is not a number", field="series", value=short_text(value))
         return str(value)
 
     def _header(self, first: Mapping, parts: Sequence[Any]) -> list[Message]:
@@ -248,11 +248,11 @@ class StreamV1Decoder:
             for name, value in (("x_pixels_in_detector", nx), ("y_pixels_in_detector", ny)):
                 if not (1 <= value <= MAX_IMAGE_SIDE and value == int(value)):
                     raise StreamDecodeError(f"header config {name} must be an integer in [1, {MAX_IMAGE_SIDE}]",
-                                            field=name, value=_short(value))
+                                            field=name, value=short_text(value))
             shape = (int(ny), int(nx))
         if shape is None:
             raise StreamDecodeError("header config lacks x/y_pixels_in_detector", field="x_pixels_in_detector",
-                                    value=_short(config.get("x_pixels_in_detector")))
+                                    value=short_text(config.get("x_pixels_in_detector")))
         px, py = _num(config, "x_pixel_size"), _num(config, "y_pixel_size")
         bx, by = _num(config, "beam_center_x"), _num(config, "beam_center_y")
         wavelength = _num(config, "wavelength") or wavelength_from_energy(_num(config, "photon_energy"))

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from beamkin.errors import StreamDecodeError
-from streamer.stream_v2 import StreamV2Decoder, decode_message, rational_seconds
+from streamer.cbor_decode import decode_message, rational_seconds
+from streamer.stream_v2 import StreamV2Decoder
 from tests.test_stream_v2 import END, NX, NY, Tag, cbor, image_msg, mdarray, self_described, start_msg
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
