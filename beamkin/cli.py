@@ -25,11 +25,11 @@ log = logging.getLogger("beamkin")
 #: subcommand -> (help, config sections shown as options)
 STAGES = {
     "simulate": ("synthetic gas-dosing experiment acting as a DECTRIS EIGER (Stream V2)", ("simulator",)),
-    "stream": ("receive detector frames and fan them out to reducer workers", ("endpoints", "streamer")),
-    "reduce": ("pyFAI integration and phase fractions (N worker processes)", ("endpoints", "reducer")),
-    "infer": ("sequential Monte Carlo inference of onset, rate and kinetic model", ("endpoints", "inference")),
-    "dashboard": ("live Bokeh dashboard", ("endpoints", "dashboard", "inference")),
-    "record": ("record every message of each series to HDF5", ("endpoints", "recorder")),
+    "stream": ("receive detector frames and fan them out to reducer workers", ("endpoints", "streamer", "metrics")),
+    "reduce": ("pyFAI integration and phase fractions (N worker processes)", ("endpoints", "reducer", "metrics")),
+    "infer": ("sequential Monte Carlo inference of onset, rate and kinetic model", ("endpoints", "inference", "metrics")),
+    "dashboard": ("live Bokeh dashboard", ("endpoints", "dashboard", "inference", "metrics")),
+    "record": ("record every message of each series to HDF5", ("endpoints", "recorder", "metrics")),
     "alerts": ("deliver the inference's onset alerts to webhooks, commands and ZeroMQ", ("endpoints", "alerts")),
 }
 
@@ -129,6 +129,8 @@ def _run_infer(config, args, stop):
 
 def _run_dashboard(config, args, stop):
     from dashboards.server import serve_dashboard
+    from beamkin import metrics
+    metrics.serve(config, "dashboard")
     dash = config["dashboard"]
     threading.Thread(target=_signal_ready_when_listening, args=(dash["address"], dash["port"], stop),
                      daemon=True).start()
@@ -167,6 +169,8 @@ def _run_record(config, args, stop):
     if not rec["path"]:
         raise configuration.ConfigError("beamkin record needs --recorder.path FILE")
     from beamkin.supervise import RESTART_ENV
+    from beamkin import metrics
+    metrics.serve(config, "recorder")
     opened: list = []
     signal_ready()
     run_recorder([config["endpoints"]["record"], config["endpoints"]["results"]], rec["path"], rec["raw_frames"], stop,

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import socket
 import threading
+import time
 
 import zmq
 from bokeh.application import Application
@@ -30,6 +31,7 @@ from bokeh.server.server import Server
 from tornado.ioloop import IOLoop, PeriodicCallback
 
 from beamkin import protocol
+from beamkin import metrics
 from beamkin.protocol import ProtocolError
 
 from .layout import DashboardSession
@@ -60,6 +62,7 @@ class MessageReceiver(threading.Thread):
         self.context = context or zmq.Context.instance()
         self.stop_requested = threading.Event()
         self.malformed = 0
+        self.metrics = metrics.StageMetrics("dashboard")  # fractions (one per frame) in, shown, time to show
 
     def run(self) -> None:
         sub = self.context.socket(zmq.SUB)
@@ -81,9 +84,17 @@ class MessageReceiver(threading.Thread):
                         break
                     except ProtocolError as exc:
                         self.malformed += 1
+                        self.metrics.dropped("malformed")
                         log.warning("dashboard dropped malformed message: %s", exc)
                         continue
+                    fraction = message.type == "fraction"
+                    if fraction:
+                        self.metrics.frame_in()
+                    began = time.perf_counter()
                     self.state.apply(message)
+                    if fraction:
+                        self.metrics.frame_out()
+                        self.metrics.latency(time.perf_counter() - began)
         finally:
             sub.close(linger=0)
 
