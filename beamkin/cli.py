@@ -138,7 +138,7 @@ def _run_dashboard(config, args, stop):
     serve_dashboard(
         config["endpoints"]["results"], address=dash["address"], port=dash["port"],
         max_refresh_hz=dash["max_refresh_hz"], alert_threshold=config["inference"]["alert_threshold"],
-        stop_event=stop,
+        stop_event=stop, allow_websocket_origin=dash["allowed_origins"] or None, token=dash["token"],
     )
     return 0
 
@@ -211,6 +211,7 @@ def _supervised(config: dict[str, Any], with_simulator: bool, once: bool,
 
     check_outputs(config)
     security.check_binds(config)  # every endpoint is bound on this host: no plaintext beyond loopback
+    security.configure(config)  # a replay's feed connects from this process
     if not with_simulator and feed is None:
         check_source(config["streamer"]["source"])
     once = once or config["inference"]["once"]  # --once, or once = true in the TOML

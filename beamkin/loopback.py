@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import zmq
 
+from beamkin import security
+
 
 @dataclass(frozen=True)
 class LoopbackPorts:
@@ -78,6 +80,7 @@ def results_listener(context: zmq.Context, ports: LoopbackPorts) -> zmq.Socket:
     listener = context.socket(zmq.SUB)
     listener.setsockopt(zmq.SUBSCRIBE, b"")
     listener.setsockopt(zmq.RCVHWM, 0)
+    security.secure_client(listener, f"tcp://127.0.0.1:{ports.results}", "results")  # CURVE if the process's policy says so
     listener.connect(f"tcp://127.0.0.1:{ports.results}")
     return listener
 

@@ -3,7 +3,7 @@
 The reference material is the porous coordination polymer CPL-1, [Cu2(pzdc)2(pyz)]n
 (pzdc = pyrazine-2,3-dicarboxylate, pyz = pyrazine), a pillared-layer framework, monoclinic
 P2_1/c. The empty cell used here is a 4.7, b 19.6, c 10.8 angstrom, beta 96 degrees, the values
-quoted in docs/DESIGN.md (after Kitaura et al., Science 298 (2002) 2358); they have NOT been
+taken from Kitaura et al., Science 298 (2002) 2358; they have NOT been
 checked against a deposited CIF in this repository and are good to about 1 %.
 
 Two phases are described:

@@ -1,4 +1,4 @@
-"""Benchmark of the online inference engine (DESIGN section 6).
+"""Benchmark of the online inference engine (targets and figures: docs/benchmarks.md).
 
 1. Per-frame update latency for 16 models x 4096 particles on F1 series of 30, 300 and 1000
    frames (frames every 1/3 s fed in real time, exposure 0.3 s, onset at 40 % of the window,
@@ -12,7 +12,7 @@
 2. Log-evidence error of F1 (t0, k, s free, A = 1) on the paper-like scenario vs the dense
    quadrature of tests/test_inference_quadrature.py, over 10 seeds at 4096 particles.
    Targets: |mean error| < 0.15 nat, spread (sd) < 0.1 nat; the particles library's IBIS
-   gives sd 0.46 nat, mean error -0.35 nat (DESIGN).
+   gives sd 0.46 nat, mean error -0.35 nat (the figures our design started from; bench_particles.py measures it here).
 
 Usage: python bench/bench_inference.py [--lengths 30,300,1000] [--particles 4096] [--seeds 10]
                                        [--speed 1]   (frame rate x speed; 0: back to back)
@@ -153,7 +153,7 @@ def main() -> int:
     errors, ref = evidence_errors(args.particles, args.seeds)
     print(f"log evidence F1 paper scenario, N={args.particles}, {args.seeds} seeds: reference {ref:.3f} nat, "
           f"mean error {errors.mean():+.3f} nat, sd {errors.std(ddof=1):.3f} nat, max |error| "
-          f"{np.abs(errors).max():.3f} nat (targets 0.15 / 0.1; particles IBIS per DESIGN: -0.35 / 0.46; "
+          f"{np.abs(errors).max():.3f} nat (targets 0.15 / 0.1; particles IBIS as published: -0.35 / 0.46; "
           f"sd ratio to it {errors.std(ddof=1) / 0.46:.2f})")
     return 0
 

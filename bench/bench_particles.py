@@ -1,6 +1,6 @@
 """beamkin's IBIS vs the ``particles`` library's IBIS (Chopin's reference implementation).
 
-Paper-like scenario (DESIGN section 7), F1 with t0, log k, log s free and A = 1, same
+Paper-like scenario (docs/design.md section 7), F1 with t0, log k, log s free and A = 1, same
 priors, N particles, ESS threshold 0.5, default ``particles`` moves.  Measured in the
 same run for both: per-frame time (p50, p99, total) and log-evidence error vs the dense
 quadrature of tests/test_inference_quadrature.py over several seeds.  beamkin runs twice:

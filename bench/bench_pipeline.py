@@ -1,4 +1,4 @@
-"""End-to-end latency and start-up of the live pipeline (DESIGN §6).
+"""End-to-end latency and start-up of the live pipeline (targets and figures: docs/benchmarks.md).
 
 Runs `beamkin demo --once` at real speed (3 Hz frames, every stage its own process) on free
 loopback ports and reads, from each published `estimate` (the frame's posterior estimate, see

@@ -1,4 +1,4 @@
-"""Frames per second through `beamkin reduce` (ZeroMQ in, ZeroMQ out) vs bare pyFAI (DESIGN §6).
+"""Frames per second through `beamkin reduce` (ZeroMQ in, ZeroMQ out) vs bare pyFAI (targets and figures: docs/benchmarks.md).
 
 This process plays the streamer: it binds the frames ROUTER (streamer.service.FrameDispatcher,
 the real dispatch code) and the inference PULL, starts `beamkin reduce --workers N` as its own

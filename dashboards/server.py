@@ -30,10 +30,11 @@ from bokeh.document import Document
 from bokeh.server.server import Server
 from tornado.ioloop import IOLoop, PeriodicCallback
 
-from beamkin import protocol
+from beamkin import protocol, security
 from beamkin import metrics
 from beamkin.protocol import ProtocolError
 
+from .access import auth_provider
 from .layout import DashboardSession
 from .state import DashboardState
 
@@ -69,6 +70,7 @@ class MessageReceiver(threading.Thread):
         sub.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
+        security.secure_client(sub, self.endpoint)  # CURVE when [security.results] requires it
         sub.connect(self.endpoint)
         poller = zmq.Poller()
         poller.register(sub, zmq.POLLIN)
@@ -121,7 +123,7 @@ def _free_port(address: str) -> int:
 def serve_dashboard(subscribe_endpoint: str, address: str = "127.0.0.1", port: int = 5006,
                     max_refresh_hz: float = 5.0, alert_threshold: float = 0.99,
                     stop_event: threading.Event | None = None,
-                    allow_websocket_origin: list[str] | None = None) -> None:
+                    allow_websocket_origin: list[str] | None = None, token: str = "") -> None:
     """Serve the live dashboard at http://address:port/ until ``stop_event`` is set (or Ctrl-C).
 
     ``subscribe_endpoint``: the inference stage's PUB endpoint (connected, not bound).
@@ -130,6 +132,7 @@ def serve_dashboard(subscribe_endpoint: str, address: str = "127.0.0.1", port: i
     ``allow_websocket_origin``: host:port values browsers may connect from; defaults to the
     served address plus localhost/127.0.0.1 (and this host's names when serving on all
     interfaces) on ``port``. ``port=0`` picks a free port.
+    ``token``: access token every request must carry ("file:PATH" reads it; "" = none): dashboards.access.
     Blocks; safe to call from any thread (it runs its own event loop).
     """
     if not 0 <= int(port) <= 65535:
@@ -143,6 +146,10 @@ def serve_dashboard(subscribe_endpoint: str, address: str = "127.0.0.1", port: i
     if address in ("0.0.0.0", "::", ""):  # all interfaces: browsers will use this machine's name
         hosts |= {socket.gethostname(), socket.getfqdn()}
     origins = allow_websocket_origin or sorted(f"{host}:{port}" for host in hosts if host)
+    access = auth_provider(token)
+    if access is None and address not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("dashboard on %s without an access token: anyone who reaches port %d sees it ([dashboard] token)",
+                    address, port)
 
     state = DashboardState()
     receiver = MessageReceiver(subscribe_endpoint, state)
@@ -152,7 +159,8 @@ def serve_dashboard(subscribe_endpoint: str, address: str = "127.0.0.1", port: i
     asyncio.set_event_loop(loop)
     io_loop = IOLoop.current()
     server = Server({"/": make_application(state, alert_threshold, max_refresh_hz)}, io_loop=io_loop,
-                    address=address, port=port, allow_websocket_origin=origins)
+                    address=address, port=port, allow_websocket_origin=origins,
+                    **({"auth_provider": access} if access is not None else {}))
     server.start()
 
     def check_stop() -> None:

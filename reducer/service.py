@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from beamkin import metrics, protocol, sockets
+from beamkin import metrics, protocol, security, sockets
 from beamkin.frames import frame_image
 from beamkin.supervise import StageFailed, Supervisor, signal_ready
 
@@ -156,6 +156,7 @@ class Worker:
         self.host = socket.gethostname()
         self.dealer.setsockopt(zmq.IDENTITY, self.identity.encode())
         self.dealer.setsockopt(zmq.LINGER, 1000)
+        security.secure_client(self.dealer, config["endpoints"]["frames"], "frames")  # CURVE per [security.frames]
         self.dealer.connect(config["endpoints"]["frames"])
         self.to_inference = sockets.pusher(self.context, config["endpoints"]["reduced"])
         self.series: collections.OrderedDict[str, SeriesReduction | Exception] = collections.OrderedDict()

@@ -55,7 +55,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from beamkin import protocol
+from beamkin import protocol, security
 
 log = logging.getLogger(__name__)
 
@@ -345,6 +345,7 @@ def run_alert_sinks(endpoint: str, config: dict | None, stop: threading.Event, r
     sub = context.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.SUBSCRIBE, b"alert")
+    security.secure_client(sub, endpoint, "results")  # CURVE when [security.results] requires it
     sub.connect(endpoint)
     log.info("alert sinks subscribed to %s: %s", endpoint, ", ".join(sink.name for sink in dispatcher.sinks) or "none")
     if ready is not None:

@@ -63,6 +63,7 @@ import numpy as np
 import zmq
 
 from beamkin import metrics
+from beamkin import security
 from beamkin.protocol import Message, ProtocolError, json_default, recv
 from beamkin.recording import (COMPRESS_MIN_ELEMENTS, FORMAT_NAME, FORMAT_VERSION, LOG_FIELDS, _STR, group_name, hdf5_text,
                                recording_attrs, segment_path)
@@ -268,6 +269,7 @@ def run_recorder(endpoints: Iterable[str], path: str | Path, raw_frames: bool, s
     socket.setsockopt(zmq.RCVHWM, 0)  # the recorder must see every message: no high-water-mark drops
     socket.setsockopt(zmq.SUBSCRIBE, b"")
     for endpoint in endpoints:
+        security.secure_client(socket, endpoint)  # CURVE when [security.record] / [security.results] require it
         socket.connect(endpoint)
         log.info("recorder SUB %s", endpoint)
     poller = zmq.Poller()

@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from beamkin import protocol
+from beamkin import protocol, security
 from beamkin.protocol import Message, make
 from streamer.eiger_h5 import is_eiger_master, iter_master_frames, read_master_start
 from beamkin.errors import StreamDecodeError
@@ -315,6 +315,7 @@ def feed_reduced(path: str | Path, endpoint: str, stop_event: threading.Event,
     socket = context.socket(zmq.PUSH)
     socket.setsockopt(zmq.SNDTIMEO, int(send_timeout_s * 1000))
     socket.setsockopt(zmq.LINGER, 5000)
+    security.secure_client(socket, endpoint, "reduced")  # CURVE when [security.reduced] requires it
     socket.connect(endpoint)
     try:
         for message in replay.messages(stop_event):

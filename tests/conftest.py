@@ -9,7 +9,7 @@ import pytest
 
 from beamkin.loopback import LoopbackPorts, beamkin_process
 
-#: The simulated experiment of `beamkin demo` (DESIGN §7 with ts = 5 s): the truth tests compare to.
+#: The simulated experiment of `beamkin demo` (docs/design.md section 7, with ts = 5 s): the truth tests compare to.
 TRUE_T0_S, TRUE_K_PER_S, GAS_TIME_S, N_FRAMES = 7.4461, 0.6192, 5.0, 36
 DEMO_MODELS = ("F1", "A2", "A3", "R3", "D3")
 #: Message types the inference stage publishes (what dashboards and reports consume).

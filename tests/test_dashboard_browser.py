@@ -2,7 +2,7 @@
 
 Chromium from Debian (/usr/bin/chromium, `make browser`) driven by Playwright. The messages are
 those the inference stage published during a real `beamkin demo` run (tests/conftest.py): the
-paper-like F1 series of DESIGN.md section 7 (t0 = 7.4461 s, k = 0.6192 1/s, frames every 1/3 s
+paper-like F1 series of docs/design.md section 7 (t0 = 7.4461 s, k = 0.6192 1/s, frames every 1/3 s
 for 12 s). The test publishes them in bursts so it can check the page after each burst.
 """
 

@@ -1,6 +1,6 @@
 """IBIS posterior vs a dense-grid quadrature (no code shared with the sampler).
 
-Paper-like scenario (DESIGN section 7): F1, t0 = 7.4461 s, k = 0.6192 1/s, frames every
+Paper-like scenario (docs/design.md section 7): F1, t0 = 7.4461 s, k = 0.6192 1/s, frames every
 1/3 s from t = 0 for 12 s (36 frames), instantaneous, noise sd 0.02, sigma unknown (the
 scatter s is a parameter).  Free: t0 uniform [0, 12] s, log k uniform [log 0.01, log 100],
 log s uniform [log 1e-3, log 0.5]; A fixed at 1.  The quadrature integrates s out on a 1-D
@@ -160,7 +160,7 @@ def test_batched_steps_match_quadrature(data, models):
 
 
 def test_paper_scenario_posterior_width_matches_design():
-    """DESIGN section 7: the exact posterior has sd(t0) about 0.029 s and sd(k) about 0.017 1/s."""
+    """docs/design.md section 7: the exact posterior has sd(t0) about 0.029 s and sd(k) about 0.017 1/s."""
     t, y = paper_series()
     ref = quadrature("F1", t, y)
     assert abs(ref["t0"]["mean"] - T0_TRUE) < 4 * ref["t0"]["sd"]

@@ -8,7 +8,7 @@ from inference.models import alpha_numpy
 from inference.priors import Priors
 from inference.smc import OnlineInference
 
-TIMES = np.arange(36) / 3.0  # frames every 1/3 s for 12 s (DESIGN section 7)
+TIMES = np.arange(36) / 3.0  # frames every 1/3 s for 12 s (docs/design.md section 7)
 NOISE = 0.02
 # rate constants (1/s) that complete each mechanism within about 5 s of the onset
 K_TYPICAL = {"F1": 0.6, "A3": 0.29, "R3": 0.2, "D3": 0.2}

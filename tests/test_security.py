@@ -302,3 +302,86 @@ def test_a_stage_refuses_to_bind_beyond_loopback_in_plaintext_and_says_how_to_ma
     assert "refusing to bind tcp://0.0.0.0:0 (reduced) without CURVE" in output
     assert "beamkin keys --dir KEYS NAME" in output and "allow_plaintext_remote" in output
 
+
+
+@pytest.fixture
+def dashboard_with_token(tmp_path):
+    """The real dashboard (Bokeh server) on loopback, with a token read from a file."""
+    from dashboards.server import serve_dashboard
+
+    (tmp_path / "token").write_text("s3cret-token\n")
+    ports = LoopbackPorts.free()
+    stop = threading.Event()
+    server = threading.Thread(target=serve_dashboard, args=(f"tcp://127.0.0.1:{ports.results}",), daemon=True,
+                              kwargs={"port": ports.dashboard, "stop_event": stop, "token": f"file:{tmp_path / 'token'}"})
+    server.start()
+    assert wait_for(lambda: _listening(ports.dashboard), 60)
+    yield ports.dashboard
+    stop.set()
+    server.join(10)
+
+
+def _listening(port: int) -> bool:
+    import socket
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, str | None, bytes]:
+    import http.client
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", path, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.getheader("Set-Cookie"), response.read()
+    finally:
+        connection.close()
+
+
+WEBSOCKET_UPGRADE = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                     "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Protocol": "bokeh"}
+
+
+def test_dashboard_refuses_requests_without_the_token_and_websockets_from_other_origins(dashboard_with_token):
+    port = dashboard_with_token
+    status, _, body = http_get(port, "/")
+    assert status == 403 and b"access token" in body
+    assert http_get(port, "/?token=wrong")[0] == 403
+    status, cookie, body = http_get(port, "/?token=s3cret-token")
+    assert status == 200 and b"<html" in body
+    assert cookie.startswith("beamkin_dashboard_token=s3cret-token") and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert http_get(port, "/", {"Authorization": "Bearer s3cret-token"})[0] == 200  # as a reverse proxy adds it
+    assert http_get(port, "/", {"Cookie": "beamkin_dashboard_token=s3cret-token"})[0] == 200
+    with_token = {**WEBSOCKET_UPGRADE, "Cookie": "beamkin_dashboard_token=s3cret-token"}
+    # a page from another origin cannot open the websocket, token or not
+    status, _, body = http_get(port, "/ws", {**with_token, "Origin": "http://evil.example"})
+    assert status == 403 and b"Cross origin" in body
+    # from the dashboard's own origin: refused without the token, upgraded with it
+    assert http_get(port, "/ws", {**WEBSOCKET_UPGRADE, "Origin": f"http://127.0.0.1:{port}"})[0] == 403
+    assert http_get(port, "/ws", {**with_token, "Origin": f"http://127.0.0.1:{port}"})[0] == 101
+
+
+def test_dashboard_allowed_origins_replace_the_defaults():
+    """[dashboard] allowed_origins (a reverse proxy's host): only that origin may open the websocket."""
+    from dashboards.server import serve_dashboard
+
+    ports = LoopbackPorts.free()
+    stop = threading.Event()
+    server = threading.Thread(target=serve_dashboard, args=(f"tcp://127.0.0.1:{ports.results}",), daemon=True,
+                              kwargs={"port": ports.dashboard, "stop_event": stop,
+                                      "allow_websocket_origin": ["beamline.example.org"]})
+    server.start()
+    try:
+        assert wait_for(lambda: _listening(ports.dashboard), 60)
+        assert http_get(ports.dashboard, "/")[0] == 200  # no token configured
+        # localhost is in the default list, not in this one (the page's own origin, Host, always is: Tornado)
+        other = http_get(ports.dashboard, "/ws", {**WEBSOCKET_UPGRADE, "Origin": f"http://localhost:{ports.dashboard}"})
+        assert other[0] == 403 and b"Cross origin" in other[2]
+        proxied = http_get(ports.dashboard, "/ws", {**WEBSOCKET_UPGRADE, "Origin": "https://beamline.example.org"})
+        assert proxied[0] == 101
+    finally:
+        stop.set()
+        server.join(10)
