@@ -33,13 +33,14 @@ import numpy as np
 from bokeh.embed import components
 from bokeh.layouts import column, row
 from bokeh.models import BoxAnnotation, ColumnDataSource, FactorRange, Range1d, Span, Whisker
-from bokeh.plotting import figure
 from bokeh.resources import Resources
 
 from beamkin import protocol
 from beamkin.protocol import Message
 
-from .layout import COLOR_AVERAGED, COLOR_DATA, COLOR_LEADING, COLOR_TS
+from . import style
+from .figures import central_range, report_figure
+from .style import COLOR_AVERAGED, COLOR_DATA, COLOR_LEADING, COLOR_TS
 
 REPORT_FILENAME = "report.html"
 
@@ -200,23 +201,9 @@ def _read_fractions_csv(path: Path, handle, aliases: dict, series_id: str) -> li
 
 
 # ---------------------------------------------------------------------------- plots
-def _figure(title: str, x_label: str, y_label: str, width: int = 620, height: int = 360, **kwargs: Any):
-    fig = figure(title=title, width=width, height=height, tools="pan,wheel_zoom,box_zoom,reset,save",
-                 toolbar_location="right", **kwargs)
-    fig.xaxis.axis_label, fig.yaxis.axis_label = x_label, y_label
-    fig.title.text_font_size = "12pt"
-    fig.axis.axis_label_text_font_style = "normal"
-    return fig
-
-
-def _num(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-
-
 def _alpha_figure(report: SeriesReport):
-    fig = _figure("Phase fraction α(t): data and posterior predictive (median, 90 % band)",
-                  "time since series start (s)", "fraction of loaded phase α", width=1260, height=420,
-                  y_range=Range1d(-0.12, 1.18), name=f"{report.series_id}:alpha_fit")
+    fig = report_figure(style.ALPHA_TITLE, style.TIME_AXIS_LABEL, style.ALPHA_AXIS_LABEL, width=1260, height=420,
+                        y_range=Range1d(-0.12, 1.18), name=f"{report.series_id}:alpha_fit")
     predictive = report.fit.get("predictive") or {}
     if predictive.get("time_s"):
         times = predictive["time_s"]
@@ -235,12 +222,12 @@ def _alpha_figure(report: SeriesReport):
         flagged = np.asarray(report.flagged)
         source = ColumnDataSource({"time_s": report.time_s, "alpha": alpha, "lower": alpha - sigma,
                                    "upper": alpha + sigma})
-        fig.add_layout(Whisker(source=source, base="time_s", lower="lower", upper="upper", line_color="#555555",
+        fig.add_layout(Whisker(source=source, base="time_s", lower="lower", upper="upper", line_color=style.COLOR_WHISKER,
                                upper_head=None, lower_head=None))
         ok = ~flagged
         fig.scatter(np.asarray(report.time_s)[ok], alpha[ok], size=5, color=COLOR_DATA, legend_label="α ± σ (data)")
         if flagged.any():
-            fig.scatter(np.asarray(report.time_s)[flagged], alpha[flagged], size=7, marker="x", color="#9e9e9e",
+            fig.scatter(np.asarray(report.time_s)[flagged], alpha[flagged], size=7, marker="x", color=style.COLOR_FLAGGED,
                         legend_label="flagged frames")
     gas = report.start.get("gas_time_s")
     if isinstance(gas, (int, float)):
@@ -253,7 +240,7 @@ def _alpha_figure(report: SeriesReport):
         fig.line([], [], color=COLOR_LEADING, legend_label=f"t0 = {t0['mean']:.4f} s (90 %: {t0['q05']:.4f}–{t0['q95']:.4f})")
     if fig.legend:
         fig.legend.location = "top_left"
-        fig.legend.label_text_font_size = "9pt"
+        fig.legend.label_text_font_size = style.REPORT_LEGEND_FONT_SIZE
     if not fig.renderers:
         fig.line([], [])
     return fig
@@ -264,8 +251,8 @@ def _posterior_figure(report: SeriesReport, name: str, label: str):
     log_axis = name == "k"
     title = f"Posterior of {'onset time t0' if name == 't0' else 'rate constant k'}"
     if hist.get("edges") and hist.get("model_averaged") is not None:
-        fig = _figure(title, label, f"probability density (1/{label.split('(')[-1].rstrip(')')})",
-                      x_axis_type="log" if log_axis else "linear", name=f"{report.series_id}:{name}_posterior")
+        fig = report_figure(title, label, f"probability density (1/{label.split('(')[-1].rstrip(')')})",
+                            x_axis_type="log" if log_axis else "linear", name=f"{report.series_id}:{name}_posterior")
         edges = np.asarray(hist["edges"], dtype=float)
         for key, fill, color, legend in (("model_averaged", 0.35, COLOR_AVERAGED, "model average"),
                                          ("leading", 0.0, COLOR_LEADING, f"leading model ({report.leading_model})")):
@@ -289,35 +276,29 @@ def _posterior_figure(report: SeriesReport, name: str, label: str):
 
 
 def _zoom_to_mass(fig, edges: np.ndarray, density: np.ndarray, log_axis: bool) -> None:
-    weights = np.nan_to_num(density) * np.diff(edges)
-    if not weights.sum() > 0:
-        return
-    cdf = np.cumsum(weights) / weights.sum()
-    lo = edges[min(np.searchsorted(cdf, 0.0005), edges.size - 2)]
-    hi = edges[min(np.searchsorted(cdf, 0.9995) + 1, edges.size - 1)]
-    if log_axis and lo > 0:
-        pad = (hi / lo) ** 0.3
-        fig.x_range = Range1d(lo / pad, hi * pad)
-    else:
-        pad = 0.3 * (hi - lo)
-        fig.x_range = Range1d(lo - pad, hi + pad)
+    """Show the central 99.9 % of a density per unit x on ``edges`` (see figures.central_range)."""
+    shown = central_range(edges, density * np.diff(edges), log_axis)
+    if shown is not None:
+        fig.x_range = Range1d(*shown)
 
 
 def _interval_figure(report: SeriesReport, name: str, label: str, title: str):
     models = report.fit.get("models") or {}
-    names = sorted(models, key=lambda m: -_num(models[m].get("probability")))
+    names = style.by_probability(models)
     rows = [("model average", (report.fit.get("model_averaged") or {}).get(name) or {})]
     rows += [(m, ((models[m].get("params") or {}).get(name)) or {}) for m in names]
     rows = [(m, s) for m, s in rows if isinstance(s.get("mean"), (int, float))]
     factors = [m for m, _ in reversed(rows)]
-    fig = _figure(title, label, "model", y_range=FactorRange(*factors), height=max(260, 24 * len(rows) + 90),
-                  x_axis_type="log" if name == "k" and all(_num(s.get("q05")) > 0 for _, s in rows) else "linear",
-                  name=f"{report.series_id}:{name}_posterior")
-    data = {"model": [m for m, _ in rows], "mean": [_num(s.get("mean")) for _, s in rows],
-            "lo": [_num(s.get("q05")) for _, s in rows], "hi": [_num(s.get("q95")) for _, s in rows],
-            "sd_lo": [_num(s.get("mean")) - _num(s.get("sd")) for _, s in rows],
-            "sd_hi": [_num(s.get("mean")) + _num(s.get("sd")) for _, s in rows],
-            "color": [COLOR_AVERAGED if m == "model average" else (COLOR_LEADING if m == report.leading_model else "#607d8b")
+    num = style.number_or_nan
+    log_axis = name == "k" and all(num(s.get("q05")) > 0 for _, s in rows)
+    fig = report_figure(title, label, "model", y_range=FactorRange(*factors), height=max(260, 24 * len(rows) + 90),
+                        x_axis_type="log" if log_axis else "linear", name=f"{report.series_id}:{name}_posterior")
+    data = {"model": [m for m, _ in rows], "mean": [num(s.get("mean")) for _, s in rows],
+            "lo": [num(s.get("q05")) for _, s in rows], "hi": [num(s.get("q95")) for _, s in rows],
+            "sd_lo": [num(s.get("mean")) - num(s.get("sd")) for _, s in rows],
+            "sd_hi": [num(s.get("mean")) + num(s.get("sd")) for _, s in rows],
+            "color": [COLOR_AVERAGED if m == "model average"
+                      else (COLOR_LEADING if m == report.leading_model else style.COLOR_OTHER_INTERVAL)
                       for m, _ in rows]}
     source = ColumnDataSource(data)
     fig.hbar(y="model", left="lo", right="hi", height=0.15, color="color", source=source, legend_label="90 % interval")
@@ -325,34 +306,26 @@ def _interval_figure(report: SeriesReport, name: str, label: str, title: str):
              legend_label="mean ± sd")
     fig.scatter(x="mean", y="model", size=8, color="color", source=source, legend_label="mean")
     fig.legend.location = "top_right"
-    fig.legend.label_text_font_size = "8pt"
+    fig.legend.label_text_font_size = style.LEGEND_FONT_SIZE
     return fig
 
 
 def _models_figure(report: SeriesReport):
     models = report.fit.get("models") or {}
-    names = sorted(models, key=lambda m: -_num(models[m].get("probability")))
-    fig = _figure("Model probabilities", "kinetic model", "posterior probability", x_range=FactorRange(*names),
-                  y_range=Range1d(0, 1.05), name=f"{report.series_id}:model_probabilities")
-    fig.vbar(x=names, top=[_num(models[m].get("probability")) for m in names], width=0.8,
-             color=[COLOR_LEADING if m == report.leading_model else "#90a4ae" for m in names])
+    names = style.by_probability(models)
+    fig = report_figure("Model probabilities", "kinetic model", "posterior probability", x_range=FactorRange(*names),
+                        y_range=Range1d(0, 1.05), name=f"{report.series_id}:model_probabilities")
+    fig.vbar(x=names, top=[style.number_or_nan(models[m].get("probability")) for m in names], width=0.8,
+             color=[COLOR_LEADING if m == report.leading_model else style.COLOR_OTHER for m in names])
     fig.xaxis.major_label_orientation = 0.8
     return fig
 
 
 # ---------------------------------------------------------------------------- text
-def _pm(stat: dict | None, digits: int = 4) -> str:
-    stat = stat or {}
-    mean, sd = _num(stat.get("mean")), _num(stat.get("sd"))
-    if not math.isfinite(mean):
-        return "–"
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if math.isfinite(sd) else f"{mean:.{digits}f}"
-
-
 def model_table_html(report: SeriesReport) -> str:
     """The per-model table: log evidence, probability, t0 (s) and k (1/s) as mean ± sd."""
     models = report.fit.get("models") or {}
-    names = sorted(models, key=lambda m: -_num(models[m].get("probability")))
+    names = style.by_probability(models)
     has_n = any("n" in (models[m].get("params") or {}) for m in names)
     head = ("<tr><th>model</th><th>log evidence</th><th>probability</th><th>t0 (s)</th><th>k (1/s)</th>"
             + ("<th>n</th>" if has_n else "") + "</tr>")
@@ -361,12 +334,14 @@ def model_table_html(report: SeriesReport) -> str:
         params = models[m].get("params") or {}
         cls = " class='leading'" if m == report.leading_model else ""
         body.append(
-            f"<tr{cls}><td>{html.escape(m)}</td><td>{_num(models[m].get('log_evidence')):.2f}</td>"
-            f"<td>{_num(models[m].get('probability')):.4f}</td><td>{_pm(params.get('t0'))}</td>"
-            f"<td>{_pm(params.get('k'))}</td>" + (f"<td>{_pm(params.get('n'), 2)}</td>" if has_n else "") + "</tr>")
+            f"<tr{cls}><td>{html.escape(m)}</td><td>{style.fixed(models[m].get('log_evidence'), 2)}</td>"
+            f"<td>{style.fixed(models[m].get('probability'), 4)}</td><td>{style.mean_sd(params.get('t0'))}</td>"
+            f"<td>{style.mean_sd(params.get('k'))}</td>"
+            + (f"<td>{style.mean_sd(params.get('n'), 2)}</td>" if has_n else "") + "</tr>")
     averaged = report.fit.get("model_averaged") or {}
-    body.append(f"<tr class='average'><td>model average</td><td></td><td>1</td><td>{_pm(averaged.get('t0'))}</td>"
-                f"<td>{_pm(averaged.get('k'))}</td>" + ("<td></td>" if has_n else "") + "</tr>")
+    body.append(f"<tr class='average'><td>model average</td><td></td><td>1</td>"
+                f"<td>{style.mean_sd(averaged.get('t0'))}</td>"
+                f"<td>{style.mean_sd(averaged.get('k'))}</td>" + ("<td></td>" if has_n else "") + "</tr>")
     return f"<table class='models' id='models-{html.escape(report.series_id)}'>{head}{''.join(body)}</table>"
 
 
@@ -391,12 +366,12 @@ def _summary_html(report: SeriesReport) -> str:
     if start:
         geometry = start.get("geometry") or {}
         parts.append(f"{html.escape(str(start.get('kind', '')))} data from {html.escape(str(start.get('source', '?')))}, "
-                     f"frame time {_num(start.get('frame_time_s')):.4f} s, exposure {_num(start.get('exposure_s')):.4f} s, "
-                     f"wavelength {_num(geometry.get('wavelength_A')):.4f} Å, "
-                     f"gas introduced at ts = {_num(start.get('gas_time_s')):.3f} s. ")
-    parts.append(f"{_data_points(report)}. Model-averaged onset t0 = {_pm(averaged.get('t0'))} s, "
-                 f"rate k = {_pm(averaged.get('k'))} 1/s; leading model {html.escape(str(leading))} "
-                 f"(probability {_num((models.get(leading) or {}).get('probability')):.4f}).")
+                     f"frame time {style.fixed(start.get('frame_time_s'), 4)} s, exposure {style.fixed(start.get('exposure_s'), 4)} s, "
+                     f"wavelength {style.fixed(geometry.get('wavelength_A'), 4)} Å, "
+                     f"gas introduced at ts = {style.seconds_or_unknown(start.get('gas_time_s'))}. ")
+    parts.append(f"{_data_points(report)}. Model-averaged onset t0 = {style.mean_sd(averaged.get('t0'))} s, "
+                 f"rate k = {style.mean_sd(averaged.get('k'))} 1/s; leading model {html.escape(str(leading))} "
+                 f"(probability {style.fixed((models.get(leading) or {}).get('probability'), 4)}).")
     gas = start.get("gas_time_s")
     t0 = averaged.get("t0") or {}
     if isinstance(gas, (int, float)) and isinstance(t0.get("mean"), (int, float)):
@@ -405,10 +380,10 @@ def _summary_html(report: SeriesReport) -> str:
     if report.alert:
         a = report.alert
         at0 = a.get("t0") or {}
-        parts.append(f"<p class='alert'>Onset alert at t = {_num(a.get('time_s')):.3f} s (frame {a.get('frame_index')}): "
-                     f"t0 = {_num(at0.get('mean')):.4f} s, 90 % interval {_num(at0.get('q05')):.4f} – "
-                     f"{_num(at0.get('q95')):.4f} s, leading model {html.escape(str(a.get('leading_model')))}, "
-                     f"onset probability {_num(a.get('onset_probability')):.4f}.</p>")
+        parts.append(f"<p class='alert'>Onset alert at t = {style.fixed(a.get('time_s'), 3)} s (frame {a.get('frame_index')}): "
+                     f"t0 = {style.fixed(at0.get('mean'), 4)} s, 90 % interval {style.fixed(at0.get('q05'), 4)} – "
+                     f"{style.fixed(at0.get('q95'), 4)} s, leading model {html.escape(str(a.get('leading_model')))}, "
+                     f"onset probability {style.fixed(a.get('onset_probability'), 4)}.</p>")
     if not (report.fit.get("predictive") or {}).get("time_s"):
         parts.append("<p class='note'>The input has no posterior predictive: the α(t) plot shows the data only.</p>")
     settings = report.fit.get("settings")
@@ -430,7 +405,7 @@ table.models th, table.models td {{ border: 1px solid #bbb; padding: 4px 10px; t
 table.models td:first-child, table.models th:first-child {{ text-align: left; }}
 table.models tr.leading {{ background: #fdecea; font-weight: bold; }}
 table.models tr.average {{ background: #e8f1fa; }}
-p.alert {{ background: #b71c1c; color: white; padding: 8px 12px; border-radius: 4px; }}
+p.alert {{ background: {alert_color}; color: white; padding: 8px 12px; border-radius: 4px; }}
 p.note {{ color: #8a4b00; }} p.priors {{ font-size: 12px; color: #555; }}
 </style></head><body>
 <h1>{title}</h1>
@@ -458,7 +433,7 @@ def build_report(messages: Iterable[Message], out_dir: str | Path, title: str = 
     for report in reports:
         sections.append(_summary_html(report) + divs[report.series_id]
                         + "<h3>Kinetic models</h3>" + model_table_html(report))
-    page = PAGE.format(title=html.escape(title), resources=Resources(mode="inline", components=["bokeh"]).render(), script=script,
+    page = PAGE.format(title=html.escape(title), alert_color=style.COLOR_ALERT, resources=Resources(mode="inline", components=["bokeh"]).render(), script=script,
                        sections="\n".join(sections),
                        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     path = out_dir / REPORT_FILENAME

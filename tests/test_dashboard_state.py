@@ -86,7 +86,7 @@ def test_session_streams_increments_and_follows_series(pipeline_messages):
     doc = Document()
     session = DashboardSession(doc, state, alert_threshold=0.99, max_refresh_hz=5.0)
     session.refresh()  # nothing yet
-    assert session.src_alpha.data["time_s"] == [] and "no status messages yet" in session.health.text
+    assert session.fractions.points.data["time_s"] == [] and "no status messages yet" in session.health.div.text
 
     messages = renamed(pipeline_messages, "a")
     posteriors_before_refresh = 10
@@ -95,30 +95,30 @@ def test_session_streams_increments_and_follows_series(pipeline_messages):
         state.apply(message)
     session.refresh()  # 10 exact posteriors arrived between two refreshes: one streamed increment
     # (the frames run ahead of the exact posteriors while the sampler is behind)
-    assert len(session.src_alpha.data["time_s"]) == sum(m.type == "fraction" for m in messages[:cut]) >= 10
-    assert len(session.src_history.data["onset_probability"]) == 10
+    assert len(session.fractions.points.data["time_s"]) == sum(m.type == "fraction" for m in messages[:cut]) >= 10
+    assert len(session.onset.history.data["onset_probability"]) == 10
     for message in messages[cut:]:
         state.apply(message)
     session.refresh()
     fractions = [m for m in messages if m.type == "fraction"]
-    assert list(session.src_alpha.data["alpha"]) == pytest.approx([m["alpha"] for m in fractions])
+    assert list(session.fractions.points.data["alpha"]) == pytest.approx([m["alpha"] for m in fractions])
     alert = next(m for m in messages if m.type == "alert")
-    assert session.banner.visible and "ONSET DETECTED" in session.banner.text and "in series a" in session.banner.text
+    assert session.banner.div.visible and "ONSET DETECTED" in session.banner.div.text and "in series a" in session.banner.div.text
     # the alert as it was raised (its frame and leading model) and the state now, each labelled
     final = [m for m in messages if m.type == "posterior"][-1]
-    assert f"Alert as raised</b> at t = {alert['time_s']:.2f} s (frame {alert['frame_index']})" in session.banner.text
-    assert f"leading model then {alert['leading_model']}" in session.banner.text
+    assert f"Alert as raised</b> at t = {alert['time_s']:.2f} s (frame {alert['frame_index']})" in session.banner.div.text
+    assert f"leading model then {alert['leading_model']}" in session.banner.div.text
     assert (f"<b>Now</b> (exact posterior of frame {final['frame_index']}): leading model {final['leading_model']}"
-            in session.banner.text)
+            in session.banner.div.text)
     # health is current: after the end nothing lags, the final posterior is named
-    assert "series ended (completed)" in session.health.text and "behind" not in session.health.text
-    assert "lag s" not in session.health.text and "posterior lag" not in session.health.text
-    assert session.span_alert.visible and session.span_alert.location == alert["time_s"]
-    assert session.span_ts.visible and session.span_ts.location == GAS_TIME_S
-    marks = session.src_t0_marks.data
+    assert "series ended (completed)" in session.health.div.text and "behind" not in session.health.div.text
+    assert "lag s" not in session.health.div.text and "posterior lag" not in session.health.div.text
+    assert session.onset.span_alert.visible and session.onset.span_alert.location == alert["time_s"]
+    assert session.fractions.span_ts.visible and session.fractions.span_ts.location == GAS_TIME_S
+    marks = session.posterior_t0.marks.data
     assert marks["q05"][0] < marks["mean"][0] < marks["q95"][0]
-    assert set(session.src_model_history.data) - {NO_REACTION} == {"time_s", *DEMO_MODELS}
-    assert "(ended (completed))" in session.header.text
+    assert set(session.model_history.source.data) - {NO_REACTION} == {"time_s", *DEMO_MODELS}
+    assert "(ended (completed))" in session.header.div.text
 
     # a second series appears: the session follows it and starts from empty plots
     second = renamed(pipeline_messages, "b", until_posterior=4)
@@ -128,13 +128,13 @@ def test_session_streams_increments_and_follows_series(pipeline_messages):
     # stopped before the posterior of frame 4, with the fractions sent before it (at least five:
     # the fraction of frame 4 comes before its posterior)
     fractions_b = sum(m.type == "fraction" for m in second)
-    assert session.series_id == "b" and len(session.src_alpha.data["time_s"]) == fractions_b >= 5
-    assert len(session.src_history.data["time_s"]) == sum(m.type == "posterior" for m in second) <= 4
-    assert not session.banner.visible
-    assert list(session.select.options) == [FOLLOW_LATEST, "b", "a"]
-    session.select.value = "a"  # pick the first series again: its full history comes back
-    assert session.series_id == "a" and len(session.src_alpha.data["time_s"]) == len(fractions)
-    assert session.banner.visible
+    assert session.series_id == "b" and len(session.fractions.points.data["time_s"]) == fractions_b >= 5
+    assert len(session.onset.history.data["time_s"]) == sum(m.type == "posterior" for m in second) <= 4
+    assert not session.banner.div.visible
+    assert list(session.header.select.options) == [FOLLOW_LATEST, "b", "a"]
+    session.header.select.value = "a"  # pick the first series again: its full history comes back
+    assert session.series_id == "a" and len(session.fractions.points.data["time_s"]) == len(fractions)
+    assert session.banner.div.visible
 
 
 def test_malformed_values_do_not_break_refresh():
@@ -145,8 +145,8 @@ def test_malformed_values_do_not_break_refresh():
     state.apply(protocol.make("fraction", series_id="x", frame_index=0, time_s=0.05, exposure_s=0.1, alpha=None,
                               sigma_alpha=None, status="flagged", reason="no peaks"))
     session.refresh()
-    assert list(session.src_alpha.data["state"]) == ["flagged"]
-    assert "unknown" in session.header.text  # gas time not known
+    assert list(session.fractions.points.data["state"]) == ["flagged"]
+    assert "unknown" in session.header.div.text  # gas time not known
 
 
 def test_heatmap_bins_keep_a_narrow_line():
@@ -163,7 +163,7 @@ def test_heatmap_bins_keep_a_narrow_line():
 
 def test_density_per_log10_k():
     """A log-uniform k has a flat density per log10 k; the bars' masses are the histogram's."""
-    from dashboards.layout import density_per_log10
+    from dashboards.figures import density_per_log10
     edges = np.logspace(-2, 2, 41)
     per_k = 1.0 / (np.log(10) * 4.0) / np.sqrt(edges[:-1] * edges[1:])  # log-uniform on [0.01, 100]: 1/(k ln10 4)
     per_k *= (np.log10(edges[1:] / edges[:-1]) / np.diff(edges)) / per_k * 0.25  # exact bin means: mass 0.025 each
@@ -194,19 +194,19 @@ def test_stale_estimate_gives_way_to_the_exact_posterior(pipeline_messages):
     state.apply(_with(template, frame_index=exact["frame_index"] + 3, time_s=exact["time_s"] + 1.0, stale=True,
                       diagnostics={"frames_behind": 3}))
     session.refresh()
-    assert list(session.src_models.data["frame_index"])[0] == exact["frame_index"]
-    assert list(session.src_models.data["kind"])[0] == "exact"
+    assert list(session.models.bars.data["frame_index"])[0] == exact["frame_index"]
+    assert list(session.models.bars.data["kind"])[0] == "exact"
     label = f"exact posterior of frame {exact['frame_index']}; estimate of frame {exact['frame_index'] + 3} STALE"
-    assert label in session.now.text and "exact sampler 3 frames behind" in session.now.text
-    assert session.now.styles.get("border")  # marked where the eye is
-    assert "estimate STALE" in session.health.text
+    assert label in session.now.div.text and "exact sampler 3 frames behind" in session.now.div.text
+    assert session.now.div.styles.get("border")  # marked where the eye is
+    assert "estimate STALE" in session.health.div.text
     # a fresh (not stale) estimate of a later frame is shown as what it is
     state.apply(_with(template, frame_index=exact["frame_index"] + 4, time_s=exact["time_s"] + 1.3, stale=False,
                       diagnostics={"frames_behind": 1}))
     session.refresh()
-    assert list(session.src_models.data["kind"])[0] == "estimate"
-    assert f"estimate of frame {exact['frame_index'] + 4}, exact sampler 1 frame behind" in session.now.text
-    assert not session.now.styles.get("border")
+    assert list(session.models.bars.data["kind"])[0] == "estimate"
+    assert f"estimate of frame {exact['frame_index'] + 4}, exact sampler 1 frame behind" in session.now.div.text
+    assert not session.now.div.styles.get("border")
 
 
 def test_k_is_never_averaged_across_models_and_no_reaction_competes(pipeline_messages):
@@ -224,19 +224,19 @@ def test_k_is_never_averaged_across_models_and_no_reaction_competes(pipeline_mes
             message = _with(message, models=models, null_model=null, reaction_probability=0.75)
         state.apply(message)
     session.refresh()
-    data = session.src_models.data
+    data = session.models.bars.data
     assert NO_REACTION in data["model"] and sum(data["probability"]) == pytest.approx(1.0)
-    assert "P(reaction) = 0.7500" in session.model_table.text and "± 0.05" in session.model_table.text
+    assert "P(reaction) = 0.7500" in session.models.table.text and "± 0.05" in session.models.table.text
     leading = final["leading_model"]
     k = final["models"][leading]["params"]["k"]
-    assert f"k({leading}) = {k['q50']:.3g} 1/s" in session.now.text
-    assert session.k_line.glyph.y == f"k_q50_{leading}" and session.k_line.visible
-    assert session.src_k_history.data[f"k_q05_{leading}"][-1] == pytest.approx(k["q05"])
-    assert min(v for v in session.src_k_history.data[f"k_q05_{leading}"] if np.isfinite(v)) > 0  # log axis
-    assert list(session.src_k_models.data["q50"]) == pytest.approx(
-        [final["models"][m]["params"]["k"]["q50"] for m in session.src_k_models.data["model"]])
+    assert f"k({leading}) = {k['q50']:.3g} 1/s" in session.now.div.text
+    assert session.k_history.line.glyph.y == f"k_q50_{leading}" and session.k_history.line.visible
+    assert session.k_history.source.data[f"k_q05_{leading}"][-1] == pytest.approx(k["q05"])
+    assert min(v for v in session.k_history.source.data[f"k_q05_{leading}"] if np.isfinite(v)) > 0  # log axis
+    assert list(session.k_by_model.source.data["q50"]) == pytest.approx(
+        [final["models"][m]["params"]["k"]["q50"] for m in session.k_by_model.source.data["model"]])
     hist = final["histograms"]["k"]
     edges = np.asarray(hist["edges"])
     expected = np.asarray(hist["leading"]) * np.diff(edges) / np.diff(np.log10(edges))
-    assert list(session.src_k_lead.data["top"]) == pytest.approx(expected.tolist())
-    assert "model_averaged" not in str(session.src_k_lead.data) and "k_mean" not in session.src_history.data
+    assert list(session.posterior_k.source.data["top"]) == pytest.approx(expected.tolist())
+    assert "model_averaged" not in str(session.posterior_k.source.data) and "k_mean" not in session.onset.history.data
