@@ -69,6 +69,7 @@ class StagePipeline:
         self.context = zmq.Context()
         self.listener = results_listener(self.context, ports)
         self.messages: list[protocol.Message] = []
+        self._push: zmq.Socket | None = None
 
     def start(self) -> None:
         for command in self.stages:
@@ -91,15 +92,18 @@ class StagePipeline:
         raise TimeoutError(f"no end of the series after {timeout_s:.0f} s; got {len(self.messages)} messages")
 
     def push(self, message: protocol.Message) -> None:
-        """Send one message into the inference's input (PULL), as a reducer worker would."""
-        push = self.context.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 2000)
-        push.connect(self.config["endpoints"]["reduced"])
-        protocol.send(push, message)
-        push.close()
+        """Send one message into the inference's input (PULL), as a reducer worker would; one
+        socket for all, so they arrive in the order sent."""
+        if self._push is None:
+            self._push = self.context.socket(zmq.PUSH)
+            self._push.setsockopt(zmq.LINGER, 2000)
+            self._push.connect(self.config["endpoints"]["reduced"])
+        protocol.send(self._push, message)
 
     def stop(self) -> None:
         self.listener.close(0)
+        if self._push is not None:
+            self._push.close(2000)
         self.supervisor.stop_all()
         self.context.term()
 
