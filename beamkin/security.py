@@ -42,6 +42,7 @@ import asyncio
 import collections
 import dataclasses
 import ipaddress
+import itertools
 import logging
 import os
 import socket as stdlib_socket
@@ -358,6 +359,9 @@ _MONITOR_EVENTS = (zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDS
                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_MONITOR_STOPPED)
 
 
+_monitor_ids = itertools.count()
+
+
 def _peer_of(fd: int) -> str:
     """host:port of the peer of a TCP socket's file descriptor, "unknown" if it is gone already."""
     try:
@@ -379,7 +383,10 @@ class _RefusalMonitor(threading.Thread):
     def __init__(self, socket: zmq.Socket, endpoint: str) -> None:
         super().__init__(name=f"security-monitor {endpoint}", daemon=True)
         self.endpoint = endpoint
-        self.monitor = socket.get_monitor_socket(_MONITOR_EVENTS)
+        address = f"inproc://beamkin.security.monitor.{next(_monitor_ids)}"  # unique: a rebound socket gets a new one
+        socket.monitor(address, _MONITOR_EVENTS)
+        self.monitor = socket.context.socket(zmq.PAIR)
+        self.monitor.connect(address)
 
     def run(self) -> None:
         peers: dict[int, str] = {}

@@ -385,3 +385,39 @@ def test_dashboard_allowed_origins_replace_the_defaults():
     finally:
         stop.set()
         server.join(10)
+
+
+def test_run_refuses_plaintext_endpoints_beyond_loopback_before_starting_any_stage():
+    run = subprocess.run([sys.executable, "-m", "beamkin", "demo", "--once", "--endpoints.raw", "tcp://0.0.0.0:5552"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 2, run.stderr
+    assert "refusing to bind tcp://0.0.0.0:5552 (raw) without CURVE" in run.stderr
+    assert "BEAMKIN-READY" not in run.stdout
+
+
+def test_raw_pub_bound_again_for_a_new_frame_size_keeps_curve(keys):
+    """BudgetedPublisher binds a new socket when the frame size changes its HWM: the new socket is
+    a CURVE server too (the keyed viewer reconnects, a plaintext one is still refused)."""
+    ports = LoopbackPorts.free()
+    security.configure(curve_config(ports, keys, "server", ("raw",)))
+    address = f"tcp://127.0.0.1:{ports.raw}"
+    context = zmq.Context()
+    raw = sockets.BudgetedPublisher(context, address, budget_bytes=1 << 20, message_bytes=1024)
+    raw.size_for(1 << 16)
+    assert raw.rebinds == 1 and raw.socket is not None
+    viewer = keyed(context, zmq.SUB, address, curve_config(ports, keys, "client", ("raw",)))
+    rogue = plaintext(context, zmq.SUB, address)
+    try:
+        start = series("s", 1, 0.0)[0]
+        for _ in range(100):
+            raw.publish(start)
+            if viewer.poll(100):
+                break
+        assert protocol.decode(viewer.recv_multipart()).type == "start"
+        assert wait_for(lambda: security.refused_count(address) >= 1)
+        assert received(rogue, 0) == []
+    finally:
+        viewer.close(0)
+        rogue.close(0)
+        raw.close()
+        context.term()
