@@ -149,6 +149,19 @@ def test_malformed_values_do_not_break_refresh():
     assert "unknown" in session.header.div.text  # gas time not known
 
 
+def test_every_root_of_the_page_template_is_one_panel_root():
+    """The page template places each panel's root by name: every name it embeds is a root of a
+    session's document, and every root is placed (none left off the page)."""
+    import re
+
+    from dashboards.layout import PAGE_TEMPLATE
+
+    doc = Document()
+    DashboardSession(doc, DashboardState())
+    placed = re.findall(r"embed\(roots\.(\w+)\)", PAGE_TEMPLATE)
+    assert sorted(placed) == sorted(root.name for root in doc.roots) and len(set(placed)) == len(placed) == 16
+
+
 def test_heatmap_bins_keep_a_narrow_line():
     """A line narrower than a heat-map bin keeps its integrated intensity (point sampling would
     catch it or miss it depending on where the grid falls)."""

@@ -176,3 +176,28 @@ def test_report_data_csv_from_excel_with_bom_and_crlf(tmp_path):
     data.write_bytes(b"\xff\xfe\x00\x01binary")
     with pytest.raises(ReportInputError, match="not a text CSV file"):
         load_analysis_json(good, data)
+
+
+def test_report_formats_missing_numbers_as_the_live_page_does(tmp_path):
+    """A number the input lacks reads "–" (never "nan") and an unknown gas time "unknown", in the
+    report as on the live page (both format through dashboards.style)."""
+    from bokeh.document import Document
+
+    from beamkin import protocol
+    from dashboards.layout import DashboardSession
+    from dashboards.state import DashboardState
+
+    start = protocol.make("start", series_id="gapped", kind="profile", source="t", detector={}, geometry={},
+                          frame_time_s=0.1, exposure_s=0.1, n_frames=None, gas_time_s=None)
+    stat = {"mean": 7.4, "sd": 0.03, "q05": 7.35, "q50": 7.4, "q95": 7.45}
+    result = protocol.make("result", series_id="gapped", result={
+        "models": {"F1": {"probability": 1.0, "params": {"t0": stat, "k": {"mean": 0.62}}}}, "model_averaged": {}})
+    page_html = build_report([start, result], tmp_path).read_text()
+    assert table_rows(page_html, "gapped")["F1"] == ["–", "1.0000", "7.4000 ± 0.0300", "0.6200"]
+    section = page_html[page_html.index("<h2>Series gapped</h2>"): page_html.index("</table>")]
+    assert "gas introduced at ts = unknown" in section and "nan" not in section
+    state = DashboardState()
+    session = DashboardSession(Document(), state)
+    state.apply(start)
+    session.refresh()
+    assert "gas introduced at ts = unknown" in session.header.div.text

@@ -47,7 +47,8 @@ class BannerPanel(Panel):
         delta_text = f", t0 − ts = {style.fixed(delta)} s" if isinstance(delta, (int, float)) else ""
         return (
             f"⚠ <b>ONSET DETECTED</b> in series {html.escape(str(alert.get('series_id') or series_id))}. "
-            f"<b>Alert as raised</b> at t = {style.fixed(alert.get('time_s'), 2)} s (frame {alert.get('frame_index')}): "
+            f"<b>Alert as raised</b> at t = {style.fixed(alert.get('time_s'), 2)} s "
+            f"(frame {alert.get('frame_index')}): "
             f"t0 = {style.fixed(t0.get('mean'))} s, 90 % interval {style.fixed(t0.get('q05'))} – "
             f"{style.fixed(t0.get('q95'))} s{delta_text}; leading model then "
             f"{html.escape(str(alert.get('leading_model')))} (P = {style.fixed(alert.get('leading_probability'))}), "

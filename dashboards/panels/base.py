@@ -61,6 +61,23 @@ class Panel:
         """Draw what ``update`` changes for this panel."""
 
 
+class PosteriorPanel(Panel):
+    """A panel that draws only the posterior on show, whenever it changes."""
+
+    def update(self, update: dict[str, Any], view: SessionView) -> None:
+        posterior = new_posterior(update)
+        if posterior is not None:
+            self.show(posterior)
+
+    def show(self, posterior: Posterior) -> None:
+        """Draw ``posterior`` (an exact posterior or an estimate; the fields of the message)."""
+
+
+def new_posterior(update: dict[str, Any]) -> Posterior | None:
+    """The posterior on show when ``update`` changes it; None when unchanged or none to show."""
+    return update["now"][0] if "now" in update else None
+
+
 def empty(columns: list[str]) -> dict[str, list]:
     return {name: [] for name in columns}
 

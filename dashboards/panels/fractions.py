@@ -17,7 +17,7 @@ from bokeh.transform import factor_cmap, factor_mark
 from .. import style
 from ..figures import live_figure, live_legend
 from ..state import HISTORY_CAPACITY
-from .base import Panel, SessionView, TimeWindow, empty
+from .base import Panel, SessionView, TimeWindow, empty, new_posterior
 
 ALPHA_COLUMNS = ["time_s", "alpha", "lower", "upper", "frame_index", "state"]
 PREDICTIVE_COLUMNS = ["time_s", "lead_median", "lead_q05", "lead_q95", "avg_median", "avg_q05", "avg_q95"]
@@ -89,7 +89,7 @@ class FractionsPanel(Panel):
             }, rollover=HISTORY_CAPACITY)
         times = (rows or {}).get("time_s")
         self.window.fit(update["start"], float(np.nanmax(times)) if times is not None and len(times) else None)
-        posterior = update["now"][0] if "now" in update else None
+        posterior = new_posterior(update)
         if posterior is not None:
             self._show_predictive(posterior.get("predictive") or {})
         show_gas_time(self.span_ts, update["start"])

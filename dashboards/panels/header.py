@@ -54,6 +54,7 @@ class HeaderPanel(Panel):
             f"<b>{html.escape(str(update['series_id']))}</b> ({state}), "
             f"frames {update.get('frames_seen', 0)} / {start.get('n_frames') or '?'}<br>"
             f"{html.escape(str(start.get('kind', '?')))} detector {html.escape(str(detector.get('name', '?')))}, "
-            f"λ = {style.fixed(geometry.get('wavelength_A'), 4)} Å, frame time {style.fixed(start.get('frame_time_s'))} s, "
+            f"λ = {style.fixed(geometry.get('wavelength_A'), 4)} Å, "
+            f"frame time {style.fixed(start.get('frame_time_s'))} s, "
             f"exposure {style.fixed(start.get('exposure_s'))} s, gas introduced at ts = "
             f"{style.seconds_or_unknown(start.get('gas_time_s'))}")

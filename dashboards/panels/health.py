@@ -36,7 +36,8 @@ class HealthPanel(Panel):
     def roots(self) -> dict[str, Any]:
         return {"beamkin_health": column(self.div, name="beamkin_health", sizing_mode="stretch_width")}
 
-    def update(self, update: dict[str, Any], view: SessionView, global_status: dict[str, dict[str, Any]] | None = None) -> None:
+    def update(self, update: dict[str, Any], view: SessionView,
+               global_status: dict[str, dict[str, Any]] | None = None) -> None:
         """Redraw when due; ``global_status``: the latest counters of every stage (any series)."""
         key = (view.series_id, view.ended is not None, view.stale is not None)
         now = time.monotonic()

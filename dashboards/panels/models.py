@@ -17,7 +17,7 @@ from bokeh.models import ColumnDataSource, Div, FactorRange, Range1d
 from .. import style
 from ..figures import live_figure
 from ..state import NO_REACTION
-from .base import Panel, SessionView, empty
+from .base import Posterior, PosteriorPanel, empty
 
 MODEL_COLUMNS = ["model", "probability", "color", "log_evidence", "log_evidence_se", "frame_index", "kind"]
 
@@ -30,7 +30,7 @@ def _color(name: str, entry: dict[str, Any], leading: Any) -> str:
     return style.COLOR_LEADING if name == leading else style.COLOR_OTHER
 
 
-class ModelsPanel(Panel):
+class ModelsPanel(PosteriorPanel):
     """``model_probabilities`` (with the ``frame_index`` and ``kind`` of the posterior shown),
     the plot ``plot_models`` and the text ``model_table``."""
 
@@ -49,10 +49,7 @@ class ModelsPanel(Panel):
         return {"beamkin_models": column(self.table, name="beamkin_models", sizing_mode="stretch_width"),
                 "plot_models": self.figure}
 
-    def update(self, update: dict[str, Any], view: SessionView) -> None:
-        posterior = update["now"][0] if "now" in update else None
-        if posterior is None:
-            return
+    def show(self, posterior: Posterior) -> None:
         models = posterior.get("models") or {}
         leading = posterior.get("leading_model")
         entries = [(m, models[m]) for m in models]

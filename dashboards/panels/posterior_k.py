@@ -13,13 +13,13 @@ from bokeh.models import ColumnDataSource, FactorRange, Range1d
 
 from .. import style
 from ..figures import bar_masses, central_range, density_per_log10, hist_quads, live_figure
-from .base import HistogramBars, Panel, SessionView, empty, follow
+from .base import HistogramBars, Posterior, PosteriorPanel, empty, follow
 from .posterior_t0 import BAR_COLUMNS
 
 K_MODEL_COLUMNS = ["model", "q05", "q50", "q95", "color"]
 
 
-class KPosteriorPanel(Panel):
+class KPosteriorPanel(PosteriorPanel):
     """``k_histogram``: the leading model's k, density per unit log10 k (on a log axis the area
     of each bar is its probability); the plot ``plot_k_hist``."""
 
@@ -38,10 +38,7 @@ class KPosteriorPanel(Panel):
     def reset(self) -> None:
         self.bars.reset()
 
-    def update(self, update: dict[str, Any], view: SessionView) -> None:
-        posterior = update["now"][0] if "now" in update else None
-        if posterior is None:
-            return
+    def show(self, posterior: Posterior) -> None:
         hist = (posterior.get("histograms") or {}).get("k") or {}
         edges = hist.get("edges")
         if edges and hist.get("leading") is not None and min(edges) > 0:
@@ -51,7 +48,7 @@ class KPosteriorPanel(Panel):
             follow(self.figure.x_range, *(shown or (edges[0], edges[-1])), log_scale=True)
 
 
-class KByModelPanel(Panel):
+class KByModelPanel(PosteriorPanel):
     """``k_by_model``: every model's k median and 90 % interval, most probable at the top, the
     leading model red and stale ones pale; the plot ``plot_k_models``."""
 
@@ -68,10 +65,7 @@ class KByModelPanel(Panel):
     def roots(self) -> dict[str, Any]:
         return {"plot_k_models": self.figure}
 
-    def update(self, update: dict[str, Any], view: SessionView) -> None:
-        posterior = update["now"][0] if "now" in update else None
-        if posterior is None:
-            return
+    def show(self, posterior: Posterior) -> None:
         models = posterior.get("models") or {}
         leading = posterior.get("leading_model")
         rows = [(m, ((models[m].get("params") or {}).get("k") or {})) for m in style.by_probability(models)]

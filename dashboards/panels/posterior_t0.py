@@ -13,12 +13,12 @@ from bokeh.models import ColumnDataSource, Range1d
 
 from .. import style
 from ..figures import bar_masses, central_range, hist_quads, live_figure, live_legend
-from .base import HistogramBars, Panel, SessionView, empty, follow
+from .base import HistogramBars, Posterior, PosteriorPanel, empty, follow
 
 BAR_COLUMNS = ["left", "right", "top", "bottom"]
 
 
-class T0PosteriorPanel(Panel):
+class T0PosteriorPanel(PosteriorPanel):
     """``t0_histogram`` (all models), ``t0_histogram_leading`` and ``t0_marks`` (mean, q05,
     q95 of t0 over all models); the plot ``plot_t0_hist``."""
 
@@ -47,10 +47,7 @@ class T0PosteriorPanel(Panel):
         self.leading.reset()
         self.marks.data = {"mean": [], "q05": [], "q95": []}
 
-    def update(self, update: dict[str, Any], view: SessionView) -> None:
-        posterior = update["now"][0] if "now" in update else None
-        if posterior is None:
-            return
+    def show(self, posterior: Posterior) -> None:
         hist = (posterior.get("histograms") or {}).get("t0") or {}
         edges = hist.get("edges")
         if edges and hist.get("model_averaged") is not None:

@@ -16,7 +16,7 @@ from bokeh.palettes import Category10_10, Category20_20
 from .. import style
 from ..figures import live_figure
 from ..state import HISTORY_CAPACITY, NO_REACTION
-from .base import Panel, SessionView, TimeWindow, empty, stream_per_model_columns
+from .base import Panel, SessionView, TimeWindow, empty, new_posterior, stream_per_model_columns
 from .onset import HISTORY_COLUMNS
 
 #: Lines ready for the model-probability history: every rate law of the inference stage and "no reaction".
@@ -72,7 +72,7 @@ class KHistoryPanel(Panel):
     def update(self, update: dict[str, Any], view: SessionView) -> None:
         if "k_history" in update:
             stream_per_model_columns(self.source, update["k_history"])
-        posterior = update["now"][0] if "now" in update else None
+        posterior = new_posterior(update)
         if posterior is not None:
             self._show_model(posterior.get("leading_model"))
 
