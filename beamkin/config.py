@@ -8,10 +8,11 @@ split for keys whose default is a list (``--inference.models F1,A2``).
 
 The schema is the defaults file itself: every key it sets, plus the optional keys it documents as
 commented-out assignments (``# k = [0.01, 100.0]  # description`` under ``[inference.priors]``),
-plus the ``[reducer.fractions]`` table whose keys are those of ``reducer.fractions.FractionConfig``
-(windows: ``WindowSpec``, lines: ``Line``). Any other key, in a TOML file or on the command line,
-is a :class:`ConfigError` naming the key and the nearest valid one (``difflib``). Each key's
-description is the comment after it in the defaults file (shown by ``--help``).
+plus the ``[reducer.fractions]`` table whose keys (FRACTION_KEYS here) are those of
+``reducer.fraction_config.FractionConfig`` (windows: ``WindowSpec``, lines: ``Line``). Any other
+key, in a TOML file or on the command line, is a :class:`ConfigError` naming the key and the
+nearest valid one (``difflib``). Each key's description is the comment after it in the defaults
+file (shown by ``--help``).
 """
 
 from __future__ import annotations
@@ -104,18 +105,28 @@ def _sections(table: dict[str, Any], prefix: str = "") -> Iterator[str]:
             yield from _sections(value, f"{prefix}{key}.")
 
 
-#: optional tables whose schema lives in the code that reads them (dotted name -> dataclass path)
+#: optional tables the defaults file does not spell out: their keys are listed below
 OPTIONAL_TABLES = ("reducer.fractions",)
+
+#: keys of the optional [reducer.fractions] table (reducer.fraction_config.FractionConfig, less its
+#: in-memory ``phases``), of each of its [[reducer.fractions.windows]] (WindowSpec) and of each
+#: window's ``lines`` (Line); tests/test_config.py checks they are the dataclasses' fields
+FRACTION_KEYS = ("windows", "method", "reference_ratio_b_to_a", "reference_scale_a", "reference_scale_b",
+                 "min_signal_sigma", "n_reweight", "wavelength_A", "whole_pattern_range_deg", "background_terms",
+                 "reference_pattern_a", "reference_pattern_b", "position_search_rel", "position_step_rel",
+                 "position_min_snr")
+FRACTION_WINDOW_KEYS = ("phase", "lo_deg", "hi_deg", "lines")
+FRACTION_LINE_KEYS = ("phase", "center_deg", "fwhm_deg", "relative_intensity", "eta")
 
 
 def _fraction_schema() -> dict[str, Any]:
-    """Keys of [reducer.fractions] (FractionConfig), its windows (WindowSpec) and lines (Line)."""
-    from reducer.fractions import FractionConfig, Line, WindowSpec
-
-    lines = {f.name: None for f in dataclasses.fields(Line)}
-    windows = {f.name: None for f in dataclasses.fields(WindowSpec)}
+    """Schema of [reducer.fractions] for :func:`_check_against`: a table of FRACTION_KEYS whose
+    ``windows`` is an array of tables of FRACTION_WINDOW_KEYS, each with ``lines`` an array of
+    tables of FRACTION_LINE_KEYS."""
+    lines = dict.fromkeys(FRACTION_LINE_KEYS)
+    windows = dict.fromkeys(FRACTION_WINDOW_KEYS)
     windows["lines"] = [lines]
-    table = {f.name: None for f in dataclasses.fields(FractionConfig) if f.name != "phases"}
+    table = dict.fromkeys(FRACTION_KEYS)
     table["windows"] = [windows]
     return table
 

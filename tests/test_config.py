@@ -54,6 +54,25 @@ def test_the_example_material_file_is_valid():
     assert len(config["reducer"]["fractions"]["windows"]) == 6
 
 
+def test_the_fraction_schema_is_the_reducer_dataclasses():
+    """beamkin/config.py lists the [reducer.fractions] keys without importing the reducer; they are
+    the fields of the reducer's FractionConfig (less the in-memory phases), WindowSpec and Line."""
+    import dataclasses
+
+    from reducer.fraction_config import FractionConfig, Line, WindowSpec
+
+    def names(cls):
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "phases")
+
+    assert configuration.FRACTION_KEYS == names(FractionConfig)
+    assert configuration.FRACTION_WINDOW_KEYS == names(WindowSpec)
+    assert configuration.FRACTION_LINE_KEYS == names(Line)
+    schema = configuration._fraction_schema()
+    assert tuple(schema) == names(FractionConfig)
+    assert tuple(schema["windows"][0]) == names(WindowSpec)
+    assert tuple(schema["windows"][0]["lines"][0]) == names(Line)
+
+
 def test_every_key_has_a_description_and_every_default_is_in_the_schema():
     docs = configuration.key_docs()
     leaves = dict(configuration._leaves(configuration.defaults()))
