@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import functools
 
-from reducer.fractions import FractionConfig, windows_from_phases
 from beamkin.phases import DEFAULT_WAVELENGTH_A, choose_peak_windows, cpl1_phases
+from reducer.fraction_config import FractionConfig, windows_from_phases
 
 __all__ = ["cpl1_ar_fraction_config", "cpl1_ar_reducer_table", "to_toml"]
 

@@ -19,11 +19,13 @@ Masks (all combined into one static mask, nonzero = excluded):
 * a user mask file (any format fabio reads) or array;
 * per frame, dynamically: pixels equal to the all-ones value of the integer pixel type
   (EIGER/PILATUS mark gaps and dead pixels that way), pixels above the saturation value of the
-  metadata, and for floating-point frames NaN, infinite or negative values.
+  metadata, and for floating-point frames NaN, infinite or negative values
+  (reducer.frame_pixels.prepare_frame).
 
 Output intensity is pyFAI's mean corrected intensity per bin (counts per pixel after dark,
 flat, solid-angle and polarisation correction) with the Poisson error model
-(variance = raw counts, propagated through the same normalisation).
+(variance = raw counts, propagated through the same normalisation), as a
+reducer.pattern.Pattern (re-exported here with ReductionError).
 """
 from __future__ import annotations
 
@@ -32,10 +34,11 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import numba
 import numpy as np
 
 from beamkin.errors import ReductionError
+from reducer.frame_pixels import prepare_frame
+from reducer.pattern import Pattern
 
 logger = logging.getLogger(__name__)
 
@@ -44,74 +47,12 @@ __all__ = [
     "Pattern",
     "Integrator",
     "DEFAULT_METHOD",
-    "all_ones_value",
 ]
 
 DEFAULT_METHOD = ("no", "csr", "cython")
 """Fastest accurate CPU method measured in bench/bench_reducer.py (see docs/benchmarks.md)."""
 
 _UNITS = {"2th_deg": "2th_deg", "q_nm^-1": "q_nm^-1"}
-
-
-@dataclasses.dataclass
-class Pattern:
-    """A 1D powder pattern.
-
-    radial: bin centres, degrees 2theta (unit "2th_deg") or 1/nm (unit "q_nm^-1");
-    intensity: corrected mean counts per pixel (2D detectors) or counts per step (strip detectors);
-    sigma: one-standard-deviation Poisson uncertainty of intensity, 0 for empty bins;
-    count: number of (fractional) pixels contributing to each bin, None when not known;
-    status: "ok" or "flagged"; reason: why it was flagged ("" when ok).
-    """
-
-    radial: np.ndarray
-    intensity: np.ndarray
-    sigma: np.ndarray
-    unit: str = "2th_deg"
-    count: np.ndarray | None = None
-    status: str = "ok"
-    reason: str = ""
-    model_response: Any = dataclasses.field(default=None, repr=False, compare=False)
-    """Optional callable f -> bins: the noiseless pattern this pattern's reduction gives for a
-    scattering law f(two_theta_deg array) -> intensity (set by Integrator; None for profiles,
-    where a bin is the mean over its 2theta step). Not serialised."""
-
-    @property
-    def valid(self) -> np.ndarray:
-        """Bins usable for fitting: finite intensity and sigma, and at least one contributing
-        pixel (count > 0) or, when count is unknown, sigma > 0."""
-        ok = np.isfinite(self.intensity) & np.isfinite(self.sigma) & (self.sigma >= 0)
-        if self.count is not None:
-            return ok & (self.count > 0)
-        return ok & (self.sigma > 0)
-
-    @classmethod
-    def from_profile(cls, two_theta_deg, counts, sigma=None) -> "Pattern":
-        """Pattern from a strip-detector profile (MYTHEN): counts per 2theta step, degrees.
-
-        sigma defaults to sqrt(counts) (Poisson). Non-finite or negative counts make the step
-        invalid (count = 0, sigma = 0, intensity = 0); count is 1 for the other steps.
-        """
-        tth = np.asarray(two_theta_deg, dtype=np.float64)
-        y = np.asarray(counts, dtype=np.float64)
-        if tth.ndim != 1 or y.shape != tth.shape:
-            raise ReductionError(f"profile arrays must be 1D and equal length, got {tth.shape} and {y.shape}")
-        if sigma is None:
-            with np.errstate(invalid="ignore"):
-                s = np.sqrt(np.where(y > 0, y, 0.0))
-        else:
-            s = np.asarray(sigma, dtype=np.float64)
-            if s.shape != tth.shape:
-                raise ReductionError(f"profile sigma shape {s.shape} differs from counts shape {y.shape}")
-        bad = ~np.isfinite(y) | (y < 0) | ~np.isfinite(s) | ~np.isfinite(tth)
-        if bad.any():
-            y = np.where(bad, 0.0, y)
-            s = np.where(bad, 0.0, s)
-        status, reason = "ok", ""
-        if bad.all():
-            status, reason = "flagged", "all profile steps invalid (NaN or negative counts)"
-        count = (~bad).astype(np.float64)
-        return cls(radial=tth, intensity=y, sigma=s, unit="2th_deg", count=count, status=status, reason=reason)
 
 
 @dataclasses.dataclass
@@ -128,17 +69,6 @@ class _BinSums:
     count: np.ndarray | None
 
 
-def all_ones_value(dtype) -> int | None:
-    """The all-ones bit pattern of an integer pixel type as a number (uint16 -> 65535, int32 -> -1);
-    None for floating-point types."""
-    dt = np.dtype(dtype)
-    if dt.kind == "u":
-        return int(np.iinfo(dt).max)
-    if dt.kind == "i":
-        return -1
-    return None
-
-
 def load_mask_file(path: str) -> np.ndarray:
     """User mask from any image format fabio reads; nonzero = masked."""
     import fabio
@@ -147,51 +77,6 @@ def load_mask_file(path: str) -> np.ndarray:
         return np.asarray(fabio.open(str(path)).data) != 0
     except Exception as exc:
         raise ReductionError(f"cannot read mask file {path!r}: {exc}") from exc
-
-
-@numba.njit(cache=True)
-def _min_max(flat: np.ndarray) -> tuple[int, int]:
-    """(minimum, maximum) of a 1D signed-integer array in one pass (vectorised by LLVM; about
-    0.33 ms for a 4 MB Pilatus 1M frame, against 0.5 ms for a branchy count)."""
-    lo = flat[0]
-    hi = flat[0]
-    for i in range(flat.shape[0]):
-        v = flat[i]
-        lo = min(lo, v)
-        hi = max(hi, v)
-    return lo, hi
-
-
-@numba.njit(cache=True)
-def _min_max_to_float32(flat: np.ndarray, signed: np.ndarray, out: np.ndarray) -> tuple[int, int]:
-    """_min_max of signed (the same pixels as flat, viewed as signed) while writing flat as
-    float32 into out (round to nearest, as numpy's astype): one read of the frame instead of a
-    check here and pyFAI's own float32 conversion (a 4 MB allocation) later."""
-    lo = signed[0]
-    hi = signed[0]
-    for i in range(flat.shape[0]):
-        v = signed[i]
-        lo = min(lo, v)
-        hi = max(hi, v)
-        out[i] = np.float32(flat[i])
-    return lo, hi
-
-
-@numba.njit(cache=True)
-def _to_float32(flat: np.ndarray, out: np.ndarray) -> None:
-    """flat as float32 into out (round to nearest, as numpy's astype)."""
-    for i in range(flat.shape[0]):
-        out[i] = np.float32(flat[i])
-
-
-@numba.njit(cache=True)
-def _any_outside(flat: np.ndarray, upper: float) -> bool:
-    """True when a value of a 1D float array is NaN, infinite, negative or above upper."""
-    for i in range(flat.shape[0]):
-        v = flat[i]
-        if not (v >= 0.0 and v <= upper):  # NaN fails both comparisons
-            return True
-    return False
 
 
 def parse_method(method) -> tuple[str, str, str]:
@@ -322,57 +207,8 @@ class Integrator:
         return integrator
 
     # ------------------------------------------------------------------ per frame
-    def _prepare(self, image: np.ndarray, to_float32: bool = False) -> tuple[np.ndarray, float | None]:
-        """Frame ready for pyFAI and its dummy value (dynamic mask).
-
-        to_float32: integer frames of up to 32 bits come back as float32 (pyFAI's CSR working
-        type) in a buffer reused by the next call, converted in the same pass as the checks."""
-        if not isinstance(image, np.ndarray):
-            raise ReductionError(f"frame must be a numpy array, got {type(image).__name__}")
-        if image.ndim != 2 or tuple(image.shape) != self.shape:
-            raise ReductionError(f"frame shape {tuple(image.shape)} differs from detector shape {self.shape}")
-        kind = image.dtype.kind
-        if kind in "uif" and not image.dtype.isnative:
-            image = image.astype(image.dtype.newbyteorder("="))
-        if kind in "ui":
-            all_ones = all_ones_value(image.dtype)
-            dummy = float(all_ones)
-            to_float32 = to_float32 and image.dtype.itemsize <= 4 and image.flags.c_contiguous
-            if kind == "u" and self.saturation is None:
-                # no negatives, no NaN; pyFAI masks the all-ones value (dummy)
-                if to_float32:
-                    _to_float32(image.reshape(-1), self._float32_buffer())
-                    return self._float32_buffer().reshape(self.shape), dummy
-                return image, dummy
-            # One min/max pass decides whether the frame needs rewriting (rare). Unsigned frames are
-            # viewed as the signed type of the same width: the all-ones marker reads -1, and any
-            # value >= 2**(bits - 1) reads below -1, so the check is conservative, never lax.
-            signed = image if kind == "i" else image.view(np.dtype(f"i{image.dtype.itemsize}"))
-            if to_float32:
-                lo, hi = _min_max_to_float32(image.reshape(-1), signed.reshape(-1), self._float32_buffer())
-                rewrite = (kind == "i" and lo < -1) or (self.saturation is not None and hi > self.saturation)
-                if not (rewrite or (kind == "u" and lo < -1)):
-                    return self._float32_buffer().reshape(self.shape), dummy
-            else:
-                lo, hi = _min_max(signed.reshape(-1))
-            if kind == "i" and lo < -1:  # negatives other than the -1 marker: dead pixels too
-                image = np.where(image < 0, image.dtype.type(-1), image)
-            if self.saturation is not None and (hi > self.saturation or (kind == "u" and lo < -1)):
-                image = np.where(image > self.saturation, image.dtype.type(all_ones), image)
-            return image, dummy
-        if kind == "f":
-            upper = np.inf if self.saturation is None else self.saturation
-            compiled = image.dtype in (np.float32, np.float64)  # numba has no float16
-            if not compiled or _any_outside(image.reshape(-1), upper):
-                bad = ~np.isfinite(image) | (image < 0)
-                if self.saturation is not None:
-                    bad |= image > self.saturation
-                image = np.where(bad, image.dtype.type(-1.0), image)
-            return image, -1.0
-        raise ReductionError(f"unsupported frame dtype {image.dtype} (need an integer or float image)")
-
     def _float32_buffer(self) -> np.ndarray:
-        """The frame-sized float32 buffer _prepare converts integer frames into. Shallow copies
+        """The frame-sized float32 buffer prepare_frame converts integer frames into. Shallow copies
         (reducer.service reuses an integrator for later series) share it, which is safe because a
         worker integrates one frame at a time and pyFAI keeps no reference to it."""
         if getattr(self, "_float32", None) is None:
@@ -394,7 +230,8 @@ class Integrator:
         sum of its raw counts: with no pixel splitting sigma = sqrt(sum_signal + sum_dark) /
         sum_normalization from the same pass; with splitting the frame itself is passed as the
         pixel variance."""
-        data, dummy = self._prepare(image, to_float32=self._float32_frames and self._engine_call is not None)
+        to_float32 = self._float32_frames and self._engine_call is not None
+        data, dummy = prepare_frame(image, self.shape, self.saturation, self._float32_buffer if to_float32 else None)
         no_split = self.method[0] == "no"
         variance = None
         if not no_split:

@@ -278,7 +278,7 @@ class PhaseTable:
 def _windows_from_lines(phase_a: MeasuredPhase, phase_b: MeasuredPhase, windows) -> list:
     """WindowSpecs: every line of either phase within TAIL_FWHM FWHM of the window and at least
     MIN_LINE_FRACTION of the strongest such line (relative intensities, eta per line)."""
-    from reducer.fractions import Line, WindowSpec
+    from reducer.fraction_config import Line, WindowSpec
 
     specs = []
     for w in windows:
@@ -300,7 +300,8 @@ def build_phase_table(ref_a: ReferencePattern, ref_b: ReferencePattern,
     """Steps 1-5 of the module doc. ``search_range_deg``: where windows may lie (default: the
     range both references cover, less 1 % at each end); ``reference_files``: the whole-pattern
     reference paths written into the table (None: no whole-pattern references)."""
-    from reducer.fractions import FractionConfig, PhaseFractionEstimator
+    from reducer.fraction_config import FractionConfig
+    from reducer.fractions import PhaseFractionEstimator
     from reducer.integrate import ReductionError
     from beamkin.phases import choose_peak_windows
 

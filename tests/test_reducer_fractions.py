@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from reducer.defaults import cpl1_ar_fraction_config, cpl1_ar_reducer_table
-from reducer.fractions import (FractionConfig, PhaseFractionEstimator, irls_linear_fit,
-                               q_to_two_theta_deg, weighted_linear_fit)
+from reducer.fraction_config import FractionConfig
+from reducer.fractions import PhaseFractionEstimator, q_to_two_theta_deg
 from reducer.integrate import Integrator, Pattern, ReductionError
 from simulator.synthetic import SyntheticPowderDetector, default_metadata
 
@@ -35,37 +35,6 @@ def integrator(md):
 @pytest.fixture(scope="module")
 def estimator(md):
     return PhaseFractionEstimator.from_config({}, md)
-
-
-# ------------------------------------------------------------------------------ kernels
-def test_weighted_linear_fit_matches_numpy():
-    rng = np.random.default_rng(3)
-    for _ in range(20):
-        n, p = rng.integers(8, 60), rng.integers(1, 6)
-        x = rng.normal(size=(n, p))
-        y = rng.normal(size=n)
-        var = rng.uniform(0.1, 5.0, n)
-        c, cov, chi2 = weighted_linear_fit(x, y, var)
-        w = 1 / np.sqrt(var)
-        ref, *_ = np.linalg.lstsq(x * w[:, None], y * w, rcond=None)
-        np.testing.assert_allclose(c, ref, rtol=1e-8, atol=1e-10)
-        np.testing.assert_allclose(cov, np.linalg.inv((x * w[:, None]).T @ (x * w[:, None])), rtol=1e-8)
-        assert chi2 == pytest.approx(np.sum((y - x @ ref) ** 2 / var), rel=1e-8)
-
-
-def test_irls_is_a_fixed_point_of_model_weighted_least_squares():
-    """IRLS solution = WLS with var = g * model(solution) (checked with numpy lstsq)."""
-    rng = np.random.default_rng(4)
-    x = np.column_stack([np.exp(-np.linspace(-3, 3, 40) ** 2), np.ones(40)])
-    for _ in range(5):
-        g = rng.uniform(0.5, 2.0)
-        mu = x @ np.array([200.0, 50.0])
-        y = g * rng.poisson(mu / g)
-        c, cov, _ = irls_linear_fit(x, y.astype(float), np.sqrt(g * np.maximum(y, 0)), 30)
-        var = g * (x @ c)
-        w = 1 / np.sqrt(var)
-        ref, *_ = np.linalg.lstsq(x * w[:, None], y * w, rcond=None)
-        np.testing.assert_allclose(c, ref, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------ calibration
@@ -305,7 +274,7 @@ def test_line_shift_refinement_removes_strain_bias(md, integrator):
 def test_line_law_and_grid_lookup_keep_the_general_rules():
     """The one-pass line law equals the bin-average kernel at zero bin width (bit for bit,
     0 beyond 60 FWHM), and the shift-grid lookup finds exactly what np.isclose(atol=1e-12) finds."""
-    from reducer.fractions import _line_law, _PeaksModel
+    from reducer.peak_profile import PeaksModel, line_law
     from beamkin.phases import pseudo_voigt_bin_average
 
     tth = np.linspace(3.0, 6.0, 20_001)
@@ -313,8 +282,8 @@ def test_line_law_and_grid_lookup_keep_the_general_rules():
         near = np.abs(tth - centre) < 60.0 * fwhm
         expect = np.zeros_like(tth)
         expect[near] = pseudo_voigt_bin_average(tth[near], np.zeros(near.sum()), centre, fwhm, eta)
-        np.testing.assert_array_equal(_line_law(centre, fwhm, eta)(tth), expect)
-    model = _PeaksModel.__new__(_PeaksModel)
+        np.testing.assert_array_equal(line_law(centre, fwhm, eta)(tth), expect)
+    model = PeaksModel.__new__(PeaksModel)
     model.eps_grid = np.arange(-8, 9) * 0.0005
     model._grid_searchable = True
     for eps in [-0.004, -0.0040000000000001, 0.0, 1e-13, 3e-12, 0.00049999999999995, 0.0012345, 0.004, 0.0045,

@@ -327,7 +327,7 @@ def test_every_frame_equals_integrate1d(md, detector, method):
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32])
 def test_float32_conversion_matches_numpy(dtype):
     """The frame conversion fused with the checks rounds like numpy's astype over the whole range."""
-    from reducer.integrate import _min_max, _min_max_to_float32, _to_float32
+    from reducer.frame_pixels import _min_max, _min_max_to_float32, _to_float32
 
     info = np.iinfo(dtype)
     values = np.random.default_rng(5).integers(info.min, info.max, 200_000, dtype=np.int64, endpoint=True)
