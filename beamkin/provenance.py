@@ -49,6 +49,7 @@ class SeriesProvenance:
         self.replaced: list[dict[str, Any]] = []
         self.conflicts: list[dict[str, Any]] = []
         self.missing: list[int] = []
+        self._replaced: set[int] = set()
         self.counts = {"flagged": 0, "replaced": 0, "conflicts": 0, "missing": 0}
 
     @staticmethod
@@ -67,6 +68,13 @@ class SeriesProvenance:
         first fraction is kept) or None. Frames the streamer reassigned are noted as replaced."""
         index = fraction["frame_index"]
         worker, host = self.peer(fraction)
+        reassigned = fraction.get("reassigned")
+        if isinstance(reassigned, list) and reassigned and index not in self._replaced:
+            # the streamer took the frame from a worker: so, whichever copy arrives first
+            self._replaced.add(index)
+            taken_from = [{"worker": _name(item.get("worker")), "reason": str(item.get("reason", ""))[:200]}
+                          for item in reassigned[:8] if isinstance(item, dict)]
+            self._add("replaced", {"frame_index": index, "reduced_by": worker, "taken_from": taken_from})
         first = self.sources.get(index)
         if first is not None:
             conflict = {"frame_index": index, "kept": {"worker": first[0], "host": first[1]},
@@ -75,11 +83,6 @@ class SeriesProvenance:
             return conflict
         self.sources[index] = (worker, host)
         self.frames_by_worker[(worker, host)] = self.frames_by_worker.get((worker, host), 0) + 1
-        reassigned = fraction.get("reassigned")
-        if isinstance(reassigned, list) and reassigned:
-            taken_from = [{"worker": _name(item.get("worker")), "reason": str(item.get("reason", ""))[:200]}
-                          for item in reassigned[:8] if isinstance(item, dict)]
-            self._add("replaced", {"frame_index": index, "reduced_by": worker, "taken_from": taken_from})
         if fraction.get("status") != "ok":
             self._add("flagged", {"frame_index": index, "reason": str(fraction.get("reason") or "")[:200],
                                   "worker": worker})

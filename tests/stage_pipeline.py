@@ -61,8 +61,10 @@ class StagePipeline:
     publishes until its ``end`` of the series; scrape; stop every stage."""
 
     def __init__(self, config: dict[str, Any], ports: LoopbackPorts,
-                 stages: tuple[str, ...] = ("infer", "stream", "reduce")):
+                 stages: tuple[str, ...] = ("infer", "stream", "reduce"), before_source: Any = None):
+        """``before_source``: called once the stages are ready, before the simulator starts."""
         self.config = copy.deepcopy(config)
+        self.before_source = before_source
         self.ports = ports
         self.stages = stages
         self.supervisor = Supervisor(self.config)
@@ -76,6 +78,8 @@ class StagePipeline:
             self.supervisor.start(command, command)
         self.supervisor.wait_ready(timeout_s=300)
         time.sleep(0.3)  # the SUB socket's subscription reaches the inference's PUB
+        if self.before_source is not None:
+            self.before_source()
         self.supervisor.start("simulate", "simulate", may_finish=True)
 
     def wait_for_end(self, timeout_s: float = 300.0) -> protocol.Message:

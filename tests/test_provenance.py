@@ -8,13 +8,17 @@ from __future__ import annotations
 import math
 import re
 import socket
+import threading
+import time
 
 import numpy as np
+import zmq
 
 from beamkin import protocol
 from beamkin.loopback import LoopbackPorts
 from beamkin.provenance import config_sha256
-from tests.stage_pipeline import N_FRAMES, StagePipeline, canonical, pipeline_config
+from tests.stage_pipeline import (N_FRAMES, StagePipeline, canonical, free_ports, pipeline_config, scrape_until,
+                                  value)
 
 
 def test_result_and_end_name_the_workers_their_host_and_the_configuration():
@@ -102,3 +106,96 @@ def test_a_duplicate_fraction_is_a_reported_conflict_and_does_not_change_the_res
     # the conflict is logged, naming the series, the frame and both workers
     assert re.search(r"conflict: frame 14 of series dup received twice, from worker w-0/1 on reducer-host "
                      r"\(kept\) and from worker intruder/99 on elsewhere", log_tail), log_tail
+
+
+class StallingWorker(threading.Thread):
+    """A reducer worker that takes its frames, sends a flagged fraction for each at once, then
+    falls silent (no ``done``, no more heartbeats once it holds ``capacity`` frames): the streamer
+    declares it lost and hands its frames to the real worker, whose fractions of them then reach
+    the inference second."""
+
+    IDENTITY = "stall/1"
+
+    def __init__(self, config: dict):
+        super().__init__(daemon=True)
+        self.config = config
+        self.frames: list[int] = []
+        self.ready = threading.Event()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        context = zmq.Context()
+        dealer = context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.IDENTITY, self.IDENTITY.encode())
+        dealer.connect(self.config["endpoints"]["frames"])
+        push = context.socket(zmq.PUSH)
+        push.connect(self.config["endpoints"]["reduced"])
+        protocol.send(dealer, protocol.make("ready", worker="stall", capacity=2))
+        self.ready.set()
+        last_heartbeat = time.monotonic()
+        while not self.stop.is_set():
+            if len(self.frames) < 2 and time.monotonic() - last_heartbeat > 0.5:  # alive until it holds two
+                protocol.send(dealer, protocol.make("ready", worker="stall", capacity=2))
+                last_heartbeat = time.monotonic()
+            if not dealer.poll(100):
+                continue
+            _, message = protocol.recv(dealer)
+            if message.type != "frame":
+                continue
+            fraction = protocol.make("fraction", series_id=message["series_id"], frame_index=message["frame_index"],
+                                     time_s=message["time_s"], exposure_s=message["exposure_s"], alpha=None,
+                                     sigma_alpha=None, status="flagged", reason="test: stalled worker")
+            fraction.fields.update(worker=self.IDENTITY, host="stallhost")
+            protocol.send(push, fraction)
+            self.frames.append(message["frame_index"])
+        dealer.close(0)
+        push.close(1000)
+        context.term()
+
+
+def test_frames_of_a_lost_worker_are_listed_as_replaced_and_their_second_copies_as_conflicts():
+    ports = LoopbackPorts.free()
+    (streamer_port,) = free_ports(1)
+    config = pipeline_config(ports, {"streamer": streamer_port})
+    # the real worker is silent for seconds on its first frame of a series (measured 3.9 s on a loaded
+    # machine): a timeout well beyond, so that only the stalling worker is declared lost
+    config["streamer"]["worker_timeout_s"] = 10.0
+    stalling = StallingWorker(config)
+
+    def connect_the_stalling_worker() -> None:
+        stalling.start()
+        assert stalling.ready.wait(10)
+        time.sleep(0.5)  # its ready reaches the streamer before the first frame
+
+    try:
+        with StagePipeline(config, ports, before_source=connect_the_stalling_worker) as pipeline:
+            pipeline.wait_for_end()
+            streamer = scrape_until(streamer_port, "beamkin_frames_reassigned_total",
+                                    {"stage": "streamer", "reason": "silent"}, 2)
+    finally:
+        stalling.stop.set()
+        stalling.join(5)
+
+    taken = sorted(stalling.frames)
+    assert len(taken) == 2  # its capacity: never acknowledged, never more
+    assert value(streamer, "beamkin_frames_reassigned_total", stage="streamer", reason="silent") == 2
+    assert value(streamer, "beamkin_frames_in_total", stage="streamer") == N_FRAMES
+    assert value(streamer, "beamkin_frames_out_total", stage="streamer") == N_FRAMES + 2  # handed out again
+
+    provenance = next(m for m in pipeline.messages if m.type == "result")["result"]["provenance"]
+    real = {m["worker"] for m in pipeline.messages if m.type == "fraction"} - {StallingWorker.IDENTITY}
+    assert len(real) == 1
+    (real_worker,) = real
+    assert sorted(r["frame_index"] for r in provenance["replaced"]) == taken
+    for replaced in provenance["replaced"]:
+        assert replaced["reduced_by"] == real_worker
+        assert [t["worker"] for t in replaced["taken_from"]] == [StallingWorker.IDENTITY]
+        assert replaced["taken_from"][0]["reason"].startswith("worker silent for")
+    # the stalling worker's fractions came first and stay (flagged); the real worker's are conflicts
+    assert sorted(c["frame_index"] for c in provenance["conflicts"]) == taken
+    assert all(c["kept"] == {"worker": StallingWorker.IDENTITY, "host": "stallhost"}
+               and c["reported"]["worker"] == real_worker for c in provenance["conflicts"])
+    assert [(f["frame_index"], f["reason"]) for f in provenance["flagged"]] == [(i, "test: stalled worker")
+                                                                                 for i in taken]
+    frames = {w["worker"]: w["frames"] for w in provenance["workers"]}
+    assert frames == {StallingWorker.IDENTITY: 2, real_worker: N_FRAMES - 2}
