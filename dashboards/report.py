@@ -379,10 +379,9 @@ def _summary_html(report: SeriesReport) -> str:
     parts.append("</p>")
     if report.alert:
         a = report.alert
-        at0 = a.get("t0") or {}
-        parts.append(f"<p class='alert'>Onset alert at t = {style.fixed(a.get('time_s'), 3)} s (frame {a.get('frame_index')}): "
-                     f"t0 = {style.fixed(at0.get('mean'), 4)} s, 90 % interval {style.fixed(at0.get('q05'), 4)} – "
-                     f"{style.fixed(at0.get('q95'), 4)} s, leading model {html.escape(str(a.get('leading_model')))}, "
+        parts.append(f"<p class='alert'>Onset alert at t = {style.fixed(a.get('time_s'), 3)} s "
+                     f"(frame {a.get('frame_index')}): {style.t0_with_interval(a.get('t0'), 4)}, "
+                     f"leading model {html.escape(str(a.get('leading_model')))}, "
                      f"onset probability {style.fixed(a.get('onset_probability'), 4)}.</p>")
     if not (report.fit.get("predictive") or {}).get("time_s"):
         parts.append("<p class='note'>The input has no posterior predictive: the α(t) plot shows the data only.</p>")

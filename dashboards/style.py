@@ -108,6 +108,13 @@ def mean_sd(stat: dict[str, Any] | None, digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {sd:.{digits}f}" if math.isfinite(sd) else f"{mean:.{digits}f}"
 
 
+def t0_with_interval(t0: dict[str, Any] | None, digits: int = 3) -> str:
+    """An onset time summary ``{"mean", "q05", "q95"}`` (s) as "t0 = mean s, 90 % interval q05 – q95 s"."""
+    t0 = t0 or {}
+    return (f"t0 = {fixed(t0.get('mean'), digits)} s, 90 % interval {fixed(t0.get('q05'), digits)} – "
+            f"{fixed(t0.get('q95'), digits)} s")
+
+
 def seconds_or_unknown(value: Any, digits: int = 3) -> str:
     """A time in seconds with its unit, or "unknown" (the gas introduction time may not be known)."""
     return f"{fixed(value, digits)} s" if number(value) is not None else "unknown"

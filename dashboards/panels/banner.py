@@ -42,15 +42,13 @@ class BannerPanel(Panel):
 
     def _as_raised(self, series_id: str | None) -> str:
         alert = self.alert or {}
-        t0 = alert.get("t0") or {}
         delta = alert.get("t0_minus_ts")
         delta_text = f", t0 − ts = {style.fixed(delta)} s" if isinstance(delta, (int, float)) else ""
         return (
             f"⚠ <b>ONSET DETECTED</b> in series {html.escape(str(alert.get('series_id') or series_id))}. "
             f"<b>Alert as raised</b> at t = {style.fixed(alert.get('time_s'), 2)} s "
             f"(frame {alert.get('frame_index')}): "
-            f"t0 = {style.fixed(t0.get('mean'))} s, 90 % interval {style.fixed(t0.get('q05'))} – "
-            f"{style.fixed(t0.get('q95'))} s{delta_text}; leading model then "
+            f"{style.t0_with_interval(alert.get('t0'))}{delta_text}; leading model then "
             f"{html.escape(str(alert.get('leading_model')))} (P = {style.fixed(alert.get('leading_probability'))}), "
             f"onset probability {style.fixed(alert.get('onset_probability'), 4)}")
 
