@@ -13,7 +13,8 @@ other formats (beamkin recordings) can be added to ``READERS``.  alpha outside [
 Settings: the ``[inference]`` table of the same configuration as the live service
 (``beamkin/defaults.toml`` < ``--config FILE`` < ``--inference.KEY VALUE``; ``--models``,
 ``--particles``, ``--seed``, ``--noise``, ``--student-nu`` are short forms), and the engine
-is built by the live service's own ``inference.service.make_engine``, so that ``analyze`` of a
+is built by the live stage's own ``inference.series.make_engine`` from the same
+``inference.settings.InferenceSettings``, so that ``analyze`` of a
 recording reproduces the live posterior by default.  ``--prior`` / ``--fix`` add to
 ``[inference.priors]``.
 
@@ -37,8 +38,8 @@ from typing import Callable
 
 import numpy as np
 
-from .models import MODEL_NAMES, model_code
 from .priors import Priors, parse_fix_option, parse_prior_option
+from .settings import InferenceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -193,13 +194,12 @@ def analyze(time_s, alpha, sigma=None, exposure_s=None, *, gas_time_s: float | N
     table = configuration.load(config)["inference"]
     for key, value in inference_keys.items():
         configuration.set_path({"inference": table}, f"inference.{key}", value)
-    for name in table["models"]:
-        model_code(name)
+    settings = InferenceSettings.from_table(table)
     series = series_from_arrays(time_s, alpha, sigma, exposure_s)
     warning = implausible_alpha(series)
     if warning:
         logger.warning("%s", warning)
-    return analyze_series(series, engine=engine_for(series, table, gas_time_s))
+    return analyze_series(series, engine=engine_for(series, settings, gas_time_s))
 
 
 def implausible_alpha(series: Series) -> str | None:
@@ -276,14 +276,16 @@ def load_series(path: str | pathlib.Path) -> Series:
     return reader(path)
 
 
-def analyze_series(series: Series, models=MODEL_NAMES, priors: Priors | None = None, n_particles: int = 4096,
-                   seed: int = 0, noise: str = "normal", student_nu: float = 4.0, gas_time_s: float | None = None,
+def analyze_series(series: Series, models=None, priors: Priors | None = None, n_particles: int | None = None,
+                   seed: int | None = None, noise: str | None = None, student_nu: float | None = None,
+                   gas_time_s: float | None = None,
                    progress: Callable[[int, int], None] | None = None, engine=None,
                    schedule: tuple | None = None) -> dict:
     """Run the online sampler over a whole series and return ``OnlineInference.result()``.
 
     ``engine``: an OnlineInference already built (``engine_for``: the live service's settings);
-    without it one is built from models, priors, n_particles, seed, noise, student_nu, gas_time_s.
+    without it one is built from models, priors, n_particles, seed, noise, student_nu, gas_time_s,
+    each not given (None) and every other setting being beamkin/defaults.toml's ``[inference]``.
     ``schedule``: frames per exact step (a live run's, ``Series.schedule``), which reproduces that
     run exactly with the same settings and seed; None = one frame per step, which agrees with
     it within Monte Carlo error."""
@@ -374,21 +376,9 @@ def gas_time_from(args: argparse.Namespace, series: Series) -> float | None:
     return args.gas_time if args.gas_time is not None else series.gas_time_s
 
 
-def priors_from_args(args: argparse.Namespace, series: Series) -> Priors:
-    """Priors from --prior / --fix alone (t0 window [ts or 0, series end]); see inference_config
-    for the priors of the configuration."""
-    gas_time_s = gas_time_from(args, series)
-    t_lo = 0.0 if gas_time_s is None else float(gas_time_s)
-    values: dict = {"t0": (t_lo, series.default_t_end())}
-    for text in args.prior:
-        name, bounds = parse_prior_option(text)
-        values[name] = bounds
-    fixed = dict(parse_fix_option(text) for text in args.fix)
-    return Priors(**values, fixed=fixed)
-
-
-def inference_config(args: argparse.Namespace) -> dict:
-    """The [inference] table: defaults < --config < options, plus --prior / --fix in its priors."""
+def inference_settings(args: argparse.Namespace) -> InferenceSettings:
+    """The settings of the [inference] table (defaults < --config < options, plus --prior / --fix
+    in its priors), as the live stage builds them (``InferenceSettings.from_config``)."""
     from beamkin import config as configuration
 
     table = configuration.from_arguments(args)["inference"]
@@ -401,9 +391,7 @@ def inference_config(args: argparse.Namespace) -> dict:
     if fixed:
         priors["fixed"] = fixed
     table["priors"] = priors
-    for name in table["models"]:
-        model_code(name)
-    return table
+    return InferenceSettings.from_table(table)
 
 
 def series_start(series: Series, gas_time_s: float | None) -> dict:
@@ -417,11 +405,12 @@ def series_start(series: Series, gas_time_s: float | None) -> dict:
             "frame_time_s": series.default_t_end() / n, "gas_time_s": gas_time_s}
 
 
-def engine_for(series: Series, table: dict, gas_time_s: float | None):
-    """The OnlineInference the live service builds for this series with this [inference] table."""
-    from .service import make_engine
+def engine_for(series: Series, settings: InferenceSettings, gas_time_s: float | None):
+    """The OnlineInference the live stage builds for this series with these settings
+    (``series.make_engine``)."""
+    from .series import make_engine
 
-    return make_engine(table, series_start(series, gas_time_s))
+    return make_engine(settings, series_start(series, gas_time_s))
 
 
 def _check_output(path: str | None) -> None:
@@ -436,11 +425,11 @@ def main(args: argparse.Namespace) -> int:
     from beamkin.config import ConfigError
 
     try:
-        table = inference_config(args)
+        settings = inference_settings(args)
         _check_output(args.json)
         series = load_series(args.input)
         gas_time_s = gas_time_from(args, series)
-        engine = engine_for(series, table, gas_time_s)
+        engine = engine_for(series, settings, gas_time_s)
     except (OSError, ValueError, ConfigError) as exc:
         print(f"beamkin analyze: {exc}", file=sys.stderr)
         return 2

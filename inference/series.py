@@ -9,24 +9,25 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from beamkin import protocol
 from inference.reorder import ReorderBuffer
+from inference.settings import InferenceSettings
 
 log = logging.getLogger(__name__)
 
 
-def series_window(inference_config: dict[str, Any], start) -> tuple[float, float | None, list[str]]:
+def series_window(settings: InferenceSettings | Mapping[str, Any], start) -> tuple[float, float | None, list[str]]:
     """The t0 prior window of a series from its start message: (end of the window in s, ts in s
     or None, problems found).  Start fields that would make the priors impossible are not
     raised: a frame time or count that is not positive and finite gives the window of a series
     of unknown length (``max_series_s``); a gas time ts that is negative, not finite or not
     before the window's end is ignored (t0 from the series start)."""
     problems = []
-    max_series_s = float(inference_config["max_series_s"])
+    max_series_s = InferenceSettings.from_table(settings).max_series_s
     series_end_s = max_series_s
     if start is not None and start.get("n_frames"):
         n_frames, frame_time_s = start.get("n_frames"), start.get("frame_time_s")
@@ -71,42 +72,31 @@ def exact_schedule(start) -> list[int] | None:
     return schedule
 
 
-def make_engine(inference_config: dict[str, Any], start):
-    """The sampler for one series, with the t0 prior window taken from its start message
-    (``series_window``; its problems are logged as warnings)."""
+def make_engine(settings: InferenceSettings | Mapping[str, Any], start):
+    """The sampler for one series from the settings (an ``InferenceSettings``, or the
+    ``[inference]`` table it is built from), with the t0 prior window taken from its start
+    message (``series_window``; its problems are logged as warnings).  The live stage and
+    ``beamkin analyze`` both build their sampler here."""
     from inference.priors import Priors
     from inference.smc import OnlineInference
 
-    series_end_s, gas_time_s, problems = series_window(inference_config, start)
+    settings = InferenceSettings.from_table(settings)
+    series_end_s, gas_time_s, problems = series_window(settings, start)
     series_id = start["series_id"] if start is not None else None
     for problem in problems:
         log.warning("start message: %s", problem, extra={"series_id": series_id})
-    priors = Priors.from_mapping(inference_config.get("priors", {}),
-                                 base=Priors.for_series(series_end_s, gas_time_s))
-    return OnlineInference(
-        models=tuple(inference_config["models"]), priors=priors,
-        n_particles=int(inference_config["particles"]), seed=int(inference_config["seed"]),
-        noise=inference_config["noise"], student_nu=float(inference_config["student_nu"]),
-        ess_threshold=float(inference_config["ess_threshold"]),
-        temper_threshold=float(inference_config["temper_threshold"]) or None,
-        light_probability=float(inference_config["light_probability"]),
-        histogram_bins=int(inference_config["histogram_bins"]),
-        alert_threshold=float(inference_config["alert_threshold"]),
-        alert_consecutive=int(inference_config["alert_consecutive"]),
-        gas_time_s=gas_time_s, series_id=series_id,
-        null_prior=float(inference_config.get("null_prior", 0.5)),
-        threads=int(inference_config.get("model_threads", 0)) or (os.cpu_count() or 1),
-    )
+    priors = Priors.from_mapping(settings.priors, base=Priors.for_series(series_end_s, gas_time_s))
+    return OnlineInference(priors=priors, gas_time_s=gas_time_s, series_id=series_id, **settings.engine_options())
 
 
 class SeriesInference:
     """One series: its start message, sampler, reorder buffer and counters."""
 
-    def __init__(self, start: protocol.Message, config: dict[str, Any]):
+    def __init__(self, start: protocol.Message, settings: InferenceSettings):
         from inference.live import LiveInference
 
         self.series_id = start["series_id"]
-        self.live = LiveInference(make_engine(config, start), ess_floor=float(config.get("ess_floor", 0.05)),
+        self.live = LiveInference(make_engine(settings, start), ess_floor=settings.ess_floor,
                                   schedule=exact_schedule(start))
         n_frames = start.get("n_frames")
         #: frames the start announced (None: unknown); indices beyond are rejected at the door
@@ -114,7 +104,7 @@ class SeriesInference:
         self.end_reason = "completed"  # the source's reason, from its end message
         self.last_active = time.monotonic()
         self.received_unix_s: dict[int, float] = {}  # frame -> streamer receipt, until its posterior
-        self.buffer = ReorderBuffer(int(config["reorder_window"]), float(config["missing_timeout_s"]))
+        self.buffer = ReorderBuffer(settings.reorder_window, settings.missing_timeout_s)
         self.counters = collections.Counter()
         self.missing: list[int] = []
         self.alert: dict[str, Any] | None = None
@@ -135,8 +125,8 @@ class SeriesInference:
         }
 
 
-def warm_up(inference_config: dict[str, Any]) -> None:
+def warm_up(settings: InferenceSettings | Mapping[str, Any]) -> None:
     """Compile (or load from cache) every kernel before the first frame arrives."""
     began = time.perf_counter()
-    make_engine(inference_config, None).warm_up()
+    make_engine(settings, None).warm_up()
     log.info("sampler kernels ready in %.2f s", time.perf_counter() - began)

@@ -21,6 +21,7 @@ import zmq
 from beamkin import metrics, protocol, sockets
 from beamkin.supervise import EXIT_SERIES_INCOMPLETE, signal_ready
 from inference.series import MAX_SCHEDULE_STEPS, SeriesInference, exact_schedule, make_engine, series_window, warm_up
+from inference.settings import InferenceSettings
 from inference.stage import (CLOSED_SERIES_REMEMBERED, EARLY_FRAMES_KEPT, EARLY_SERIES_KEPT, FINISHED_SERIES_KEPT,
                              PATTERNS_REMEMBERED, InferenceStage)
 
@@ -39,7 +40,7 @@ def run_inference(config: dict[str, Any], stop: threading.Event) -> int:
     pull = context.socket(zmq.PULL)
     sockets.bind(pull, endpoints["reduced"])
     pub = sockets.publisher(context, endpoints["results"])
-    warm_up(config["inference"])
+    warm_up(InferenceSettings.from_config(config))
     from inference.live import tune_interpreter_for_latency
 
     tune_interpreter_for_latency()
@@ -48,7 +49,7 @@ def run_inference(config: dict[str, Any], stop: threading.Event) -> int:
     log.info("inference listening on %s, publishing on %s", endpoints["reduced"], endpoints["results"])
     signal_ready()
     last_status = time.monotonic()
-    once = config["inference"]["once"]
+    once = stage.settings.once
     while not stop.is_set():
         # while an exact sampler is behind, look for its posteriors every 5 ms
         if pull.poll(0 if stage.work else 5 if stage.sampling() else 50):

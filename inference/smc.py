@@ -47,6 +47,7 @@ from .null_model import NullModel
 from .payload import NullEvidence, ParticleView, PayloadBuilder, model_probabilities, warm_up_kernels
 from .population import ModelSampler
 from .priors import Priors
+from .settings import default_settings
 
 logger = logging.getLogger(__name__)
 
@@ -161,16 +162,34 @@ class OnlineInference:
     ``temper_threshold`` < ``ess_threshold`` lets frames that keep the ESS above
     ``temper_threshold * N`` enter whole (measured cost of 0.2: evidence of a misspecified
     model, A2 on F1 data, 0.45 nat off at N = 4096; default: ``ess_threshold``).
+
+    A setting left as None (models, n_particles, seed, noise, student_nu, ess_threshold,
+    alert_*, histogram_bins, light_probability, null_prior) is that of ``[inference]`` in
+    beamkin/defaults.toml (``settings.default_settings``); ``settings.InferenceSettings.
+    engine_options`` gives them all from a configuration.
     """
 
-    def __init__(self, models: Iterable[str] = MODEL_NAMES, priors: Priors | None = None,
-                 n_particles: int = 4096, seed: int = 0, noise: str = "normal", student_nu: float = 4.0,
-                 ess_threshold: float = 0.5, alert_threshold: float = 0.99, alert_consecutive: int = 2,
-                 gas_time_s: float | None = None, histogram_bins: int = 60, predictive_points: int = 100,
+    def __init__(self, models: Iterable[str] | None = None, priors: Priors | None = None,
+                 n_particles: int | None = None, seed: int | None = None, noise: str | None = None,
+                 student_nu: float | None = None, ess_threshold: float | None = None,
+                 alert_threshold: float | None = None, alert_consecutive: int | None = None,
+                 gas_time_s: float | None = None, histogram_bins: int | None = None, predictive_points: int = 100,
                  predictive_draws: int = 200, series_id: str | None = None, parallel: bool = False,
-                 light_probability: float = 1e-6,
-                 temper_threshold: float | None = None, null_prior: float = 0.5, threads: int = 1):
-        models = tuple(models)
+                 light_probability: float | None = None,
+                 temper_threshold: float | None = None, null_prior: float | None = None, threads: int = 1):
+        # an [inference] setting not given is beamkin/defaults.toml's (inference.settings)
+        defaults = default_settings()
+        models = tuple(defaults.models if models is None else models)
+        n_particles = defaults.particles if n_particles is None else n_particles
+        seed = defaults.seed if seed is None else seed
+        noise = defaults.noise if noise is None else noise
+        student_nu = defaults.student_nu if student_nu is None else student_nu
+        ess_threshold = defaults.ess_threshold if ess_threshold is None else ess_threshold
+        alert_threshold = defaults.alert_threshold if alert_threshold is None else alert_threshold
+        alert_consecutive = defaults.alert_consecutive if alert_consecutive is None else alert_consecutive
+        histogram_bins = defaults.histogram_bins if histogram_bins is None else histogram_bins
+        light_probability = defaults.light_probability if light_probability is None else light_probability
+        null_prior = defaults.null_prior if null_prior is None else null_prior
         if not models:
             raise ValueError("at least one kinetic model is needed")
         for name in models:

@@ -24,6 +24,7 @@ from beamkin import protocol, sockets
 from beamkin.supervise import RESTART_ENV
 from inference.observe import InferenceObserver
 from inference.series import SeriesInference
+from inference.settings import InferenceSettings
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ PATTERNS_REMEMBERED = 100_000  # (series, frame) keys kept to publish each patte
 class InferenceStage:
     def __init__(self, config: dict[str, Any], publisher: zmq.Socket, stop: threading.Event):
         self.config = config
-        self.inference_config = config["inference"]
+        #: the [inference] settings every series of this stage is analysed with
+        self.settings = InferenceSettings.from_config(config)
         self.pub = publisher
         self.stop = stop
         self.series: dict[str, SeriesInference] = {}
@@ -114,13 +116,13 @@ class InferenceStage:
                         "the frames before are lost and its result will say incomplete",
                         " (restarted)" if self.restarted else "", extra={"series_id": series_id})
         open_series = [s for s in self.series.values() if not s.finished]
-        cap = int(self.inference_config.get("max_open_series", 4))
+        cap = self.settings.max_open_series
         if len(open_series) >= cap:  # the least recently active gives way
             oldest = min(open_series, key=lambda s: s.last_active)
             self._abort(oldest, f"aborted: more than max_open_series = {cap} series open, superseded by {series_id}")
         began = time.perf_counter()
         try:
-            series = SeriesInference(start, self.inference_config)
+            series = SeriesInference(start, self.settings)
         except ValueError as exc:  # settings that give no sampler for this series: say so, keep the stage
             self.counters["series_rejected"] += 1
             self._close(series_id, "rejected")
@@ -131,7 +133,7 @@ class InferenceStage:
             return
         self.series[series_id] = series
         log.info("series started: models %s, %d particles, t0 prior window from %s (%.2f s to set up)",
-                 ",".join(self.inference_config["models"]), self.inference_config["particles"],
+                 ",".join(self.settings.models), self.settings.particles,
                  "ts" if start.get("gas_time_s") is not None else "series start",
                  time.perf_counter() - began, extra={"series_id": series_id})
         self.publish(start)
@@ -185,7 +187,7 @@ class InferenceStage:
             return
         series.last_active = time.monotonic()
         limit = series.n_frames_announced
-        window = int(self.inference_config.get("frame_index_window", 1024))
+        window = self.settings.frame_index_window
         if limit is None:
             limit = series.buffer.next_index + len(series.buffer.held) + window
         if index >= limit:
@@ -225,7 +227,7 @@ class InferenceStage:
     def idle(self) -> None:
         """Nothing to assimilate: prepare the next estimate from the newest exact posterior,
         let timeouts release gaps, end series that have been idle too long."""
-        idle_s = float(self.inference_config.get("series_idle_s", 600.0))
+        idle_s = self.settings.series_idle_s
         self._give_up_orphans()
         now = time.monotonic()
         for series in list(self.series.values()):
@@ -397,7 +399,7 @@ class InferenceStage:
             result["models"][leading]["probability"], k["mean"], k["sd"], result["alert"].get("frame_index"),
             len(series.missing), series.counters["frames_flagged"], extra={"series_id": series.series_id},
         )
-        path = self.inference_config.get("json")
+        path = self.settings.json
         if path:
             Path(path).write_text(json.dumps(result, indent=2))
             log.info("result written to %s", path, extra={"series_id": series.series_id})
@@ -448,7 +450,7 @@ class InferenceStage:
         self.publish(protocol.make("status", stage="inference", series_id=series_id, counters=counters))
         self.publish(protocol.make("end", series_id=series_id, n_frames=n_frames, reason=reason,
                                    provenance=self.observe.provenance(series_id, parked)))
-        path = self.inference_config.get("json")
+        path = self.settings.json
         if path:
             missing = sorted(set(range(n_frames)) - set(received)) if n_frames <= 1_000_000 else None
             Path(path).write_text(json.dumps({"series_id": series_id, "end_reason": reason, "incomplete": True,
@@ -463,7 +465,7 @@ class InferenceStage:
     def _give_up_orphans(self) -> None:
         """Series with fractions but no start, none for ``start_wait_s``: the start will not come
         (the inference was restarted, or it was lost): end them incomplete."""
-        timeout_s = float(self.inference_config.get("start_wait_s", 15.0))
+        timeout_s = self.settings.start_wait_s
         now = time.monotonic()
         for series_id, last in list(self.early_last.items()):
             if now - last > timeout_s:

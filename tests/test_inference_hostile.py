@@ -118,7 +118,7 @@ def test_a_series_the_source_aborted_is_not_republished_as_completed(stage):
 
 
 def test_a_start_whose_priors_cannot_be_built_is_rejected_and_the_stage_goes_on(stage):
-    stage.inference_config = {**stage.inference_config, "priors": {"k": [5.0, 1.0]}}
+    stage.settings = stage.settings.replace(priors={"k": [5.0, 1.0]})
     stage.handle_safely(start("bad"))
     assert "bad" not in stage.series and stage.closed["bad"] == "rejected"
     ends = [m for m in stage.published if m.type == "end" and m["series_id"] == "bad"]
