@@ -290,3 +290,22 @@ def test_line_law_and_grid_lookup_keep_the_general_rules():
                 -0.0045, float("nan")]:
         hits = np.flatnonzero(np.isclose(model.eps_grid, eps, rtol=0, atol=1e-12))
         assert model.grid_index(eps) == (int(hits[0]) if hits.size else None), eps
+
+
+def test_a_frame_that_cannot_be_fitted_raises_peak_fit_error(detector, estimator):
+    """fit_peaks raises PeakFitError (a ReductionError) naming the cause; estimate flags the frame
+    and calibration from reference patterns reports which reference failed."""
+    from reducer.peak_fit import PeakFitError, fit_peaks
+
+    tth, counts = detector.profile(0.5, 1.0, seed=21)
+    c = counts.astype(float)
+    w = estimator.config.windows[0]
+    c[(tth >= w.lo_deg) & (tth <= w.hi_deg)] = np.nan
+    empty_window = Pattern.from_profile(tth, c)
+    est = PhaseFractionEstimator(cpl1_ar_fraction_config())
+    est._prepare_grid(tth)
+    with pytest.raises(PeakFitError, match="valid bins"):
+        fit_peaks(est._model, empty_window.intensity, empty_window.sigma, empty_window.valid, 2, 20.0)
+    assert issubclass(PeakFitError, ReductionError)
+    with pytest.raises(ReductionError, match="reference pattern A: window"):
+        est.calibrate_from_reference_patterns(empty_window, Pattern.from_profile(tth, counts))
