@@ -18,7 +18,7 @@ import threading
 from typing import Any, Callable
 
 from beamkin import config as configuration
-from beamkin import logs, security
+from beamkin import logs, metrics, security
 
 log = logging.getLogger("beamkin")
 
@@ -67,6 +67,7 @@ def _stage_main(name: str, run: Callable[[dict[str, Any], argparse.Namespace, th
         stop = stop_event_on_signals()
         try:
             security.configure(config)  # CURVE keys of [security], read now; sockets follow them
+            metrics.serve_for_command(name, config)  # [metrics]: this stage's /metrics (reducer workers: their own)
             return run(config, args, stop) or 0
         except (configuration.ConfigError, OSError, ValueError) as exc:
             log.error("%s stage cannot run: %s", name, exc)
@@ -129,8 +130,6 @@ def _run_infer(config, args, stop):
 
 def _run_dashboard(config, args, stop):
     from dashboards.server import serve_dashboard
-    from beamkin import metrics
-    metrics.serve(config, "dashboard")
     dash = config["dashboard"]
     threading.Thread(target=_signal_ready_when_listening, args=(dash["address"], dash["port"], stop),
                      daemon=True).start()
@@ -169,8 +168,6 @@ def _run_record(config, args, stop):
     if not rec["path"]:
         raise configuration.ConfigError("beamkin record needs --recorder.path FILE")
     from beamkin.supervise import RESTART_ENV
-    from beamkin import metrics
-    metrics.serve(config, "recorder")
     opened: list = []
     signal_ready()
     run_recorder([config["endpoints"]["record"], config["endpoints"]["results"]], rec["path"], rec["raw_frames"], stop,

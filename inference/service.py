@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from beamkin import metrics, protocol, sockets
+from beamkin import protocol, sockets
 from beamkin.supervise import EXIT_SERIES_INCOMPLETE, signal_ready
 from inference.series import MAX_SCHEDULE_STEPS, SeriesInference, exact_schedule, make_engine, series_window, warm_up
 from inference.settings import InferenceSettings
@@ -45,7 +45,6 @@ def run_inference(config: dict[str, Any], stop: threading.Event) -> int:
 
     tune_interpreter_for_latency()
     stage = InferenceStage(config, pub, stop)
-    metrics.serve(config, "inference")
     log.info("inference listening on %s, publishing on %s", endpoints["reduced"], endpoints["results"])
     signal_ready()
     last_status = time.monotonic()

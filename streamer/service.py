@@ -317,7 +317,6 @@ def run_streamer(config: dict[str, Any], stop: threading.Event) -> int:
                               daemon=True)
     reader.start()
     log.info("streamer reading %s; workers connect to %s", options["source"], endpoints["frames"])
-    metrics.serve(config, "streamer")
     signal_ready()
 
     def send_status() -> None:
