@@ -60,6 +60,9 @@ class WorkerState:
     in_flight: dict[tuple[str, int], protocol.Message] = field(default_factory=dict)
     last_dispatch: int = 0  # dispatch sequence number of the last frame it was given
     series_started: set[str] = field(default_factory=set)
+    #: series whose start it was sent and whose integrator it has not yet said it built: no frame
+    #: of theirs goes to it until a ``ready`` without ``quiet_s`` arrives (see dispatch)
+    building: set[str] = field(default_factory=set)
 
 
 class FrameDispatcher:
@@ -107,6 +110,8 @@ class FrameDispatcher:
             worker.capacity = min(max(capacity, 0), MAX_WORKER_CAPACITY)
             quiet = message.get("quiet_s", 0.0)
             worker.quiet_s = min(max(float(quiet), 0.0), MAX_QUIET_S) if quiet == quiet else 0.0  # NaN -> 0
+            if worker.quiet_s == 0.0:  # not (or no longer) building an integrator: it takes frames
+                worker.building.clear()
         elif message.type == "done":
             key = (message["series_id"], message["frame_index"])
             if worker.in_flight.pop(key, None) is not None:
@@ -138,23 +143,34 @@ class FrameDispatcher:
     def dispatch(self) -> None:
         """Send pending frames to workers below capacity, the least loaded first and, among
         equally loaded ones, the one served least recently (so every worker takes part and has
-        the series' integrator built early, not only when the others are busy)."""
+        the series' integrator built early, not only when the others are busy).
+
+        A worker new to a series is sent its ``start`` alone, and that series' frames only once
+        it has answered with a ``ready`` that announces no ``quiet_s`` (a worker announces the
+        silence of its integrator build, then ends it): a frame never waits behind a build,
+        which can outlast the inference's ``missing_timeout_s`` on a loaded host (measured: 28 s
+        for a Pilatus 1M integrator, tests/test_multihost.py) and lose the frame there.  The
+        frames wait here, or go to a worker that has the integrator.  (A heartbeat already on its
+        way when the start was sent lets frames through early: they then wait for the build, as
+        every frame did before.)"""
         while self.pending:
-            ready = [w for w in self.workers.values() if len(w.in_flight) < w.capacity]
+            series_id = self.pending[0]["series_id"]
+            ready = [w for w in self.workers.values() if len(w.in_flight) < w.capacity and series_id not in w.building]
             if not ready:
                 return
             worker = min(ready, key=lambda w: (len(w.in_flight) / w.capacity, w.last_dispatch))
-            frame = self.pending.popleft()
-            series_id = frame["series_id"]
             try:
                 if series_id not in worker.series_started and series_id in self.starts:
                     protocol.send(self.router, self.starts[series_id], prefix=[worker.identity])
                     worker.series_started.add(series_id)
+                    worker.building.add(series_id)
+                    continue  # its frames once it has built the integrator
+                frame = self.pending[0]
                 protocol.send(self.router, frame, prefix=[worker.identity])
             except zmq.ZMQError as exc:  # EHOSTUNREACH: the worker's connection is gone
-                self.pending.appendleft(frame)
                 self._lose_worker(worker.identity, f"unreachable ({exc})")
                 continue
+            self.pending.popleft()
             worker.in_flight[(series_id, frame["frame_index"])] = frame
             self.counters["frames_dispatched"] += 1
             self.metrics.frame_out()
@@ -190,6 +206,7 @@ class FrameDispatcher:
             self.starts.pop(series_id, None)
             for worker in self.workers.values():
                 worker.series_started.discard(series_id)
+                worker.building.discard(series_id)
 
 
 def _wake(fd: int | None) -> None:

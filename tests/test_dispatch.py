@@ -34,20 +34,79 @@ def test_idle_workers_take_frames_in_turn():
             dispatcher.pending.append(protocol.make("frame", profile, series_id="s", frame_index=index,
                                                     time_s=0.1 * index, exposure_s=0.1))
             dispatcher.dispatch()
+            if index == 0:  # each worker is sent the start alone; its next ready says it can take frames
+                for name, dealer in dealers.items():
+                    assert dealer.poll(5000) and protocol.recv(dealer)[1].type == "start"
+                    assert not dealer.poll(200), "a frame came with the start"
+                    protocol.send(dealer, protocol.make("ready", worker=name, capacity=2))
+                    assert router.poll(5000)
+                    dispatcher.handle_worker_message()
+                dispatcher.dispatch()
             (worker,) = [w for w in dispatcher.workers.values() if w.in_flight]
             served.append(worker.name)
             dealer = dealers[worker.name]
-            while True:  # the start (first time) and the frame
-                assert dealer.poll(5000)
-                _, message = protocol.recv(dealer)
-                if message.type == "frame":
-                    break
+            assert dealer.poll(5000)
+            assert protocol.recv(dealer)[1].type == "frame"
             protocol.send(dealer, protocol.make("done", worker=worker.name, series_id="s", frame_index=index))
             assert router.poll(5000)
             dispatcher.handle_worker_message()
         # whichever worker's ready message came first, the two alternate
         assert set(served[:2]) == {"w1", "w2"} and served == served[:2] * 3
         assert dispatcher.counters["frames_done"] == 6
+    finally:
+        for dealer in dealers.values():
+            dealer.close(0)
+        router.close(0)
+        context.term()
+
+
+def test_a_worker_building_the_series_integrator_is_sent_none_of_its_frames():
+    """A frame sent with the start would wait behind the worker's integrator build, which on a
+    loaded host outlasted the inference's missing_timeout_s and lost the frame
+    (tests/test_multihost.py).  The start goes alone; while the worker announces the build's
+    silence (``quiet_s``) the series' frames go to a worker that has its integrator, or wait."""
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dispatcher = FrameDispatcher(router, worker_timeout_s=5.0)
+    dealers = {}
+
+    def say(name, **fields):
+        protocol.send(dealers[name], protocol.make("ready", worker=name, capacity=2, **fields))
+        assert router.poll(5000)
+        dispatcher.handle_worker_message()
+
+    def frames_received(name):
+        types = []
+        while dealers[name].poll(300):
+            types.append(protocol.recv(dealers[name])[1])
+        return [m["frame_index"] for m in types if m.type == "frame"], [m.type for m in types]
+
+    try:
+        for name in ("slow", "fast"):
+            dealers[name] = context.socket(zmq.DEALER)
+            dealers[name].setsockopt(zmq.IDENTITY, name.encode())
+            dealers[name].connect(f"tcp://127.0.0.1:{port}")
+            say(name)
+        dispatcher.series_started(protocol.make("start", source="test", series_id="s", kind="profile", detector={},
+                                                geometry={}, frame_time_s=0.1, exposure_s=0.1, n_frames=4,
+                                                gas_time_s=None))
+        for index in range(4):
+            dispatcher.pending.append(protocol.make("frame", {"two_theta_deg": np.linspace(2, 20, 8),
+                                                              "counts": np.ones(8)},
+                                                    series_id="s", frame_index=index, time_s=0.1 * index,
+                                                    exposure_s=0.1))
+        dispatcher.dispatch()
+        assert frames_received("slow") == ([], ["start"]) and frames_received("fast") == ([], ["start"])
+        say("slow", quiet_s=300.0)  # building its integrator
+        say("fast", quiet_s=300.0)
+        say("fast")                 # built
+        dispatcher.dispatch()
+        assert frames_received("fast")[0] == [0, 1]
+        assert frames_received("slow")[0] == [] and len(dispatcher.pending) == 2  # wait, though it has credit
+        say("slow")                 # built too
+        dispatcher.dispatch()
+        assert frames_received("slow")[0] == [2, 3] and not dispatcher.pending
     finally:
         for dealer in dealers.values():
             dealer.close(0)
@@ -105,6 +164,11 @@ def test_malformed_ready_messages_from_a_dealer_are_counted_and_survived():
         received = []
         while dealer.poll(2000):
             received.append(protocol.recv(dealer)[1].type)
+            if received[-1] == "start":  # the worker's next ready: ready for the series' frames
+                protocol.send(dealer, protocol.make("ready", worker="w1", capacity=1))
+                assert router.poll(5000)
+                dispatcher.handle_worker_message()
+                dispatcher.dispatch()
             if received[-1] == "frame":
                 break
         assert received == ["start", "frame"]
@@ -130,7 +194,11 @@ def test_per_series_state_is_released_when_a_series_ended_and_its_frames_are_don
                                                     gas_time_s=None))
             dispatcher.pending.append(protocol.make("frame", {"two_theta_deg": np.linspace(2, 20, 8), "counts": np.ones(8)},
                                                     series_id=series, frame_index=0, time_s=0.05, exposure_s=0.1))
-            dispatcher.dispatch()
+            dispatcher.dispatch()  # the start alone
+            protocol.send(dealer, protocol.make("ready", worker="w1", capacity=4))
+            assert router.poll(5000)
+            dispatcher.handle_worker_message()
+            dispatcher.dispatch()  # the frame
             dispatcher.series_ended(series)
             assert series in dispatcher.starts  # its frame is still in flight
             protocol.send(dealer, protocol.make("done", worker="w1", series_id=series, frame_index=0))
@@ -138,7 +206,7 @@ def test_per_series_state_is_released_when_a_series_ended_and_its_frames_are_don
             dispatcher.handle_worker_message()
             dispatcher.release_finished()
         assert dispatcher.starts == {} and dispatcher.ended == set()
-        assert dispatcher.workers[b"w1"].series_started == set()
+        assert dispatcher.workers[b"w1"].series_started == set() and dispatcher.workers[b"w1"].building == set()
         assert dispatcher.counters["frames_done"] == 100
     finally:
         dealer.close(0)
