@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from inference import likelihood as lk  # noqa: E402
-from inference.live import LiveInference, tune_interpreter_for_latency  # noqa: E402
+from inference.interpreter import tune_interpreter_for_latency  # noqa: E402
+from inference.live import LiveInference  # noqa: E402
 from inference.models import MODEL_NAMES, alpha_numpy, model_code  # noqa: E402
 from inference.priors import Priors  # noqa: E402
 from inference.smc import OnlineInference  # noqa: E402

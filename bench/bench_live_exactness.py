@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_inference import bare_reweight_seconds, cpu_model  # noqa: E402
-from inference.live import LiveInference, tune_interpreter_for_latency  # noqa: E402
+from inference.interpreter import tune_interpreter_for_latency  # noqa: E402
+from inference.live import LiveInference  # noqa: E402
 from inference.models import MODEL_NAMES, alpha_numpy  # noqa: E402
 from inference.priors import Priors  # noqa: E402
 from inference.smc import OnlineInference  # noqa: E402

@@ -2,7 +2,7 @@
 
 The exact IBIS sampler (``inference.smc.OnlineInference``) assimilates every frame in order
 in a worker thread; its resample-moves and tempering near the onset cost up to seconds per
-frame, so they run off the frame's critical path (DESIGN section 5).  Each frame gets at once
+frame, so they run off the frame's critical path (docs/design.md, section 6).  Each frame gets at once
 an *estimate*: the newest exact posterior, after frames [0, m), importance-reweighted by the
 frames [m, j] it has not assimilated yet::
 
@@ -47,12 +47,10 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import gc
 import logging
 import math
 import os
 import queue
-import sys
 import threading
 import time
 
@@ -63,6 +61,7 @@ from .alert import OnsetAlert
 from .null_model import NullModel
 from .particles import logsumexp_scalars
 from .payload import NullEvidence, ParticleView, PayloadBuilder
+from .settings import default_settings
 from .smc import FrameHistory, OnlineInference
 
 log = logging.getLogger(__name__)
@@ -78,33 +77,12 @@ PREPARE_FRAMES_PER_CALL = 1
 ESTIMATE_THREADS = 2
 #: the exact sampler's thread runs this much nicer than the estimates (Linux per-thread nice)
 WORKER_NICENESS = 10
-#: default floor of an estimate's ESS per model, as a fraction of the particles (below: stale)
-ESS_FLOOR = 0.05
 #: a model below this probability both in the estimate and in its exact base cannot mislead:
 #: its ESS does not make the estimate stale
 STALE_RELEVANCE = 1e-6
 #: the onset bound of a stale estimate holds with probability >= 1 - M * ALERT_BOUND_ALPHA
 #: (``onset_lower_bound``): log Z of each kinetic model is lowered by log(1/alpha) = 6.9 nat
 ALERT_BOUND_ALPHA = 1e-3
-
-
-def tune_interpreter_for_latency() -> None:
-    """Keep the interpreter off the estimates' critical path (process-wide; the inference stage
-    calls it after warm-up):
-
-    * the cyclic garbage collector: objects alive after start-up (modules, compiled kernels)
-      are frozen out of collections, and a collection starts after 50 000 net allocations
-      instead of 700 (payloads are plain dicts and lists, freed by reference counting);
-      measured at 9 Hz with 16 x 4096: estimate p99 36 -> 28 ms;
-    * the GIL: the exact sampler's thread runs Python between its kernels, and a thread
-      waiting for the GIL gets it after the switch interval, 5 ms by default, each time it
-      has released it in a kernel; 0.5 ms instead: worst estimate of a 30-frame series
-      23.9 -> 18.7 ms (p50 unchanged, 14 ms).
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 100)
-    sys.setswitchinterval(5e-4)
 
 
 class _Snapshot:
@@ -130,10 +108,12 @@ class LiveInference:
     worker is raised again by the next call of ``exact_payloads``, ``submit`` or ``result``.
     """
 
-    def __init__(self, engine: OnlineInference, ess_floor: float = ESS_FLOOR, schedule=None):
-        """``schedule``: frames per exact step to follow (a recorded run's ``schedule``, e.g. from a
-        replay), which reproduces that run's exact posterior; None: take the frames that arrived
-        while the sampler was busy."""
+    def __init__(self, engine: OnlineInference, ess_floor: float | None = None, schedule=None):
+        """``ess_floor``: ESS per model (fraction of N) below which an estimate is stale (None: the
+        TOML's ``[inference] ess_floor``).  ``schedule``: frames per exact step to follow (a recorded
+        run's, e.g. from a replay), which reproduces its exact posterior; None: the frames that
+        arrived while the sampler was busy."""
+        ess_floor = default_settings().ess_floor if ess_floor is None else ess_floor
         if not 0.0 <= ess_floor < 1.0:
             raise ValueError(f"ess_floor must be in [0, 1), got {ess_floor}")
         self._schedule = collections.deque(int(size) for size in (schedule or ()))
@@ -214,9 +194,12 @@ class LiveInference:
                 began = time.perf_counter()
                 payload = engine.update_batch(batch)
                 payload["diagnostics"] = {"exact_update_s": time.perf_counter() - began, "batch_size": len(batch)}
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, else the series hangs
                 self._error = exc
-                log.error("exact sampler failed at frames %s..%s: %s", batch[0][0], batch[-1][0], exc,
+                # no particle explains the frames, a degenerate cloud, bad input; else a bug: traceback
+                expected = isinstance(exc, (FloatingPointError, np.linalg.LinAlgError, ValueError))
+                log.error("exact sampler failed at frames %s..%s: %s: %s", batch[0][0], batch[-1][0],
+                          type(exc).__name__, exc, exc_info=not expected,
                           extra={"series_id": engine.series_id, "frame_index": batch[-1][0]})
                 break
             payload.pop("alert", None)  # the alert is decided on the estimates (caller's thread)

@@ -41,7 +41,7 @@ def run_inference(config: dict[str, Any], stop: threading.Event) -> int:
     sockets.bind(pull, endpoints["reduced"])
     pub = sockets.publisher(context, endpoints["results"])
     warm_up(InferenceSettings.from_config(config))
-    from inference.live import tune_interpreter_for_latency
+    from inference.interpreter import tune_interpreter_for_latency
 
     tune_interpreter_for_latency()
     stage = InferenceStage(config, pub, stop)
