@@ -1,4 +1,4 @@
-"""Onset alert rule (DESIGN section 5).
+"""Onset alert rule (docs/design.md, section 6, "Live: estimates, exact posteriors, staleness, alerts").
 
 The alert fires on the first frame at which the model-averaged onset probability
 P(t0 <= now) (now = the end of the latest frame's exposure) has been >= ``threshold`` for ``consecutive`` frames in a row, and never

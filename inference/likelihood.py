@@ -1,4 +1,4 @@
-"""Observation model of beamkin (DESIGN section 5) as Numba kernels.
+"""Observation model of beamkin (docs/design.md, section 4, "Observation model") as Numba kernels.
 
 For frame j with exposure window [lo_j, hi_j] = [t_j - e_j/2, t_j + e_j/2] (seconds)::
 

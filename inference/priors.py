@@ -1,4 +1,4 @@
-"""Proper priors of the kinetic parameters (DESIGN section 5).
+"""Proper priors of the kinetic parameters (docs/design.md, section 4, "Observation model").
 
 Parameters and their sampling coordinates (the SMC works in these coordinates):
 

@@ -3,7 +3,7 @@
 Frames are released strictly by frame index. A gap is waited for at most ``timeout_s`` (measured
 from the moment a later frame is held while the next one is missing) or until ``window`` frames
 are held, whichever comes first; then the missing index is released as a ``missing`` event, so a
-lost frame is reported and never waited on forever (DESIGN §2).
+lost frame is reported and never waited on forever (docs/design.md, section 2, "Stages and data flow").
 """
 
 from __future__ import annotations
