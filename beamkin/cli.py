@@ -342,7 +342,8 @@ def build_parser(analyze_arguments: bool = True) -> argparse.ArgumentParser:
     _add_offline_commands(commands, analyze_arguments)
     from beamkin.phases_command import add_phases_command  # `beamkin phases REF_A REF_B`
     add_phases_command(commands)
-    _add_keys_command(commands)
+    from beamkin.keys_command import add_keys_command  # `beamkin keys --dir KEYS NAME`
+    add_keys_command(commands)
     return parser
 
 
@@ -402,7 +403,6 @@ def _export(args: argparse.Namespace) -> int:
     from sinks.export import export_csv
     from beamkin.outputs import OutputPathError
     from beamkin.recording import RecordingInputError
-
     from sinks.nexus_views import add_nxdata_views
 
     _offline_config(args, "export")
@@ -481,33 +481,6 @@ def _add_offline_commands(commands, analyze_arguments: bool = True) -> None:
                         help="add NeXus NXdata views (alpha(t), patterns, onset, t0) to the recording itself, "
                              "for silx view and other facility tools (beamkin record adds them when it closes)")
     export.set_defaults(func=_export)
-
-
-def _keys(args: argparse.Namespace) -> int:
-    """Create CURVE key pairs (NAME.key public, NAME.key_secret secret) for stages or hosts."""
-    for name in args.names:
-        try:
-            public, secret = security.create_keys(args.dir, name, overwrite=args.force)
-        except (OSError, ValueError) as exc:
-            print(f"beamkin keys: {exc}", file=sys.stderr)
-            return 2
-        print(f"{name}: public key {public} (give it to peers: server_key, or a clients folder)")
-        print(f"{name}: secret key {secret} (this stage's [security] secret_key; keep it on its host, readable by it only)")
-    return 0
-
-
-def _add_keys_command(commands) -> None:
-    keys = commands.add_parser(
-        "keys", allow_abbrev=False,
-        help="create CURVE key pairs for the sockets between hosts (deploy/README.md, 'Running across hosts securely')",
-        description="Create a CURVE key pair per name: DIR/NAME.key (public) and DIR/NAME.key_secret (secret, mode 600). "
-                    "Name a stage's secret file in [security] secret_key, the binding stage's public file in "
-                    "[security.ENDPOINT] server_key, and copy the clients' public files into the folder named in "
-                    "[security.ENDPOINT] clients.")
-    keys.add_argument("names", nargs="+", metavar="NAME", help="name of the key pair (a stage or host: streamer, analysis)")
-    keys.add_argument("--dir", required=True, metavar="DIR", help="folder for the key files (created)")
-    keys.add_argument("--force", action="store_true", help="replace an existing pair of the same name")
-    keys.set_defaults(func=_keys)
 
 
 def main(argv: list[str] | None = None) -> int:
