@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,23 +24,35 @@ STAGES = ("streamer", "reducer", "inference", "dashboard", "recorder")
 def test_every_stage_counts_each_frame_of_a_series_once(tmp_path):
     ports = LoopbackPorts.free()
     metric_ports = dict(zip(STAGES, free_ports(len(STAGES))))
+    second_worker_port = metric_ports["reducer"] + 1  # worker i of --workers N serves on reducer_port + i
+    try:
+        socket.create_server(("127.0.0.1", second_worker_port)).close()
+    except OSError:
+        pytest.skip(f"port {second_worker_port} (the second worker's) is taken")
     config = pipeline_config(ports, metric_ports)
     config["recorder"]["path"] = str(tmp_path / "series.h5")
+    config["reducer"]["workers"] = 2
     with StagePipeline(config, ports, stages=("infer", "dashboard", "record", "stream", "reduce")) as pipeline:
         pipeline.wait_for_end()
         scraped = {stage: scrape_until(port, "beamkin_frames_out_total", {"stage": stage}, N_FRAMES)
-                   for stage, port in metric_ports.items()}
+                   for stage, port in metric_ports.items() if stage != "reducer"}
+        workers = [scrape(metric_ports["reducer"]), scrape(second_worker_port)]
 
+    # the two workers together reduced every frame once, each served on its own port
+    for name in ("beamkin_frames_in_total", "beamkin_frames_out_total", "beamkin_stage_latency_seconds_count"):
+        assert sum(value(w, name, stage="reducer") for w in workers) == N_FRAMES, name
+    for samples in workers:
+        assert value(samples, "process_resident_memory_bytes") > 10e6
     for stage, samples in scraped.items():
         assert value(samples, "beamkin_frames_in_total", stage=stage) == N_FRAMES, stage
         assert value(samples, "beamkin_frames_out_total", stage=stage) == N_FRAMES, stage
         assert value(samples, "process_resident_memory_bytes") > 10e6, stage  # the process collector is on
         assert not [key for key in samples if key[0] == "beamkin_frames_dropped_total"], stage
-    for stage in ("streamer", "reducer", "inference", "recorder"):  # every frame timed in its stage
+    for stage in ("streamer", "inference", "dashboard", "recorder"):  # every frame timed in its stage
         assert value(scraped[stage], "beamkin_stage_latency_seconds_count", stage=stage) == N_FRAMES, stage
 
     streamer = scraped["streamer"]
-    assert value(streamer, "beamkin_reducer_workers_live") == 1
+    assert value(streamer, "beamkin_reducer_workers_live") == 2
     assert value(streamer, "beamkin_queue_depth", stage="streamer", queue="pending") == 0
     assert value(streamer, "beamkin_queue_depth", stage="streamer", queue="in_flight") == 0
 
@@ -144,3 +159,25 @@ def test_a_metrics_port_out_of_range_is_a_clear_error(port):
 
     with pytest.raises(ValueError, match=r"\[metrics\] inference_port"):
         metrics.port_of({"metrics": {"enabled": True, "inference_port": port}}, "inference")
+
+
+@pytest.mark.parametrize("command", ["stream", "reduce", "infer", "dashboard", "record"])
+def test_every_metrics_key_is_an_option_of_every_stage_command(command):
+    from beamkin import config as configuration
+
+    keys = [dotted for dotted in configuration.key_docs() if dotted.startswith("metrics.")]
+    assert len(keys) == 7
+    shown = subprocess.run([sys.executable, "-m", "beamkin", command, "--help"], capture_output=True, text=True,
+                           check=True).stdout
+    assert all(f"--{dotted}" in shown for dotted in keys), command
+
+
+def test_a_metrics_port_in_use_is_logged_and_the_stage_goes_on(caplog):
+    from beamkin import metrics
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        config = {"metrics": {"enabled": True, "address": "127.0.0.1", "inference_port": port}}
+        assert metrics.serve(config, "inference") == 0
+    assert any(record.levelname == "ERROR" and f"127.0.0.1:{port}" in record.getMessage() for record in caplog.records)
+    assert metrics.serve({"metrics": {"enabled": False, "inference_port": port}}, "inference") == 0  # off: nothing
