@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv browser bench clean
+.PHONY: demo test venv browser iproute2 bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +22,16 @@ browser:
 	  echo "installing Debian chromium for the browser tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
+# iproute2 (ip, tc) for the multi-host test in network namespaces (skipped when already present).
+iproute2:
+	@command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1 || { \
+	  echo "installing Debian iproute2 for the multi-host test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null; }
+
 demo: $(STAMP)
 	$(BIN)/beamkin demo
 
-test: $(STAMP) browser
+test: $(STAMP) browser iproute2
 	$(BIN)/python -m pytest
 
 # particles (bench_particles.py) resolves to an older NumPy unless the installed one is pinned
