@@ -1,9 +1,11 @@
 """Bounded reorder buffer: reducer workers finish out of order, the sampler needs time order.
 
 Frames are released strictly by frame index. A gap is waited for at most ``timeout_s`` (measured
-from the moment a later frame is held while the next one is missing) or until ``window`` frames
-are held, whichever comes first; then the missing index is released as a ``missing`` event, so a
-lost frame is reported and never waited on forever (docs/design.md, section 2, "Stages and data flow").
+from the moment a later frame is held while the next one is missing; after the series' end, with
+nothing held, from the end or the last frame released, whichever is later: a backlog still
+arriving frame by frame is waited for) or until ``window`` frames are held, whichever comes
+first; then the missing index is released as a ``missing`` event, so a lost frame is reported and
+never waited on forever (docs/design.md, section 2, "Stages and data flow").
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class ReorderBuffer:
         self._gap_since: float | None = None
         self.end_index: int | None = None  # frames [0, end_index) are expected once the series ended
         self._end_since: float | None = None
+        self._released_at: float | None = None  # when the last frame was released
 
     def add(self, index: int, item: Any) -> list[Released]:
         if index < self.next_index:
@@ -65,6 +68,7 @@ class ReorderBuffer:
                 out.append(Released("frame", self.next_index, self.held.pop(self.next_index)))
                 self.next_index += 1
                 self._gap_since = None
+                self._released_at = self.clock()
                 continue
             waiting_on_gap = bool(self.held) or (self.end_index is not None and self.next_index < self.end_index)
             if not waiting_on_gap:
@@ -72,7 +76,8 @@ class ReorderBuffer:
                 break
             now = self.clock()
             if self._gap_since is None:
-                self._gap_since = now if self.held else (self._end_since or now)
+                since = [t for t in (self._end_since, self._released_at) if t is not None]
+                self._gap_since = now if self.held or not since else max(since)
             if len(self.held) >= self.window or now - self._gap_since >= self.timeout_s:
                 out.append(Released("missing", self.next_index))
                 self.next_index += 1  # a run of missing frames is released together

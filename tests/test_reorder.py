@@ -60,3 +60,32 @@ def test_trailing_frames_missing_at_end_are_reported_once_after_timeout():
     clock.now = 2.5
     assert kinds(buffer.poll()) == [("missing", 3), ("missing", 4), ("missing", 5)]
     assert buffer.complete
+
+
+def test_a_backlog_arriving_after_the_end_is_waited_for_from_the_last_frame():
+    """One worker left on a loaded host reduces the series' last frames after its end, each within
+    the timeout of the one before, all of them in more than the timeout (tests/test_multihost.py):
+    none is missing (the wait was measured from the end, and 18 of 60 frames were skipped)."""
+    clock = FakeClock()
+    clock.now = 100.0  # a monotonic clock is never 0
+    buffer = ReorderBuffer(window=8, timeout_s=2.0, clock=clock)
+    assert kinds(buffer.add(0, 0)) == [("frame", 0)]
+    assert buffer.end(10) == []
+    for index in range(1, 10):
+        clock.now += 1.5
+        assert buffer.poll() == []
+        assert kinds(buffer.add(index, index)) == [("frame", index)]
+    assert buffer.complete
+
+
+def test_after_the_end_a_frame_that_stops_coming_is_missing_a_timeout_after_the_last_one():
+    clock = FakeClock()
+    clock.now = 100.0
+    buffer = ReorderBuffer(window=8, timeout_s=2.0, clock=clock)
+    buffer.end(3)
+    clock.now = 101.5
+    assert kinds(buffer.add(0, 0)) == [("frame", 0)]
+    clock.now = 103.4
+    assert buffer.poll() == []
+    clock.now = 103.6
+    assert kinds(buffer.poll()) == [("missing", 1), ("missing", 2)] and buffer.complete
