@@ -134,9 +134,10 @@ class DashboardSession:
             self.banner, self.header]
         roots = {name: root for panel in [*self.panels, self.health] for name, root in panel.roots().items()}
         doc.title = "beamkin live kinetics"
-        for name in ROOT_ORDER:
-            roots[name].name = name
-            doc.add_root(roots[name])
+        with doc.models.freeze():  # one recomputation of the model graph for all roots, not one per root
+            for name in ROOT_ORDER:
+                roots[name].name = name
+                doc.add_root(roots[name])
         doc.template = PAGE_TEMPLATE
         self.callback = doc.add_periodic_callback(self.refresh, max(int(1000.0 / max_refresh_hz), 20))
 
