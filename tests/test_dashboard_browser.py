@@ -80,7 +80,9 @@ def dashboard(publisher):
 
     def up():
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            # (each request builds a whole session: on a loaded machine that takes seconds, and a
+            # probe given up early would only leave the server building sessions nobody reads)
+            with urllib.request.urlopen(url, timeout=20) as response:
                 return response.status == 200
         except OSError:
             return False
