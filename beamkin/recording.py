@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import h5py
+import hdf5plugin  # noqa: F401  (registers the bitshuffle/LZ4 filters sinks.recorder writes with)
 import numpy as np
 
 from beamkin.protocol import Message
