@@ -37,6 +37,18 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def free_port_pair() -> int:
+    """A free port P with P + 1 free too (two reducer workers' metrics: reducer_port + i)."""
+    for _ in range(100):
+        (port,) = free_ports(1)
+        try:
+            with socket.create_server(("127.0.0.1", port)), socket.create_server(("127.0.0.1", port + 1)):
+                return port
+        except OSError:
+            continue
+    raise RuntimeError("no two consecutive free ports on 127.0.0.1")
+
+
 def pipeline_config(ports: LoopbackPorts, metric_ports: dict[str, int] | None = None,
                     particles: int = 1024) -> dict[str, Any]:
     """Defaults with every endpoint on ``ports``, the simulator as the source at full speed, and

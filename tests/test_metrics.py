@@ -9,13 +9,15 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from beamkin import protocol
 from beamkin.loopback import LoopbackPorts
-from tests.stage_pipeline import N_FRAMES, StagePipeline, free_ports, pipeline_config, scrape, scrape_until, value
+from tests.stage_pipeline import (N_FRAMES, StagePipeline, free_port_pair, free_ports, pipeline_config, scrape,
+                                  scrape_until, value)
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("streamer", "reducer", "inference", "dashboard", "recorder")
@@ -24,11 +26,8 @@ STAGES = ("streamer", "reducer", "inference", "dashboard", "recorder")
 def test_every_stage_counts_each_frame_of_a_series_once(tmp_path):
     ports = LoopbackPorts.free()
     metric_ports = dict(zip(STAGES, free_ports(len(STAGES))))
-    second_worker_port = metric_ports["reducer"] + 1  # worker i of --workers N serves on reducer_port + i
-    try:
-        socket.create_server(("127.0.0.1", second_worker_port)).close()
-    except OSError:
-        pytest.skip(f"port {second_worker_port} (the second worker's) is taken")
+    metric_ports["reducer"] = free_port_pair()  # worker i of --workers N serves on reducer_port + i
+    second_worker_port = metric_ports["reducer"] + 1
     config = pipeline_config(ports, metric_ports)
     config["recorder"]["path"] = str(tmp_path / "series.h5")
     config["reducer"]["workers"] = 2
@@ -36,7 +35,13 @@ def test_every_stage_counts_each_frame_of_a_series_once(tmp_path):
         pipeline.wait_for_end()
         scraped = {stage: scrape_until(port, "beamkin_frames_out_total", {"stage": stage}, N_FRAMES)
                    for stage, port in metric_ports.items() if stage != "reducer"}
-        workers = [scrape(metric_ports["reducer"]), scrape(second_worker_port)]
+        deadline = time.monotonic() + 60
+        while True:  # a worker counts its frame out just after sending the fraction
+            workers = [scrape(metric_ports["reducer"]), scrape(second_worker_port)]
+            if sum(value(w, "beamkin_frames_out_total", stage="reducer") for w in workers) == N_FRAMES:
+                break
+            assert time.monotonic() < deadline, workers
+            time.sleep(0.2)
 
     # the two workers together reduced every frame once, each served on its own port
     for name in ("beamkin_frames_in_total", "beamkin_frames_out_total", "beamkin_stage_latency_seconds_count"):
