@@ -86,7 +86,7 @@ class InferenceObserver:
             log.warning("conflict: frame %d of series %s received twice, from worker %s on %s (kept) and from worker "
                         "%s on %s (reported, not used)%s", index, series_id, conflict["kept"]["worker"],
                         conflict["kept"]["host"], conflict["reported"]["worker"], conflict["reported"]["host"],
-                        f"; further conflicts of this series are only counted" if n == CONFLICTS_LOGGED else "",
+                        "; further conflicts of this series are only counted" if n == CONFLICTS_LOGGED else "",
                         extra={"series_id": series_id, "frame_index": index})
         return False
 
