@@ -199,3 +199,22 @@ def test_frames_of_a_lost_worker_are_listed_as_replaced_and_their_second_copies_
                                                                                  for i in taken]
     frames = {w["worker"]: w["frames"] for w in provenance["workers"]}
     assert frames == {StallingWorker.IDENTITY: 2, real_worker: N_FRAMES - 2}
+
+
+def test_the_configuration_hash_is_canonical_and_the_lists_are_bounded():
+    from beamkin.provenance import MAX_LISTED, SeriesProvenance
+
+    assert config_sha256({"a": 1, "b": {"c": [1, 2], "d": "é"}}) == config_sha256({"b": {"d": "é", "c": [1, 2]}, "a": 1})
+    assert config_sha256({"a": 1}) != config_sha256({"a": 2})
+    provenance = SeriesProvenance("h")
+    for index in range(MAX_LISTED + 5):
+        fraction = protocol.make("fraction", series_id="s", frame_index=index, time_s=float(index), exposure_s=0.3,
+                                 alpha=None, sigma_alpha=None, status="flagged", reason="x" * 500)
+        fraction.fields.update(worker={"not": "a name"}, host="h" * 1000)  # a hostile header stays small
+        assert provenance.received(fraction) is None
+        assert provenance.received(fraction)["frame_index"] == index  # the same frame again: a conflict
+    summary = provenance.as_dict()
+    assert summary["counts"] == {"flagged": MAX_LISTED + 5, "replaced": 0, "conflicts": MAX_LISTED + 5, "missing": 0}
+    assert len(summary["flagged"]) == len(summary["conflicts"]) == MAX_LISTED
+    assert summary["workers"] == [{"worker": "?", "host": "h" * 128, "frames": MAX_LISTED + 5}]
+    assert len(summary["flagged"][0]["reason"]) == 200
