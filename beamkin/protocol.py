@@ -179,6 +179,7 @@ MESSAGE_FIELDS: dict[str, tuple[FieldSpec, ...]] = {
         _f("worker", str),
         _f("capacity", int),  # how many frames the worker holds at once
         _f("quiet_s", *_NUMBER, required=False),  # it may be silent this long (building an integrator)
+        _f("series", list, required=False),  # ids of the series whose integrator it has set up
     ),
     "done": (
         _f("worker", str),

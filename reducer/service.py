@@ -167,7 +167,10 @@ class Worker:
         self.config = config
 
     def heartbeat(self, quiet_s: float = 0.0) -> None:
-        protocol.send(self.dealer, protocol.make("ready", worker=self.name, capacity=self.capacity, quiet_s=quiet_s))
+        """``ready``: capacity, the silence to expect (``quiet_s``) and the series set up (the
+        streamer sends a series' frames only to a worker that lists it)."""
+        protocol.send(self.dealer, protocol.make("ready", worker=self.name, capacity=self.capacity, quiet_s=quiet_s,
+                                                 series=list(self.series)))
         self.last_heartbeat = time.monotonic()
 
     def start_series(self, start: protocol.Message) -> None:

@@ -45,6 +45,8 @@ STATUS_PERIOD_S = 1.0
 #: streamer hand one peer every frame); quiet_s is held to [0, MAX_QUIET_S] seconds.
 MAX_WORKER_CAPACITY = 256
 MAX_QUIET_S = 3600.0
+#: series ids read from one worker's ``ready`` (a worker keeps a few: reducer.service.SERIES_KEPT)
+MAX_REPORTED_SERIES = 64
 #: Workers send only small `ready` / `done` messages: the ROUTER disconnects a peer sending a part
 #: larger than this (bytes) before it is ever assembled in memory (ZMQ_MAXMSGSIZE).
 MAX_WORKER_MESSAGE_BYTES = 1 << 20
@@ -60,9 +62,10 @@ class WorkerState:
     in_flight: dict[tuple[str, int], protocol.Message] = field(default_factory=dict)
     last_dispatch: int = 0  # dispatch sequence number of the last frame it was given
     series_started: set[str] = field(default_factory=set)
-    #: series whose start it was sent and whose integrator it has not yet said it built: no frame
-    #: of theirs goes to it until a ``ready`` without ``quiet_s`` arrives (see dispatch)
+    #: series whose start it was sent and whose integrator it has not yet said it set up: no
+    #: frame of theirs goes to it (see dispatch)
     building: set[str] = field(default_factory=set)
+    reports_series: bool = False  # its ready messages list the series it has set up
 
 
 class FrameDispatcher:
@@ -110,8 +113,12 @@ class FrameDispatcher:
             worker.capacity = min(max(capacity, 0), MAX_WORKER_CAPACITY)
             quiet = message.get("quiet_s", 0.0)
             worker.quiet_s = min(max(float(quiet), 0.0), MAX_QUIET_S) if quiet == quiet else 0.0  # NaN -> 0
-            if worker.quiet_s == 0.0:  # not (or no longer) building an integrator: it takes frames
-                worker.building.clear()
+            series = message.get("series")
+            if isinstance(series, list):  # the series it has set up take frames
+                worker.reports_series = True
+                worker.building.difference_update(s for s in series[:MAX_REPORTED_SERIES] if isinstance(s, str))
+            elif worker.quiet_s == 0.0 and not worker.reports_series:  # a worker that does not list them
+                worker.building.clear()  # is taken at its word by a ready that announces no silence
         elif message.type == "done":
             key = (message["series_id"], message["frame_index"])
             if worker.in_flight.pop(key, None) is not None:
@@ -146,13 +153,12 @@ class FrameDispatcher:
         the series' integrator built early, not only when the others are busy).
 
         A worker new to a series is sent its ``start`` alone, and that series' frames only once
-        it has answered with a ``ready`` that announces no ``quiet_s`` (a worker announces the
-        silence of its integrator build, then ends it): a frame never waits behind a build,
-        which can outlast the inference's ``missing_timeout_s`` on a loaded host (measured: 28 s
-        for a Pilatus 1M integrator, tests/test_multihost.py) and lose the frame there.  The
-        frames wait here, or go to a worker that has the integrator.  (A heartbeat already on its
-        way when the start was sent lets frames through early: they then wait for the build, as
-        every frame did before.)"""
+        a ``ready`` of it lists the series among those it has set up (``series``): a frame never
+        waits behind an integrator build, which can outlast the inference's
+        ``missing_timeout_s`` on a loaded host (measured: 28 s for a Pilatus 1M integrator,
+        tests/test_multihost.py) and lose the frame there.  The frames wait here, or go to a
+        worker that has the integrator.  A worker whose ``ready`` lists no series (a test's
+        stand-in) gets them after its next ``ready`` without ``quiet_s``."""
         while self.pending:
             series_id = self.pending[0]["series_id"]
             ready = [w for w in self.workers.values() if len(w.in_flight) < w.capacity and series_id not in w.building]

@@ -63,8 +63,9 @@ def test_idle_workers_take_frames_in_turn():
 def test_a_worker_building_the_series_integrator_is_sent_none_of_its_frames():
     """A frame sent with the start would wait behind the worker's integrator build, which on a
     loaded host outlasted the inference's missing_timeout_s and lost the frame
-    (tests/test_multihost.py).  The start goes alone; while the worker announces the build's
-    silence (``quiet_s``) the series' frames go to a worker that has its integrator, or wait."""
+    (tests/test_multihost.py).  The start goes alone; until a worker's ready lists the series as
+    set up, its frames go to a worker that has its integrator, or wait.  A heartbeat the worker
+    sent before it read the start (a CPU-starved worker read it 3 s late) releases nothing."""
     context = zmq.Context()
     router = context.socket(zmq.ROUTER)
     port = router.bind_to_random_port("tcp://127.0.0.1")
@@ -98,13 +99,16 @@ def test_a_worker_building_the_series_integrator_is_sent_none_of_its_frames():
                                                     exposure_s=0.1))
         dispatcher.dispatch()
         assert frames_received("slow") == ([], ["start"]) and frames_received("fast") == ([], ["start"])
-        say("slow", quiet_s=300.0)  # building its integrator
-        say("fast", quiet_s=300.0)
-        say("fast")                 # built
+        say("slow", quiet_s=0.0, series=[])    # a heartbeat from before it read the start
+        say("slow", quiet_s=300.0, series=[])  # building its integrator
+        say("fast", quiet_s=300.0, series=[])
+        say("fast", quiet_s=0.0, series=["s"])  # built
         dispatcher.dispatch()
         assert frames_received("fast")[0] == [0, 1]
+        say("slow", quiet_s=0.0, series=[])    # still no integrator
+        dispatcher.dispatch()
         assert frames_received("slow")[0] == [] and len(dispatcher.pending) == 2  # wait, though it has credit
-        say("slow")                 # built too
+        say("slow", quiet_s=0.0, series=["s"])  # built too
         dispatcher.dispatch()
         assert frames_received("slow")[0] == [2, 3] and not dispatcher.pending
     finally:
