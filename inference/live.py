@@ -471,12 +471,26 @@ class LiveInference:
         """No more frames will come: a scheduled step waiting for more takes the frames it has."""
         self._inbox.put(_FLUSH)
 
-    def close(self) -> None:
-        """Stop the worker thread (after the frames already queued) and the estimate threads."""
+    def close(self, finish_queued: bool = True) -> None:
+        """Stop the worker thread and the estimate threads.
+
+        ``finish_queued`` True: the worker first assimilates the frames already queued, and this
+        waits for it (a series' result needs them). False, for a series given up (aborted): the
+        queued frames are dropped and this does not wait for the exact step in progress, which
+        takes minutes when the sampler is thousands of frames behind; the worker ends after
+        that step and releases its engine."""
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
         if self._thread.is_alive():
+            idle = self.caught_up  # nothing queued nor in progress: the worker ends at once
+            if not finish_queued:
+                while True:
+                    try:
+                        self._inbox.get_nowait()
+                    except queue.Empty:
+                        break
             self._inbox.put(_STOP)
-            self._thread.join()
+            if finish_queued or idle:
+                self._thread.join()
 

@@ -409,7 +409,9 @@ class InferenceStage:
     def _abort(self, series: SeriesInference, reason: str) -> None:
         """End an open series that cannot go on (``reason`` says why), keep the stage."""
         series.finished = True
-        series.live.close()
+        # no result is built: the exact sampler's queued frames are dropped, not waited for (a
+        # sampler far behind would block this loop, and so the whole pipeline, for minutes)
+        series.live.close(finish_queued=False)
         self.counters["series_aborted"] += 1
         log.error("series %s", reason, extra={"series_id": series.series_id})
         self.publish(protocol.make("status", stage="inference", series_id=series.series_id,
