@@ -123,10 +123,15 @@ def test_killed_reducer_is_restarted_and_its_frames_redispatched(run_factory):
     assert code == 0, run.output[-5000:]
     assert f"stage reducer (pid {pid}) was killed by signal 9 (SIGKILL); restarting it" in run.output
     assert "restarted stage reducer" in run.output
-    # the streamer declared the killed worker lost and handed its unacknowledged frames on
-    handed = re.search(r"reducer worker \S+ silent for [0-9.]+ s: declared lost, (\d+) frame", run.output)
-    assert handed, run.output[-5000:]
-    assert f"'frames_dispatched': {N_FRAMES + int(handed.group(1))}, 'frames_done': {N_FRAMES}" in run.output
+    # the streamer declared the killed worker lost and handed its unacknowledged frames on (on a
+    # loaded machine a live worker busy with a frame may be declared lost too: every frame handed
+    # on is dispatched once more, and done once)
+    killed = re.search(rf"reducer worker \S+-{pid}-\d+ silent for [0-9.]+ s: declared lost, (\d+) frame", run.output)
+    assert killed, run.output[-5000:]
+    handed = sum(int(n) for n in re.findall(r"reducer worker \S+ silent for [0-9.]+ s: declared lost, (\d+) frame", run.output))
+    stats = re.search(r"'frames_dispatched': (\d+), 'frames_done': (\d+)", run.output)
+    assert stats and int(stats.group(2)) == N_FRAMES, run.output[-5000:]
+    assert N_FRAMES + int(killed.group(1)) <= int(stats.group(1)) <= N_FRAMES + handed
     # every frame reached the sampler exactly once (a frame done twice is not published twice)
     fractions = sorted(m["frame_index"] for m in run.of_type("fraction"))
     assert fractions == list(range(N_FRAMES)), fractions
