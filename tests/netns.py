@@ -130,6 +130,12 @@ class Network:
                 return done
         return done
 
+    def qdisc_stats(self, host: str) -> str:
+        """``tc -s qdisc show`` of both ends of ``host``'s link (bytes sent, drops, overlimits)."""
+        return "\n".join(subprocess.run(["tc", "-n", ns, "-s", "qdisc", "show", "dev", dev], capture_output=True,
+                                        text=True).stdout
+                         for ns, dev in ((self.switch, self.switch_port(host)), (self.namespace(host), "eth0")))
+
     def set_link(self, host: str, up: bool) -> None:
         self.in_switch("link", "set", self.switch_port(host), "up" if up else "down")
 

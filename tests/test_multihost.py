@@ -230,9 +230,11 @@ class Outcome:
 
 
 def run_series(folder: Path, configurations: dict[str, Path], before_series: Callable[[Run], None] | None = None,
-               during_series: Callable[[Run], None] | None = None) -> Outcome:
+               during_series: Callable[[Run], None] | None = None,
+               after_series: Callable[[Run], None] | None = None) -> Outcome:
     """One series on a fresh network; ``before_series`` and ``during_series`` apply a fault (the
-    latter once the simulated detector has been started)."""
+    latter once the simulated detector has been started), ``after_series`` sees the network
+    before it is removed."""
     folder.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as cleanup:
         net = netns.Network(HOSTS).create()
@@ -245,6 +247,8 @@ def run_series(folder: Path, configurations: dict[str, Path], before_series: Cal
         if during_series is not None:
             during_series(run)
         result = run.finish()
+        if after_series is not None:
+            after_series(run)
     fractions, indices, batches = {}, [], []
     for _, message in read_messages(run.recording, types=("fraction", "posterior"), with_arrays=False):
         if message.type == "fraction":
@@ -326,7 +330,11 @@ def test_slow_link_gives_the_same_answer(undisturbed, configurations, tmp_path):
         done = run.net.add_qdisc("compute1", "tbf", "rate", "100mbit", "burst", "32kbit", "latency", "400ms")
         assert done.returncode == 0, done.stderr
 
-    outcome = run_series(tmp_path, configurations, before_series=limit_compute1)
+    stats = []
+    outcome = run_series(tmp_path, configurations, before_series=limit_compute1,
+                         after_series=lambda run: stats.append(run.net.qdisc_stats("compute1")))
+    print(stats[0])
+    assert re.search(r"qdisc tbf .*rate 100Mbit", stats[0]), stats[0]  # the limit was on the link throughout
     assert_same_answer_as_undisturbed(outcome, undisturbed)
 
 
