@@ -9,7 +9,8 @@ on a bridge in the fifth.
 Every stage is its own real process started with ``ip netns exec``; every message between hosts
 crosses the bridge over TCP, with CURVE: keys made by ``beamkin keys``, one TOML per host naming
 its secret key, each endpoint's server key and the clients folder (deploy/README.md, "Running
-across hosts securely"); a plaintext peer is refused.  Each scenario runs the same simulated series (same seed) and checks
+across hosts securely"); a plaintext peer is refused.  Each scenario runs the same simulated
+series (same seed) and checks
 
 * exactly once: the streamer received and had acknowledged every frame, the inference published
   each frame's fraction once and its exact sampler's batches cover every frame once, nothing
@@ -22,9 +23,11 @@ across hosts securely"); a plaintext peer is refused.  Each scenario runs the sa
   of their fractions one frame per step (``--schedule single``), equal to 1e-9.
 
 Scenarios: undisturbed; compute1's link limited to 100 Mbit/s (tbf); every process of compute2
-killed (SIGKILL) mid-series, its in-flight frames handed to compute1 once ``[streamer]
-worker_timeout_s`` has passed; compute2's link down for longer than that timeout, then up again;
-delay and loss on compute1's link (netem; skipped where the kernel has no netem qdisc).
+frozen, then killed (SIGKILL) mid-series, its in-flight frames handed to compute1 once
+``[streamer] worker_timeout_s`` has passed; compute2's link down for longer than that timeout,
+then up again; delay and loss on both compute hosts' links (netem; skipped where the kernel has
+no netem qdisc).  A frame is reassigned only after a timeout, so the series may end with a
+backlog that the inference waits for (inference.reorder).
 """
 
 from __future__ import annotations
