@@ -22,7 +22,7 @@ series (same seed) and checks
   timing (inference.live), so two runs' posteriors are compared through the offline re-analysis
   of their fractions one frame per step (``--schedule single``), equal to 1e-9.
 
-Scenarios: undisturbed; compute1's link limited to 100 Mbit/s (tbf); every process of compute2
+Scenarios: undisturbed; compute1's and det's links limited to 100 Mbit/s (tbf); every process of compute2
 frozen, then killed (SIGKILL) mid-series, its in-flight frames handed to compute1 once
 ``[streamer] worker_timeout_s`` has passed; compute2's link down for longer than that timeout,
 then up again; delay and loss on both compute hosts' links (netem; skipped where the kernel has
@@ -329,15 +329,26 @@ def test_undisturbed_run_reaches_the_inference_exactly_once(undisturbed):
 
 
 def test_slow_link_gives_the_same_answer(undisturbed, configurations, tmp_path):
-    def limit_compute1(run: Run) -> None:
-        done = run.net.add_qdisc("compute1", "tbf", "rate", "100mbit", "burst", "32kbit", "latency", "400ms")
-        assert done.returncode == 0, done.stderr
+    """compute1's link limited to 100 Mbit/s, and det's too: frames go only to workers that have
+    the series' integrator, so compute1 (whose build may finish last) may reduce none; through
+    det's link every frame passes, to whichever worker."""
+    shaped = ("compute1", "det")
 
-    stats = []
-    outcome = run_series(tmp_path, configurations, before_series=limit_compute1,
-                         after_series=lambda run: stats.append(run.net.qdisc_stats("compute1")))
-    print(stats[0])
-    assert re.search(r"qdisc tbf .*rate 100Mbit", stats[0]), stats[0]  # the limit was on the link throughout
+    def limit(run: Run) -> None:
+        for host in shaped:
+            done = run.net.add_qdisc(host, "tbf", "rate", "100mbit", "burst", "32kbit", "latency", "400ms")
+            assert done.returncode == 0, done.stderr
+
+    stats = {}
+    outcome = run_series(tmp_path, configurations, before_series=limit,
+                         after_series=lambda run: stats.update({host: run.net.qdisc_stats(host) for host in shaped}))
+    for host in shaped:
+        print(host, stats[host])
+        assert len(re.findall(r"qdisc tbf .*rate 100Mbit", stats[host])) == 2, stats[host]  # both ends, throughout
+    # what det's switch port sent towards det, and det's own eth0 towards the others: the frames
+    # were held to the rate (a 4 kB burst, each frame tens of kB)
+    overlimits = [int(n) for n in re.findall(r"overlimits (\d+)", stats["det"])]
+    assert overlimits[1] > 0, stats["det"]
     assert_same_answer_as_undisturbed(outcome, undisturbed)
 
 
