@@ -27,7 +27,8 @@ message the file is flushed, so a recorder killed with SIGKILL leaves a file tha
 holds every message up to the last flushed one (readers take the shortest /log dataset's length).
 
 The same ``start``/``end`` of a series may arrive twice (from the streamer's and the inference's
-PUB sockets); identical repeats are recorded once.
+PUB sockets); identical repeats are recorded once. The inference's ``end`` adds the series'
+``provenance`` (docs/protocol.md), so it is recorded beside the streamer's; a replay sends one.
 
 Series ids are stored as HDF5 can hold them: NUL and lone surrogates (which HDF5 strings cannot
 hold) are percent-encoded in ``/log/series_id`` and in group names, and the group

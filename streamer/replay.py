@@ -130,7 +130,10 @@ class RecordingReplay(_FileReplay):
                 elif message.type == "frame":
                     self.counters["frames_in_series"] += 1
                     self.counters["frames"] += 1
-                elif message.type == "end" and message.series_id == open_series:
+                elif message.type == "end":
+                    if message.series_id != open_series:  # the inference's copy of an end already sent
+                        self.counters["repeated_end"] += 1
+                        continue
                     open_series = None
                 emitted += 1
                 self.counters["messages"] += 1

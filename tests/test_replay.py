@@ -87,6 +87,20 @@ def test_missing_end_and_missing_images(tmp_path):
     assert source.counters["frames_not_recorded"] == 3 and source.counters["missing_end"] == 1
 
 
+def test_a_series_recorded_with_two_ends_replays_one(tmp_path):
+    """The recorder keeps the streamer's end and the inference's (which adds the provenance); a
+    replay sends the series' end once, so the stages downstream see one series lifecycle."""
+    original = recorded_series(tmp_path / "one_end.h5", n_frames=3)
+    with Recorder(tmp_path / "both.h5", raw_frames=True) as recorder:
+        for i, message in enumerate(original + [make("end", series_id="s1", n_frames=3, reason="completed",
+                                                     provenance={"config_sha256": "0" * 64})]):
+            recorder.write(message, received_s=1_000_000.0 + SPACING_S * i)
+    source = open_source(f"replay:{tmp_path / 'both.h5'}", {"speed": 0, "progress": False})
+    replayed = [m for _, m in collect(source)]
+    assert [m.type for m in replayed] == ["start", "frame", "frame", "frame", "end"]
+    assert "provenance" not in replayed[-1].fields and source.counters["repeated_end"] == 1
+
+
 def test_stop_event_ends_replay_early(tmp_path):
     path = tmp_path / "rec.h5"
     recorded_series(path, n_frames=50)
