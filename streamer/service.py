@@ -226,6 +226,30 @@ def _wake(fd: int | None) -> None:
         pass
 
 
+class BackPressure:
+    """Says in the log when frames wait because the reducer workers do not take them as fast as
+    they come: a WARNING once the pending queue reaches ``max_pending_frames`` (the source is then
+    held back: the detector socket is no longer read, ZeroMQ queues, then the detector's send
+    waits; nothing is dropped here), and an INFO once it has drained to half, with how long it
+    lasted. Each episode is counted (``backpressure_episodes``)."""
+
+    def __init__(self, limit: int, counters: collections.Counter) -> None:
+        self.limit = max(1, int(limit))
+        self.counters = counters
+        self.since: float | None = None
+
+    def update(self, pending: int, workers: int, now: float) -> None:
+        if self.since is None and pending >= self.limit:
+            self.since = now
+            self.counters["backpressure_episodes"] += 1
+            log.warning("back-pressure: %d frames wait for a reducer worker (max_pending_frames); the source is held "
+                        "back until they drain: frames are delayed, not dropped (%d worker(s) connected: add workers "
+                        "or lower the frame rate)", pending, workers)
+        elif self.since is not None and pending <= self.limit // 2:
+            log.info("back-pressure over after %.1f s (%d frames pending)", now - self.since, pending)
+            self.since = None
+
+
 def _read_source(source, stop: threading.Event, inbox: queue.Queue, failure: list, wake_fd: int | None = None) -> None:
     """Source thread: put normalised messages on the bounded inbox (blocks = backpressure), and
     wake the main loop through the pipe ``wake_fd`` after each (so a frame waits for no poll
@@ -329,6 +353,7 @@ def run_streamer(config: dict[str, Any], stop: threading.Event) -> int:
     to_inference = sockets.pusher(context, endpoints["reduced"])
     dispatcher = FrameDispatcher(router, options["worker_timeout_s"])
     inbox: queue.Queue = queue.Queue(maxsize=max(1, int(options["max_pending_frames"])))
+    backpressure = BackPressure(options["max_pending_frames"], dispatcher.counters)
     failure: list[str] = []
     wake_read, wake_write = os.pipe()  # the source thread wakes the loop below when the inbox has a message
     os.set_blocking(wake_read, False)
@@ -411,6 +436,7 @@ def run_streamer(config: dict[str, Any], stop: threading.Event) -> int:
                 log.exception("error handling a %s message", message.type,
                               extra={"series_id": message.series_id, "frame_index": message.frame_index})
         dispatcher.dispatch()
+        backpressure.update(len(dispatcher.pending), len(dispatcher.workers), time.monotonic())
         dispatcher.expire_silent_workers()
         dispatcher.release_finished()
         dispatcher.metrics.queue_depth("pending", len(dispatcher.pending))

@@ -258,3 +258,66 @@ def test_a_failing_message_is_survived_and_a_failing_source_makes_the_streamer_e
     monkeypatch.setattr(service.FrameDispatcher, "__init__", keep)
     assert service.run_streamer(config, threading.Event()) == 1
     assert counters["dispatcher"]["handler_errors"] == 1
+
+
+def test_frames_that_no_worker_takes_are_held_with_a_back_pressure_warning(monkeypatch, caplog):
+    """A source faster than the workers (here: no worker at all) fills the pending queue to
+    max_pending_frames; the streamer then says so once, holds the source back, and drops nothing."""
+    import socket
+    import threading
+    from collections import Counter
+
+    from beamkin import config as configuration
+    from streamer import service
+
+    sent = []
+
+    class FastSource:
+        spec = "fast:"
+        counters = Counter()
+
+        def messages(self, stop):
+            yield protocol.make("start", source="fast:", series_id="s", kind="profile", detector={"shape": [1, 8]},
+                                geometry={}, frame_time_s=0.01, exposure_s=0.01, n_frames=100, gas_time_s=None)
+            for i in range(100):
+                if stop.is_set():
+                    return
+                sent.append(i)
+                yield protocol.make("frame", arrays={"two_theta_deg": np.linspace(2, 10, 8), "counts": np.ones(8)},
+                                    series_id="s", frame_index=i, time_s=0.01 * i, exposure_s=0.01)
+
+    monkeypatch.setattr("streamer.sources.open_source", lambda spec, options: FastSource())
+    config = configuration.defaults()
+    config["streamer"]["max_pending_frames"] = 8
+    held = [socket.socket() for _ in range(4)]
+    for s in held:
+        s.bind(("127.0.0.1", 0))
+    for name, s in zip(("frames", "raw", "reduced", "record"), held):
+        config["endpoints"][name] = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    for s in held:
+        s.close()
+    counters = {}
+    original = service.FrameDispatcher.__init__
+
+    def keep(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        counters["dispatcher"] = self
+
+    monkeypatch.setattr(service.FrameDispatcher, "__init__", keep)
+    stop = threading.Event()
+    with caplog.at_level("WARNING", logger="streamer.service"):
+        runner = threading.Thread(target=service.run_streamer, args=(config, stop), daemon=True)
+        runner.start()
+        for _ in range(600):
+            if any("back-pressure" in r.getMessage() for r in caplog.records):
+                break
+            threading.Event().wait(0.05)
+        stop.set()
+        runner.join(30)
+    warnings = [r.getMessage() for r in caplog.records if "back-pressure" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("back-pressure: 8 frames wait"), warnings
+    dispatcher = counters["dispatcher"]
+    assert dispatcher.counters["backpressure_episodes"] == 1
+    # held back, not dropped: the source was read no further than the queues hold
+    assert [m["frame_index"] for m in dispatcher.pending] == list(range(8))
+    assert len(sent) < 100
