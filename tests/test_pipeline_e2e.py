@@ -122,6 +122,12 @@ def test_demo_pipeline_recovers_simulated_kinetics(tmp_path, ports):
     replayed = json.loads(replayed_path.read_text())
     for name, model in result["models"].items():
         other = replayed["models"][name]
+        if model["log_evidence_se"] is None or other["log_evidence_se"] is None:
+            # no error is stated for a model that fell below inference.light_probability and got
+            # single-sweep moves (its evidence is biased low, docs/design.md section 5): it must be
+            # one that does not matter, in both runs
+            assert model["probability"] < 1e-3 and other["probability"] < 1e-3, (name, model, other)
+            continue
         se = math.hypot(model["log_evidence_se"], other["log_evidence_se"])
         assert abs(other["log_evidence"] - model["log_evidence"]) < 5 * se + 0.05, (name, model, other)
         if model["probability"] > 0.05:
