@@ -221,20 +221,6 @@ class Integrator:
                     mask=self.mask, dark=self.dark, flat=self.flat, correctSolidAngle=True,
                     polarization_factor=self.polarization_factor, radial_range=self.radial_range)
 
-    def build_engine(self) -> None:
-        """Build pyFAI's integration engine now, on an empty frame, instead of inside the series'
-        first frame (a CSR matrix of a Pilatus 1M takes seconds). A worker calls this while its
-        announced set-up silence (``quiet_s``) is running, so no frame waits behind the build and
-        no worker goes silent with a frame in hand. pyFAI keeps the engine on the integrator; the
-        first real frame still goes through ``integrate1d``, which finds it built and decides, as
-        before, whether later frames call it directly (so the numbers do not change)."""
-        data = np.zeros(self.shape, dtype=np.float32)
-        kwargs = self.integrate1d_kwargs()
-        kwargs["error_model"] = None
-        if self.method[0] != "no":
-            kwargs["variance"] = data
-        self.ai.integrate1d(data, dummy=-1.0, delta_dummy=0.5, **kwargs)
-
     def integrate(self, image: np.ndarray, frame_index: int | None = None) -> Pattern:
         """Integrate one frame to a Pattern (Poisson sigma). Raises ReductionError for a frame of
         the wrong shape or type; returns a flagged Pattern when no pixel of the frame is valid.

@@ -90,7 +90,6 @@ class SeriesReduction:
                     log.info("geometry: %s", self.integrator.geometry.describe(), extra={"series_id": self.series_id})
             else:
                 self.integrator = Integrator.from_metadata(metadata, config=reducer_config)
-                self.integrator.build_engine()  # inside the announced quiet_s, not in the first frame
                 if key is not None:
                     integrators[key] = self.integrator
                     while len(integrators) > SERIES_KEPT:

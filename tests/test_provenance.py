@@ -159,9 +159,10 @@ def test_frames_of_a_lost_worker_are_listed_as_replaced_and_their_second_copies_
     config = pipeline_config(ports, {"streamer": streamer_port})
     # the stalling worker must be declared lost, and the real worker's copies of its frames reach the
     # inference, before the series is complete there (the stalling worker's flagged fractions
-    # complete it otherwise): a short timeout. The real worker builds pyFAI's engine within its
-    # announced set-up silence (quiet_s), so it is not declared lost meanwhile.
-    config["streamer"]["worker_timeout_s"] = 3.0
+    # complete it otherwise); the real worker is silent for a while on its first frame (pyFAI builds
+    # its engine there: 0.85 s on a quiet machine, 3.9 s measured under heavy load): the default
+    # timeout, 5 s, lies between
+    config["streamer"]["worker_timeout_s"] = 5.0
     stalling = StallingWorker(config)
 
     def connect_the_stalling_worker() -> None:
