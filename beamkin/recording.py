@@ -1,16 +1,7 @@
 """Reading beamkin recordings (the HDF5 message log of docs/recording.md): the one reader that the
 recorder sink, replay, export, report, ``analyze`` and ``beamkin phases`` share.
 
-Layout (written by sinks.recorder)::
-
-    /                       attrs format="beamkin-recording", format_version=1, raw_frames
-    /log/received_s         float64 (N,)  Unix time (s) at which the recorder got message i
-    /log/type               str     (N,)  message type ("start", "frame", "pattern", ...)
-    /log/series_id          str     (N,)  "" when the message has none
-    /log/frame_index        int64   (N,)  -1 when the message has none
-    /log/header             str     (N,)  JSON object of the message's fields
-    /log/arrays             str     (N,)  JSON object: array name -> [dataset path, row] (null: not recorded)
-    /series/<id>/<type>/<array>        (rows, *shape) the arrays of that series' messages of that type
+The layout (written by sinks.recorder) is in docs/recording.md and sinks.recorder's docstring.
 
 :func:`read_messages` reads the rows every /log dataset has, so a file whose writer was killed
 reads up to its last flushed message. :func:`recording_segments` lists a recording's segments

@@ -7,6 +7,38 @@ from beamkin import protocol
 from streamer.service import FrameDispatcher
 
 
+def streamer_config_on_free_ports() -> dict:
+    """The default configuration with the streamer's four endpoints on free loopback ports."""
+    import socket
+
+    from beamkin import config as configuration
+
+    config = configuration.defaults()
+    held = [socket.socket() for _ in range(4)]
+    for s in held:
+        s.bind(("127.0.0.1", 0))
+    for name, s in zip(("frames", "raw", "reduced", "record"), held):
+        config["endpoints"][name] = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    for s in held:
+        s.close()
+    return config
+
+
+def keep_dispatcher(monkeypatch) -> dict:
+    """A dict that will hold (key "dispatcher") the FrameDispatcher the streamer makes."""
+    from streamer import service
+
+    kept = {}
+    original = service.FrameDispatcher.__init__
+
+    def keep(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        kept["dispatcher"] = self
+
+    monkeypatch.setattr(service.FrameDispatcher, "__init__", keep)
+    return kept
+
+
 def test_idle_workers_take_frames_in_turn():
     """Frames handed out one at a time, each acknowledged before the next: the equally idle
     workers alternate, so both have the series started (integrator built) from the start."""
@@ -222,11 +254,9 @@ def test_a_failing_message_is_survived_and_a_failing_source_makes_the_streamer_e
     """Issue 11: an exception escaping the source made the streamer exit 0 ("stage streamer
     finished") while nobody read the detector. Now one message that cannot be handled is logged
     and counted, and a source that dies makes run_streamer return 1."""
-    import socket
     import threading
     from collections import Counter
 
-    from beamkin import config as configuration
     from streamer import service
 
     class FailingSource:
@@ -240,34 +270,18 @@ def test_a_failing_message_is_survived_and_a_failing_source_makes_the_streamer_e
             raise RuntimeError("detector link lost")
 
     monkeypatch.setattr("streamer.sources.open_source", lambda spec, options: FailingSource())
-    config = configuration.defaults()
-    held = [socket.socket() for _ in range(4)]
-    for s in held:
-        s.bind(("127.0.0.1", 0))
-    for name, s in zip(("frames", "raw", "reduced", "record"), held):
-        config["endpoints"][name] = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    for s in held:
-        s.close()
-    counters = {}
-    original = service.FrameDispatcher.__init__
-
-    def keep(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        counters["dispatcher"] = self.counters
-
-    monkeypatch.setattr(service.FrameDispatcher, "__init__", keep)
+    config = streamer_config_on_free_ports()
+    counters = keep_dispatcher(monkeypatch)
     assert service.run_streamer(config, threading.Event()) == 1
-    assert counters["dispatcher"]["handler_errors"] == 1
+    assert counters["dispatcher"].counters["handler_errors"] == 1
 
 
 def test_frames_that_no_worker_takes_are_held_with_a_back_pressure_warning(monkeypatch, caplog):
     """A source faster than the workers (here: no worker at all) fills the pending queue to
     max_pending_frames; the streamer then says so once, holds the source back, and drops nothing."""
-    import socket
     import threading
     from collections import Counter
 
-    from beamkin import config as configuration
     from streamer import service
 
     sent = []
@@ -287,23 +301,9 @@ def test_frames_that_no_worker_takes_are_held_with_a_back_pressure_warning(monke
                                     series_id="s", frame_index=i, time_s=0.01 * i, exposure_s=0.01)
 
     monkeypatch.setattr("streamer.sources.open_source", lambda spec, options: FastSource())
-    config = configuration.defaults()
+    config = streamer_config_on_free_ports()
     config["streamer"]["max_pending_frames"] = 8
-    held = [socket.socket() for _ in range(4)]
-    for s in held:
-        s.bind(("127.0.0.1", 0))
-    for name, s in zip(("frames", "raw", "reduced", "record"), held):
-        config["endpoints"][name] = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    for s in held:
-        s.close()
-    counters = {}
-    original = service.FrameDispatcher.__init__
-
-    def keep(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        counters["dispatcher"] = self
-
-    monkeypatch.setattr(service.FrameDispatcher, "__init__", keep)
+    counters = keep_dispatcher(monkeypatch)
     stop = threading.Event()
     with caplog.at_level("WARNING", logger="streamer.service"):
         runner = threading.Thread(target=service.run_streamer, args=(config, stop), daemon=True)
