@@ -163,6 +163,11 @@ def test_frames_of_a_lost_worker_are_listed_as_replaced_and_their_second_copies_
     # its engine there: 0.85 s on a quiet machine, 3.9 s measured under heavy load): the default
     # timeout, 5 s, lies between
     config["streamer"]["worker_timeout_s"] = 5.0
+    # and the series must still be open when those copies arrive: at full speed a quiet machine
+    # reduces and assimilates all 36 frames within the timeout, and the result is out before the
+    # stalling worker is declared lost (seen in CI). Paced in real time the series lasts 12 s, so
+    # its frames 0 and 1 are dealt again (about 5.6 s) long before its last frame is read out
+    config["simulator"]["speed"] = 1.0
     stalling = StallingWorker(config)
 
     def connect_the_stalling_worker() -> None:
