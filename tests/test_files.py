@@ -165,3 +165,36 @@ def test_names_and_profile_parsing():
     for bad in ("1 2\n2 3 4\n", "1 2\n", "1 2\n1 3\n", "1 nan\n2 3\n", "1 2 3 4\n2 3 4 5\n", "1 2\nfoo\n"):
         with pytest.raises(StreamDecodeError):
             parse_profile(bad)
+
+
+def test_what_the_source_remembers_is_bounded_by_the_folder(tmp_path):
+    """A file read is remembered by its name only (not its size and mtime), and a file that left
+    the folder is forgotten: the source's memory follows the folder, not the whole experiment."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    two_theta = np.round(np.arange(2.0, 2.0 + 0.006 * 50, 0.006), 6)
+    n_files = 120
+    text = "".join(f"{t:.6f} {1000 + i:.1f}\n" for i, t in enumerate(two_theta)).encode()
+
+    def writer():
+        for i in range(n_files):
+            (folder / f"mythen_{i:05d}.xy").write_bytes(text)
+
+    source, out = run_source(folder, {"frame_time_s": 0.01, "n_frames": n_files}, writer)
+    assert [m.type for m in out].count("frame") == n_files
+    assert source.remembered_files == (n_files, 0)  # every name once, no settling state left
+
+    for path in folder.iterdir():  # the files are moved away (archived): the names go too
+        path.unlink()
+    (folder / "other_00000.xy").write_bytes(text)  # one new file, still being looked at
+    stop = threading.Event()
+    later: list = []
+    reader = threading.Thread(target=lambda: later.extend(source.messages(stop)))
+    reader.start()
+    began = time.monotonic()
+    while source.remembered_files[0] > 1 and time.monotonic() - began < 30:  # FORGET_EVERY_POLLS polls
+        time.sleep(0.01)
+    stop.set()
+    reader.join(10)
+    assert source.remembered_files[0] <= 1, source.remembered_files  # at most the new file's name
+    assert [(m.type, m.series_id) for m in later][:2] == [("start", "other"), ("frame", "other")]
