@@ -251,6 +251,11 @@ class InferenceStage:
         for series in list(self.series.values()):
             if series.finished:
                 continue
+            # read before the payloads are collected: the sampler's thread queues a step's payload
+            # before it counts the step's frames as assimilated, so once caught up is seen, the last
+            # payload is among those collected below (read after, the last step could finish in
+            # between and its posterior never be published: seen in CI)
+            caught_up = series.live.caught_up
             try:
                 payloads = series.live.exact_payloads()
             except RuntimeError as exc:
@@ -262,7 +267,7 @@ class InferenceStage:
                 if alert is not None and series.alert is None:  # its frame's estimate was stale
                     series.alert = alert
                     self._alert(series, alert)
-            if series.finish_requested and series.live.caught_up:
+            if series.finish_requested and caught_up:
                 self._finish(series)
 
     def _publish_posterior(self, series: SeriesInference, payload: dict) -> None:
