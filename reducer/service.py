@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -136,19 +138,43 @@ def fraction_message(frame: protocol.Message, alpha, sigma_alpha, status: str, r
     )
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Busy:
+    """The reduction thread's job at hand: what, of which series, since when (monotonic seconds)
+    and for how long at most (seconds) before the worker counts as stuck."""
+
+    what: str
+    series_id: str
+    since: float
+    limit_s: float
+    building: bool = False
+
+
 class Worker:
     """One reducer worker: frames in from the streamer (DEALER), patterns and fractions out (PUSH).
 
-    Building the integrator of a new series (the pyFAI CSR matrix) takes seconds for a 1M-pixel
-    detector and holds the GIL, so no heartbeat can go out meanwhile: the worker first announces
-    how long it may be silent (``ready`` with ``quiet_s``), and the streamer waits that long
-    before declaring it lost.
+    Two threads, so that a long piece of work never silences the worker. The reduction thread
+    builds the series' integrators and reduces the frames, and owns the PUSH socket to the
+    inference. The socket thread (the caller of :meth:`run`) owns the DEALER: it hands what the
+    streamer sends to the reduction thread, sends ``done`` as each frame is finished, and sends
+    ``ready`` every second as a heartbeat while the reduction thread works (pyFAI releases the
+    interpreter often enough: measured, the longest pause of another thread during a Pilatus 1M
+    integrator build of 2.4 s was 64 ms and during its first frame of 0.9 s 87 ms). A first frame
+    that builds pyFAI's engine, or a loaded host, no longer gets a live worker declared lost.
+
+    A worker stuck on one frame for longer than ``[reducer] frame_timeout_s`` (on an integrator
+    build, ``build_quiet_s``) stops its heartbeat, with an ERROR in its log, so that the streamer
+    declares it lost and deals its frames to the others. While it builds an integrator its
+    heartbeats also carry ``quiet_s``, the part of ``build_quiet_s`` left, in case the build does
+    hold the interpreter.
     """
 
     def __init__(self, config: dict[str, Any], name: str):
         self.name = name
         self.reducer_config = config["reducer"]
         self.capacity = max(1, int(self.reducer_config["credit"]))
+        self.frame_timeout_s = float(self.reducer_config["frame_timeout_s"])
+        self.build_quiet_s = float(self.reducer_config["build_quiet_s"])
         self.context = zmq.Context()
         self.dealer = self.context.socket(zmq.DEALER)
         # a restarted worker must not inherit the frames its predecessor held: identity per process
@@ -158,24 +184,125 @@ class Worker:
         self.dealer.setsockopt(zmq.LINGER, 1000)
         security.secure_client(self.dealer, config["endpoints"]["frames"], "frames")  # CURVE per [security.frames]
         self.dealer.connect(config["endpoints"]["frames"])
-        self.to_inference = sockets.pusher(self.context, config["endpoints"]["reduced"])
+        self.reduced_endpoint = config["endpoints"]["reduced"]
+        # the reduction thread tells the socket thread what it finished (inproc: no network, no copy)
+        self.pipe_endpoint = f"inproc://reducer-worker-{id(self)}"
+        self.pipe = self.context.socket(zmq.PAIR)
+        self.pipe.bind(self.pipe_endpoint)
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()  # start and frame messages, None to stop
         self.series: collections.OrderedDict[str, SeriesReduction | Exception] = collections.OrderedDict()
+        self.series_ready: tuple[str, ...] = ()  # the series set up, as the last ``ready`` lists them
         self.integrators: collections.OrderedDict = collections.OrderedDict()  # by integrator_key
+        self.busy: Busy | None = None  # the job at hand (set and cleared by the reduction thread)
+        self._reported_stuck: Busy | None = None
         self.frames_reduced = 0
         self.last_heartbeat = 0.0
         self.metrics = metrics.StageMetrics("reducer")
         self.config = config
 
-    def heartbeat(self, quiet_s: float = 0.0) -> None:
-        """``ready``: capacity, the silence to expect (``quiet_s``) and the series set up (the
-        streamer sends a series' frames only to a worker that lists it)."""
+    # ------------------------------------------------------------------ socket thread
+    def heartbeat(self) -> None:
+        """``ready``: capacity, the silence still to expect (``quiet_s``, during an integrator
+        build) and the series set up (the streamer sends a series' frames only to a worker that
+        lists it)."""
+        busy = self.busy
+        quiet_s = 0.0
+        if busy is not None and busy.building:
+            quiet_s = max(0.0, busy.limit_s - (time.monotonic() - busy.since))
         protocol.send(self.dealer, protocol.make("ready", worker=self.name, capacity=self.capacity, quiet_s=quiet_s,
-                                                 series=list(self.series)))
+                                                 series=list(self.series_ready)))
         self.last_heartbeat = time.monotonic()
+
+    def stuck(self) -> bool:
+        """True (and an ERROR once) when the job at hand has outlasted its limit: no more heartbeats."""
+        busy = self.busy
+        if busy is None or time.monotonic() - busy.since <= busy.limit_s:
+            return False
+        if busy is not self._reported_stuck:
+            self._reported_stuck = busy
+            log.error("busy with %s for more than %.0f s: heartbeat stopped, so that the streamer declares this "
+                      "worker lost and deals its frames to others", busy.what, busy.limit_s,
+                      extra={"series_id": busy.series_id})
+        return True
+
+    def run(self, stop: threading.Event) -> int:
+        log.info("reducer worker %s connected to %s", self.name, self.dealer.getsockopt_string(zmq.LAST_ENDPOINT))
+        metrics.serve(self.config, "reducer")
+        reduction = threading.Thread(target=self.reduction_thread, name=f"reduce-{self.name}", daemon=True)
+        reduction.start()
+        poller = zmq.Poller()
+        poller.register(self.dealer, zmq.POLLIN)
+        poller.register(self.pipe, zmq.POLLIN)
+        signal_ready()
+        status = 0
+        while not stop.is_set():
+            if not reduction.is_alive():
+                log.error("reducer worker %s: its reduction thread ended; stopping (the supervisor restarts it)",
+                          self.name)
+                status = 1
+                break
+            if time.monotonic() - self.last_heartbeat >= HEARTBEAT_S and not self.stuck():
+                self.heartbeat()
+            events = dict(poller.poll(100))
+            while self.pipe in events and self.pipe.poll(0):  # every frame finished since the last look
+                self.finished(self.pipe.recv_multipart())
+            if self.dealer in events:
+                try:
+                    _, message = protocol.recv(self.dealer)
+                except protocol.ProtocolError as exc:
+                    log.warning("malformed message from the streamer: %s", exc)
+                    continue
+                if message.type in ("start", "frame"):
+                    self.jobs.put(message)
+                else:
+                    log.warning("unexpected %s message from the streamer", message.type)
+        log.info("reducer worker %s stopping after %d frames", self.name, self.frames_reduced)
+        self.jobs.put(None)
+        reduction.join(5.0)  # a build in progress is not waited for: the thread is a daemon
+        self.dealer.close(linger=0)
+        self.pipe.close(linger=0)
+        if not reduction.is_alive():
+            self.context.term()
+        return status
+
+    def finished(self, parts: list[bytes]) -> None:
+        """What the reduction thread finished: a frame (``done`` to the streamer) or a series'
+        set-up (a ``ready`` listing it, at once)."""
+        if parts[0] == b"done":
+            ids = json.loads(parts[1])
+            protocol.send(self.dealer, protocol.make("done", worker=self.name, **ids))
+        else:
+            self.heartbeat()
+
+    # ------------------------------------------------------------------ reduction thread
+    def reduction_thread(self) -> None:
+        pipe = self.context.socket(zmq.PAIR)
+        pipe.connect(self.pipe_endpoint)
+        to_inference = sockets.pusher(self.context, self.reduced_endpoint)
+        try:
+            while True:
+                message = self.jobs.get()
+                if message is None:
+                    break
+                if message.type == "start":
+                    self.busy = Busy("building the series' integrator", message["series_id"], time.monotonic(),
+                                     self.build_quiet_s, building=True)
+                    self.start_series(message)
+                    self.busy = None
+                    pipe.send_multipart([b"series"])
+                else:
+                    self.busy = Busy(f"frame {message['frame_index']}", message["series_id"], time.monotonic(),
+                                     self.frame_timeout_s)
+                    self.reduce(message, to_inference)
+                    self.busy = None
+                    pipe.send_multipart([b"done", json.dumps({"series_id": message["series_id"],
+                                                              "frame_index": message["frame_index"]}).encode()])
+        finally:
+            pipe.close(linger=0)
+            to_inference.close(linger=2000)
 
     def start_series(self, start: protocol.Message) -> None:
         series_id = start["series_id"]
-        self.heartbeat(quiet_s=float(self.reducer_config["build_quiet_s"]))
         began = time.perf_counter()
         try:
             reduction = self.series[series_id] = SeriesReduction(start, self.reducer_config, self.integrators)
@@ -185,11 +312,11 @@ class Worker:
         except Exception as exc:  # bad geometry etc.: every frame of the series gets flagged
             self.series[series_id] = exc
             log.error("cannot reduce series: %s", exc, extra={"series_id": series_id})
-        self.heartbeat()
         while len(self.series) > SERIES_KEPT:
             self.series.popitem(last=False)
+        self.series_ready = tuple(self.series)
 
-    def reduce(self, frame: protocol.Message) -> None:
+    def reduce(self, frame: protocol.Message, to_inference: zmq.Socket) -> None:
         ids = {"series_id": frame["series_id"], "frame_index": frame["frame_index"]}
         began = time.perf_counter()
         self.metrics.frame_in()
@@ -200,7 +327,7 @@ class Worker:
             if isinstance(reduction, Exception):
                 raise reduction
             pattern_message, fraction = reduction.reduce(frame)
-            protocol.send(self.to_inference, pattern_message)
+            protocol.send(to_inference, pattern_message)
         except Exception as exc:  # the frame is flagged, never lost and never a crash
             log.warning("frame not reduced: %s", exc, extra=ids)
             fraction = fraction_message(frame, None, None, "flagged", f"{type(exc).__name__}: {exc}")
@@ -210,37 +337,10 @@ class Worker:
             fraction.fields["reassigned"] = frame["reassigned"]
         if fraction["status"] != "ok":
             self.metrics.flagged(fraction["reason"])
-        protocol.send(self.to_inference, fraction)
-        protocol.send(self.dealer, protocol.make("done", worker=self.name, **ids))
+        protocol.send(to_inference, fraction)
         self.frames_reduced += 1
         self.metrics.frame_out()
         self.metrics.latency(time.perf_counter() - began)
-
-    def run(self, stop: threading.Event) -> int:
-        log.info("reducer worker %s connected to %s", self.name, self.dealer.getsockopt_string(zmq.LAST_ENDPOINT))
-        metrics.serve(self.config, "reducer")
-        signal_ready()
-        while not stop.is_set():
-            if time.monotonic() - self.last_heartbeat >= HEARTBEAT_S:
-                self.heartbeat()
-            if not self.dealer.poll(100):
-                continue
-            try:
-                _, message = protocol.recv(self.dealer)
-            except protocol.ProtocolError as exc:
-                log.warning("malformed message from the streamer: %s", exc)
-                continue
-            if message.type == "start":
-                self.start_series(message)
-            elif message.type == "frame":
-                self.reduce(message)
-            else:
-                log.warning("unexpected %s message from the streamer", message.type)
-        log.info("reducer worker %s stopping after %d frames", self.name, self.frames_reduced)
-        self.dealer.close(linger=0)
-        self.to_inference.close(linger=2000)
-        self.context.term()
-        return 0
 
 
 def run_reducer(config: dict[str, Any], stop: threading.Event, worker_name: str | None = None) -> int:

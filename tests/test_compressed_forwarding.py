@@ -10,6 +10,8 @@ goes on; and that a recording of forwarded frames replays the same images.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import zmq
@@ -126,20 +128,28 @@ def test_a_corrupt_payload_is_flagged_and_the_worker_goes_on():
     config["endpoints"] = {**config["endpoints"], "frames": f"tcp://127.0.0.1:{frames_port}",
                            "reduced": f"tcp://127.0.0.1:{reduced_port}"}
     worker = Worker(config, "test-worker")
+    stop = threading.Event()
+    running = threading.Thread(target=worker.run, args=(stop,))
+    running.start()
     try:
-        worker.start_series(start)
-        worker.reduce(corrupt(first))
-        worker.reduce(second)
-        received = []
-        while results.poll(5000) and len(received) < 3:
+        (identity,), ready = protocol.recv(router, prefix_parts=1)  # the worker's heartbeat: it is connected
+        assert ready.type == "ready"
+        for message in (start, corrupt(first), second):
+            protocol.send(router, message, prefix=[identity])
+        received, done = [], []
+        while len(received) < 3 and results.poll(20000):
             received.append(protocol.recv(results)[1])
+        while len(done) < 2 and router.poll(20000):
+            message = protocol.recv(router, prefix_parts=1)[1]
+            if message.type == "done":
+                done.append(message["frame_index"])
     finally:
-        worker.dealer.close(linger=0)
-        worker.to_inference.close(linger=0)
-        worker.context.term()
+        stop.set()
+        running.join(20)
         router.close(linger=0)
         results.close(linger=0)
         context.term()
+    assert done == [0, 1]  # each frame acknowledged to the streamer after its fraction went out
     assert [m.type for m in received] == ["fraction", "pattern", "fraction"]
     flagged, _, reduced = received
     assert flagged["frame_index"] == 0 and flagged["status"] == "flagged"

@@ -321,7 +321,8 @@ def test_undisturbed_run_reaches_the_inference_exactly_once(undisturbed):
     assert_every_frame_once(outcome)
     assert_posterior_is_exact(outcome)
     assert "reducer worker rogue joined" not in outcome.run.stages["stream"].text()  # refused before any message
-    # a worker busy past worker_timeout_s on a loaded machine is declared lost and rejoins: its
+    # a worker's heartbeat comes from a thread of its own, so a long frame does not get it declared
+    # lost; a machine loaded enough to starve that thread for worker_timeout_s still can, and its
     # frames then reach the inference twice, which keeps the first (not asserted: load-dependent)
     print("streamer:", outcome.counters)
     # which host reduced how many (a host whose integrator build is slow may reduce none: frames

@@ -124,8 +124,8 @@ def test_killed_reducer_is_restarted_and_its_frames_redispatched(run_factory):
     assert f"stage reducer (pid {pid}) was killed by signal 9 (SIGKILL); restarting it" in run.output
     assert "restarted stage reducer" in run.output
     # the streamer declared the killed worker lost and handed its unacknowledged frames on (on a
-    # loaded machine a live worker busy with a frame may be declared lost too: every frame handed
-    # on is dispatched once more, and done once)
+    # machine loaded enough to starve a live worker's heartbeat thread for worker_timeout_s, that
+    # worker may be declared lost too: every frame handed on is dispatched once more, and done once)
     killed = re.search(rf"reducer worker \S+-{pid}-\d+ silent for [0-9.]+ s: declared lost, (\d+) frame", run.output)
     assert killed, run.output[-5000:]
     handed = sum(int(n) for n in re.findall(r"reducer worker \S+ silent for [0-9.]+ s: declared lost, (\d+) frame", run.output))
