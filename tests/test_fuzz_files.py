@@ -24,7 +24,7 @@ def read_once(folder: Path, name: str, data: bytes):
     path = folder / name
     path.write_bytes(data)
     source = FolderSource(folder, {"max_retries": 0, "n_frames": 1})
-    source._seen[path] = _Seen(len(data), path.stat().st_mtime_ns)
+    source._seen[path.name] = _Seen(len(data), path.stat().st_mtime_ns)
     out = source._read(path)
     assert source.counters["handler_errors"] == 0, "an unexpected exception escaped a reader"
     return out, source.counters
