@@ -14,7 +14,8 @@ fraction of a second apart: on a shared machine the load changes between runs, a
 one. Reported: the median of the per-round ratios and their range, the median rates, and the ratio
 of the best rounds (what each side reaches when the machine leaves it alone).
 Peak memory per worker is VmHWM of each worker process; CPU per frame of each thread kind
-(worker main thread, ZeroMQ I/O threads, this process as the streamer side) comes from
+(worker main thread = its socket thread, its reduction thread, ZeroMQ I/O threads, this process as
+the streamer side) comes from
 /proc/<pid>/task/*/stat over the stage rounds (clock ticks of 10 ms, summed over hundreds of frames). The per-frame breakdown is measured in
 the one-thread child: `Integrator.integrate` (mask checks + pyFAI), the phase fraction, and
 decoding a frame message plus encoding the two result messages (no sockets).
@@ -47,6 +48,7 @@ from beamkin import protocol  # noqa: E402
 from beamkin.loopback import LoopbackPorts, beamkin_process, processes_with_environment  # noqa: E402
 from beamkin.geometry import azimuthal_integrator_from_metadata  # noqa: E402
 from reducer.integrate import DEFAULT_METHOD  # noqa: E402
+from reducer.service import REDUCTION_THREAD_NAME  # noqa: E402
 from streamer.service import FrameDispatcher  # noqa: E402
 from simulator.synthetic import SyntheticPowderDetector, default_metadata  # noqa: E402
 
@@ -165,7 +167,8 @@ CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 def thread_cpu_s(pids) -> dict[tuple[str, str], float]:
     """CPU seconds (user + system) so far of the given processes' threads, keyed by (process role,
-    thread kind): 'main', 'ZeroMQ I/O' or 'other' (OpenMP threads...). Roles: 'worker' for pids
+    thread kind): 'main', 'reduction' (the worker's, named REDUCTION_THREAD_NAME), 'ZeroMQ I/O' or
+    'other' (OpenMP threads...). Roles: 'worker' for pids
     other than this process, 'streamer side' for this process."""
     cpu: dict[tuple[str, str], float] = {}
     for pid in pids:
@@ -180,7 +183,8 @@ def thread_cpu_s(pids) -> dict[tuple[str, str], float]:
                 name = (task / "comm").read_text().strip()
             except OSError:
                 continue
-            kind = "main" if task.name == str(pid) else "ZeroMQ I/O" if name.startswith("ZMQbg/IO") else "other"
+            kind = ("main" if task.name == str(pid) else "reduction" if name == REDUCTION_THREAD_NAME
+                    else "ZeroMQ I/O" if name.startswith("ZMQbg/IO") else "other")
             key = (role, kind)
             cpu[key] = cpu.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
     return cpu
@@ -245,7 +249,7 @@ class ReduceStage:
 
     def cpu_ms_per_frame(self) -> dict[tuple[str, str], float]:
         """Mean CPU ms per frame of each (role, thread kind) over the rounds so far."""
-        order = {"worker": 0, "streamer side": 1, "main": 0, "ZeroMQ I/O": 1, "other": 2}
+        order = {"worker": 0, "streamer side": 1, "main": 0, "reduction": 1, "ZeroMQ I/O": 2, "other": 3}
         return {key: 1e3 * seconds / max(self.frames_timed, 1)
                 for key, seconds in sorted(self.cpu_s.items(), key=lambda item: (order[item[0][0]], order[item[0][1]]))}
 
