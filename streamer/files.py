@@ -22,7 +22,8 @@ Files present before the source started are read too unless option ``skip_existi
 What the source remembers is bounded by the folder: the names of the files it has read (about
 0.1 kB each) and the size of the files still settling, both forgotten once a file leaves the
 folder. Each poll lists the folder once (``os.scandir``) and looks at a file's name before anything
-else, so a poll of a folder of 60,000 read files costs a set lookup per name (about 30 ms).
+else, so a poll of a folder of 60,000 read files costs a set lookup per name (40 ms measured,
+docs/benchmarks.md).
 
 Bad files never stop the source: a file that cannot be read is retried and then counted, and
 any other exception while reading one file is logged with the file name, counted as
