@@ -10,18 +10,17 @@ goes on; and that a recording of forwarded frames replays the same images.
 
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 import pytest
-import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from beamkin import config as configuration
 from beamkin import protocol
 from beamkin.frames import FrameDecodeError, frame_image
-from reducer.service import SeriesReduction, Worker
+from reducer.service import SeriesReduction
+from tests.worker_on_loopback import WorkerOnLoopback
 from simulator.fake_eiger import encode_message, encode_multi_dim, rational
 from streamer.stream_v2 import StreamV2Decoder
 from simulator.synthetic import SyntheticPowderDetector, default_metadata
@@ -120,42 +119,22 @@ def test_a_corrupt_payload_is_flagged_and_the_worker_goes_on():
     with the reason naming series and frame; the next frame is reduced as usual."""
     raw_messages, _ = stream_v2_series("lz4", np.uint16)
     start, first, second, *_ = through_the_streamer(raw_messages, "workers")
-    context = zmq.Context()
-    router, results = context.socket(zmq.ROUTER), context.socket(zmq.PULL)
-    frames_port = router.bind_to_random_port("tcp://127.0.0.1")
-    reduced_port = results.bind_to_random_port("tcp://127.0.0.1")
-    config = configuration.defaults()
-    config["endpoints"] = {**config["endpoints"], "frames": f"tcp://127.0.0.1:{frames_port}",
-                           "reduced": f"tcp://127.0.0.1:{reduced_port}"}
-    worker = Worker(config, "test-worker")
-    stop = threading.Event()
-    running = threading.Thread(target=worker.run, args=(stop,))
-    running.start()
-    try:
-        (identity,), ready = protocol.recv(router, prefix_parts=1)  # the worker's heartbeat: it is connected
-        assert ready.type == "ready"
+    with WorkerOnLoopback() as running:
         for message in (start, corrupt(first), second):
-            protocol.send(router, message, prefix=[identity])
+            running.send(message)
         received, done = [], []
-        while len(received) < 3 and results.poll(20000):
-            received.append(protocol.recv(results)[1])
-        while len(done) < 2 and router.poll(20000):
-            message = protocol.recv(router, prefix_parts=1)[1]
+        while len(received) < 3 and running.results.poll(20000):
+            received.append(protocol.recv(running.results)[1])
+        while len(done) < 2 and (message := running.from_worker(20)) is not None:
             if message.type == "done":
                 done.append(message["frame_index"])
-    finally:
-        stop.set()
-        running.join(20)
-        router.close(linger=0)
-        results.close(linger=0)
-        context.term()
     assert done == [0, 1]  # each frame acknowledged to the streamer after its fraction went out
     assert [m.type for m in received] == ["fraction", "pattern", "fraction"]
     flagged, _, reduced = received
     assert flagged["frame_index"] == 0 and flagged["status"] == "flagged"
     assert "FrameDecodeError" in flagged["reason"] and "series 'compressed-forwarding' frame 0" in flagged["reason"]
     assert reduced["frame_index"] == 1 and reduced["status"] == "ok"
-    assert worker.frames_reduced == 2
+    assert running.worker.frames_reduced == 2
 
 
 def test_a_payload_whose_header_contradicts_the_image_size_is_dropped_at_the_streamer():

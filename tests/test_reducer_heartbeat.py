@@ -6,17 +6,15 @@ worker lost. A real Worker on loopback TCP, with the streamer's side played by a
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 import numpy as np
 import pytest
-import zmq
 
-from beamkin import config as configuration
 from beamkin import protocol
 from reducer import service
-from reducer.service import HEARTBEAT_S, SeriesReduction, Worker
+from reducer.service import HEARTBEAT_S, SeriesReduction
+from tests.worker_on_loopback import WorkerOnLoopback
 
 #: how long the reduction of the test's one frame takes (seconds): several heartbeats long
 SLOW_FRAME_S = 6.0
@@ -39,40 +37,24 @@ def one_slow_frame(frame_timeout_s: float) -> tuple[list[float], float, float, l
     """Run a worker, give it a profile series' start and one frame; return the arrival times of its
     ``ready`` messages, the time the frame was sent and acknowledged (``done``), and what reached
     the inference."""
-    context = zmq.Context()
-    router, results = context.socket(zmq.ROUTER), context.socket(zmq.PULL)
-    frames_port = router.bind_to_random_port("tcp://127.0.0.1")
-    reduced_port = results.bind_to_random_port("tcp://127.0.0.1")
-    config = configuration.defaults()
-    config["endpoints"] = {**config["endpoints"], "frames": f"tcp://127.0.0.1:{frames_port}",
-                           "reduced": f"tcp://127.0.0.1:{reduced_port}"}
-    config["reducer"]["frame_timeout_s"] = frame_timeout_s
-    worker = Worker(config, "slow")
-    stop = threading.Event()
-    running = threading.Thread(target=worker.run, args=(stop,))
-    running.start()
     readies: list[float] = []
     received: list[protocol.Message] = []
-    try:
-        (identity,), ready = protocol.recv(router, prefix_parts=1)
-        assert ready.type == "ready"
-        protocol.send(router, protocol.make("start", source="test", series_id="s", kind="profile", detector={},
-                                            geometry={}, frame_time_s=0.3, exposure_s=0.3, n_frames=1,
-                                            gas_time_s=None), prefix=[identity])
+    with WorkerOnLoopback({"frame_timeout_s": frame_timeout_s}, name="slow") as running:
+        running.send(protocol.make("start", source="test", series_id="s", kind="profile", detector={}, geometry={},
+                                   frame_time_s=0.3, exposure_s=0.3, n_frames=1, gas_time_s=None))
         while True:  # until a ready lists the series: the worker has set it up
-            assert router.poll(20000)
-            message = protocol.recv(router, prefix_parts=1)[1]
+            message = running.from_worker(20)
+            assert message is not None
             if message.type == "ready" and message["series"] == ["s"]:
                 break
         two_theta = np.linspace(2.0, 20.0, 400)
-        protocol.send(router, protocol.make("frame", {"two_theta_deg": two_theta, "counts": 100.0 + two_theta},
-                                            series_id="s", frame_index=0, time_s=0.15, exposure_s=0.3),
-                      prefix=[identity])
+        running.send(protocol.make("frame", {"two_theta_deg": two_theta, "counts": 100.0 + two_theta},
+                                   series_id="s", frame_index=0, time_s=0.15, exposure_s=0.3))
         sent = time.monotonic()
         done = None
         while done is None:
-            assert router.poll(SLOW_FRAME_S * 1000 + 20000)
-            message = protocol.recv(router, prefix_parts=1)[1]
+            message = running.from_worker(SLOW_FRAME_S + 20)
+            assert message is not None
             if message.type == "ready":
                 readies.append(time.monotonic())
             elif message.type == "done":
@@ -80,20 +62,13 @@ def one_slow_frame(frame_timeout_s: float) -> tuple[list[float], float, float, l
                 assert (message["series_id"], message["frame_index"]) == ("s", 0)
         after = time.monotonic()
         while time.monotonic() - after < 3 * HEARTBEAT_S:  # the heartbeat goes on once the frame is done
-            if router.poll(100):
-                message = protocol.recv(router, prefix_parts=1)[1]
-                if message.type == "ready":
-                    readies.append(time.monotonic())
-        while results.poll(5000):
-            received.append(protocol.recv(results)[1])
+            message = running.from_worker(0.1)
+            if message is not None and message.type == "ready":
+                readies.append(time.monotonic())
+        while running.results.poll(5000):
+            received.append(protocol.recv(running.results)[1])
             if received[-1].type == "fraction":
                 break
-    finally:
-        stop.set()
-        running.join(20)
-        router.close(linger=0)
-        results.close(linger=0)
-        context.term()
     return readies, sent, done, received
 
 
