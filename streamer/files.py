@@ -19,11 +19,11 @@ Frame i's time: ``i * frame_time + exposure / 2`` seconds since the first frame.
 An EIGER master file is one series by itself, its frames emitted as its data files appear.
 Files present before the source started are read too unless option ``skip_existing`` is true.
 
-What the source remembers is bounded by the folder: the names of the files it has read (about
-0.1 kB each) and the size of the files still settling, both forgotten once a file leaves the
-folder. Each poll lists the folder once (``os.scandir``) and looks at a file's name before anything
-else, so a poll of a folder of 60,000 read files costs a set lookup per name (40 ms measured,
-docs/benchmarks.md).
+What the source remembers is bounded by the folder: the names of the files it has read (229 B
+each, measured with Python's free lists) and the sizes of the files still settling, both
+forgotten once a file leaves the folder. Each poll lists the folder once (``os.scandir``) and
+looks at a file's name before anything else, so a poll of a folder of 60,000 read files costs a
+set lookup per name (40 ms measured, docs/benchmarks.md).
 
 Bad files never stop the source: a file that cannot be read is retried and then counted, and
 any other exception while reading one file is logged with the file name, counted as

@@ -7,6 +7,13 @@ from beamkin import protocol
 from streamer.service import FrameDispatcher
 
 
+def profile_start(series_id: str, n_frames: int, source: str = "test", frame_time_s: float = 0.1) -> protocol.Message:
+    """The start of a 1D profile series of 8-point profiles (exposure = frame time, seconds)."""
+    return protocol.make("start", source=source, series_id=series_id, kind="profile", detector={"shape": [1, 8]},
+                         geometry={}, frame_time_s=frame_time_s, exposure_s=frame_time_s, n_frames=n_frames,
+                         gas_time_s=None)
+
+
 def streamer_config_on_free_ports() -> dict:
     """The default configuration with the streamer's four endpoints on free loopback ports."""
     import socket
@@ -57,8 +64,7 @@ def test_idle_workers_take_frames_in_turn():
         for _ in range(2):
             assert router.poll(5000)
             dispatcher.handle_worker_message()
-        start = protocol.make("start", source="test", series_id="s", kind="profile", detector={}, geometry={},
-                              frame_time_s=0.1, exposure_s=0.1, n_frames=6, gas_time_s=None)
+        start = profile_start("s", n_frames=6)
         dispatcher.starts["s"] = start
         served = []
         for index in range(6):
@@ -121,9 +127,7 @@ def test_a_worker_building_the_series_integrator_is_sent_none_of_its_frames():
             dealers[name].setsockopt(zmq.IDENTITY, name.encode())
             dealers[name].connect(f"tcp://127.0.0.1:{port}")
             say(name)
-        dispatcher.series_started(protocol.make("start", source="test", series_id="s", kind="profile", detector={},
-                                                geometry={}, frame_time_s=0.1, exposure_s=0.1, n_frames=4,
-                                                gas_time_s=None))
+        dispatcher.series_started(profile_start("s", n_frames=4))
         for index in range(4):
             dispatcher.pending.append(protocol.make("frame", {"two_theta_deg": np.linspace(2, 20, 8),
                                                               "counts": np.ones(8)},
@@ -192,8 +196,7 @@ def test_malformed_ready_messages_from_a_dealer_are_counted_and_survived():
         protocol.send(dealer, protocol.make("ready", worker="w1", capacity=1))
         assert router.poll(5000)
         dispatcher.handle_worker_message()
-        dispatcher.starts["s"] = protocol.make("start", source="test", series_id="s", kind="profile", detector={},
-                                               geometry={}, frame_time_s=0.1, exposure_s=0.1, n_frames=1, gas_time_s=None)
+        dispatcher.starts["s"] = profile_start("s", n_frames=1)
         dispatcher.pending.append(protocol.make("frame", {"two_theta_deg": np.linspace(2, 20, 8), "counts": np.ones(8)},
                                                 series_id="s", frame_index=0, time_s=0.05, exposure_s=0.1))
         dispatcher.dispatch()
@@ -225,9 +228,7 @@ def test_per_series_state_is_released_when_a_series_ended_and_its_frames_are_don
         dispatcher.handle_worker_message()
         for n in range(100):
             series = f"forged-{n}"
-            dispatcher.series_started(protocol.make("start", source="test", series_id=series, kind="profile", detector={},
-                                                    geometry={}, frame_time_s=0.1, exposure_s=0.1, n_frames=1,
-                                                    gas_time_s=None))
+            dispatcher.series_started(profile_start(series, n_frames=1))
             dispatcher.pending.append(protocol.make("frame", {"two_theta_deg": np.linspace(2, 20, 8), "counts": np.ones(8)},
                                                     series_id=series, frame_index=0, time_s=0.05, exposure_s=0.1))
             dispatcher.dispatch()  # the start alone
@@ -264,8 +265,7 @@ def test_a_failing_message_is_survived_and_a_failing_source_makes_the_streamer_e
         counters = Counter()
 
         def messages(self, stop):
-            yield protocol.make("start", source="failing:", series_id="s", kind="profile", detector={"shape": [1, 8]},
-                                geometry={}, frame_time_s=0.1, exposure_s=0.1, n_frames=2, gas_time_s=None)
+            yield profile_start("s", n_frames=2, source="failing:")
             yield protocol.make("end", series_id="s", n_frames=0, reason="aborted", note={1, 2})  # not JSON: cannot be sent
             raise RuntimeError("detector link lost")
 
@@ -291,8 +291,7 @@ def test_frames_that_no_worker_takes_are_held_with_a_back_pressure_warning(monke
         counters = Counter()
 
         def messages(self, stop):
-            yield protocol.make("start", source="fast:", series_id="s", kind="profile", detector={"shape": [1, 8]},
-                                geometry={}, frame_time_s=0.01, exposure_s=0.01, n_frames=100, gas_time_s=None)
+            yield profile_start("s", n_frames=100, source="fast:", frame_time_s=0.01)
             for i in range(100):
                 if stop.is_set():
                     return
